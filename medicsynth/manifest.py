@@ -1,0 +1,112 @@
+"""Manifests: TSV files with MEDIC's seven columns plus explicit extras.
+
+MEDIC columns (in release order): ``image_id, event_name, image_path`` and the four task labels.
+In the release ``image_id`` holds the *source* (e.g. ``CrisisMMD``) and ``event_name`` a file or
+tweet id, so rows are keyed by ``image_path``.
+
+Extras that every manifest written by this project carries:
+
+- ``split``: ``train``, ``dev`` or ``test``.
+- ``source``: ``real`` or ``synthetic``.
+- ``provenance``: where the row comes from (``medic``, ``demo``, ``relabel``, a generator id...).
+- ``file``: the image file to read, relative to the repository root or absolute. For real MEDIC
+  rows this is the release file or its re-encoded copy; ``image_path`` stays MEDIC's key.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+
+import pandas as pd
+
+from medicsynth.labels import TASKS, LabelError, validate_label
+
+MEDIC_COLUMNS: tuple[str, ...] = ("image_id", "event_name", "image_path", *TASKS)
+EXTRA_COLUMNS: tuple[str, ...] = ("split", "source", "provenance", "file")
+COLUMNS: tuple[str, ...] = MEDIC_COLUMNS + EXTRA_COLUMNS
+SPLITS: tuple[str, ...] = ("train", "dev", "test")
+SOURCES: tuple[str, ...] = ("real", "synthetic")
+
+
+class ManifestError(ValueError):
+    """A manifest that cannot be used: names the file, the row and the offending value."""
+
+
+def _row_number(index: int) -> int:
+    # Line number in the TSV as a person sees it: header is line 1.
+    return index + 2
+
+
+def validate_manifest(df: pd.DataFrame, path: str | Path = "<memory>") -> pd.DataFrame:
+    """Check columns, labels, splits, sources and key uniqueness; return labels in canonical form.
+
+    Raises :class:`ManifestError` naming ``path``, the TSV line and the value at the first problem.
+    """
+    missing = [c for c in COLUMNS if c not in df.columns]
+    if missing:
+        raise ManifestError(f"{path}: missing column(s) {', '.join(missing)}")
+    out = df.copy()
+    for task in TASKS:
+        canon = []
+        for i, value in enumerate(out[task].tolist()):
+            try:
+                canon.append(validate_label(task, value))
+            except LabelError as exc:
+                raise ManifestError(f"{path}: row {_row_number(i)}: {exc}") from None
+        out[task] = canon
+    for column, allowed in (("split", SPLITS), ("source", SOURCES)):
+        bad = ~out[column].isin(allowed)
+        if bad.any():
+            i = int(bad.to_numpy().nonzero()[0][0])
+            raise ManifestError(
+                f"{path}: row {_row_number(i)}: {column} {out[column].iloc[i]!r} not in {allowed}"
+            )
+    dup = out["image_path"].duplicated()
+    if dup.any():
+        i = int(dup.to_numpy().nonzero()[0][0])
+        raise ManifestError(
+            f"{path}: row {_row_number(i)}: duplicate image_path {out['image_path'].iloc[i]!r}"
+        )
+    return out
+
+
+def read_manifest(path: str | Path, validate: bool = True) -> pd.DataFrame:
+    """Read a project manifest (all columns as strings), validated unless ``validate=False``."""
+    df = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, na_filter=False)
+    return validate_manifest(df, path) if validate else df
+
+
+def write_tsv(df: pd.DataFrame, path: str | Path) -> None:
+    """Write ``df`` as TSV atomically (temp file + rename), so a kill never leaves half a file."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        df.to_csv(tmp, sep="\t", index=False)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_manifest(df: pd.DataFrame, path: str | Path) -> None:
+    """Validate and write a manifest with the canonical column order first, extras kept after."""
+    df = validate_manifest(df, path)
+    ordered = list(COLUMNS) + [c for c in df.columns if c not in COLUMNS]
+    write_tsv(df[ordered], path)
+
+
+def label_matrix(df: pd.DataFrame):
+    """``(n, 4)`` int64 array of class indices in ``TASKS`` order."""
+    import numpy as np
+
+    from medicsynth.labels import CLASSES
+
+    out = np.empty((len(df), len(TASKS)), dtype=np.int64)
+    for j, task in enumerate(TASKS):
+        lookup = {name: k for k, name in enumerate(CLASSES[task])}
+        out[:, j] = df[task].map(lookup).to_numpy()
+    return out
