@@ -1,0 +1,89 @@
+"""evaluate: score one trained model on the test split (original labels) and on its dev split.
+
+Usage: python stages/evaluate.py --variant original --arch small_cnn
+Outputs: metrics/evaluate/<name>.json (test; headline macro-F1), metrics/dev/<name>.json (dev
+per-class F1, read by allocate), data/predictions/<name>/test.tsv (for compare),
+plots/evaluate/<name>/ (confusion matrices, per-class F1).
+Test labels are always the original ones from data/prepared/test.tsv; if the relabel stage was
+asked to relabel test, the variant's relabelled test set is reported as well, separately.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pandas as pd  # noqa: E402
+
+from medicsynth.io import write_json  # noqa: E402
+from medicsynth.labels import CLASSES, TASKS  # noqa: E402
+from medicsynth.manifest import label_matrix, read_manifest, write_tsv  # noqa: E402
+from medicsynth.metrics import classification_report  # noqa: E402
+from medicsynth.models import load_classifier  # noqa: E402
+from medicsynth.params import load_params, section  # noqa: E402
+from medicsynth.plots import plot_confusion, plot_per_class_f1  # noqa: E402
+from medicsynth.training import predict_files  # noqa: E402
+
+
+def score(model, meta, df: pd.DataFrame, params: dict):
+    probs = predict_files(model, meta, df["file"].tolist(), batch_size=params.get("batch_size", 128),
+                          loader=params.get("loader", "auto"))
+    labels = label_matrix(df)
+    y_true = {t: labels[:, j] for j, t in enumerate(TASKS)}
+    y_pred = {t: probs[t].argmax(1) for t in TASKS}
+    report = classification_report(y_true, y_pred, probs, n_bins=params.get("ece_bins", 15))
+    return report, probs
+
+
+def for_metrics(report: dict) -> dict:
+    """The report without matrices/lists, so `dvc metrics show/diff` lists only numbers."""
+    return {
+        key: ({t: {k: v for k, v in r.items() if k not in ("confusion", "classes")} for t, r in value.items()}
+              if key == "tasks" else value)
+        for key, value in report.items()
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--variant", required=True)
+    parser.add_argument("--arch", required=True)
+    args = parser.parse_args()
+    params = section(load_params(), "evaluate")
+    name = f"{args.variant}-{args.arch}"
+    model, meta = load_classifier(Path("models") / name / "model.pt")
+
+    test_df = read_manifest("data/prepared/test.tsv")
+    report, probs = score(model, meta, test_df, params)
+    metrics = {"test": for_metrics(report)}
+    relabelled_test = Path("data/variants") / args.variant / "test.tsv"
+    if relabelled_test.exists():
+        metrics["test_relabelled"] = for_metrics(score(model, meta, read_manifest(relabelled_test), params)[0])
+    write_json(metrics, Path("metrics/evaluate") / f"{name}.json")
+
+    dev_df = read_manifest(Path("data/variants") / args.variant / "dev.tsv")
+    write_json(for_metrics(score(model, meta, dev_df, params)[0]), Path("metrics/dev") / f"{name}.json")
+
+    predictions = pd.DataFrame({"image_path": test_df["image_path"]})
+    for t in TASKS:
+        predictions[f"{t}_true"] = test_df[t].to_numpy()
+        predictions[f"{t}_pred"] = [CLASSES[t][i] for i in probs[t].argmax(1)]
+        for k, c in enumerate(CLASSES[t]):
+            predictions[f"{t}_prob_{c}"] = probs[t][:, k].round(5)
+    write_tsv(predictions, Path("data/predictions") / name / "test.tsv")
+
+    plot_dir = Path("plots/evaluate") / name
+    plot_dir.mkdir(parents=True, exist_ok=True)
+    for t in TASKS:
+        plot_confusion(report["tasks"][t]["confusion"], CLASSES[t], f"{name}: {t} (test)",
+                       plot_dir / f"confusion_{t}.png")
+    plot_per_class_f1(report, plot_dir / "per_class_f1.png")
+    print(f"{name}: test mean macro-F1 {report['mean_macro_f1']:.3f} "
+          + " ".join(f"{t}={report['tasks'][t]['macro_f1']:.3f}" for t in TASKS))
+
+
+if __name__ == "__main__":
+    main()

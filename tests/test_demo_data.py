@@ -1,0 +1,47 @@
+import hashlib
+
+import numpy as np
+from PIL import Image
+
+from medicsynth.demo_data import DemoConfig, generate_demo, sample_labels
+from medicsynth.labels import TASKS
+from medicsynth.manifest import validate_manifest
+
+
+def test_demo_is_deterministic_and_medic_shaped(tmp_path):
+    config = DemoConfig(n_train=60, n_dev=20, n_test=30, image_size=48, noise_rate=0.2, seed=3)
+    a = generate_demo(config, tmp_path / "a", progress=False)
+    b = generate_demo(config, tmp_path / "b", progress=False)
+    for split in ("train", "dev", "test"):
+        validate_manifest(a[split])
+        assert a[split][list(TASKS)].equals(b[split][list(TASKS)])
+        first_a = open(a[split]["file"].iloc[0], "rb").read()
+        first_b = open(b[split]["file"].iloc[0], "rb").read()
+        assert hashlib.sha256(first_a).digest() == hashlib.sha256(first_b).digest()
+    img = Image.open(a["train"]["file"].iloc[0])
+    assert img.format == "JPEG" and img.mode == "RGB" and img.size == (48, 48)
+    assert (a["train"]["image_id"] == "demo").all()  # MEDIC's quirk: image_id holds the source
+
+
+def test_noise_only_in_train_and_dev_and_clean_labels_saved(tmp_path):
+    config = DemoConfig(n_train=300, n_dev=100, n_test=100, image_size=32, noise_rate=0.2, seed=1)
+    out = generate_demo(config, tmp_path, progress=False)
+    clean = out["clean"].set_index("image_path")
+    for split, expect_noise in (("train", True), ("dev", True), ("test", False)):
+        df = out[split].set_index("image_path")
+        changed = np.mean([(df[t] != clean.loc[df.index, t]).mean() for t in TASKS])
+        if expect_noise:
+            assert 0.12 < changed < 0.28
+        else:
+            assert changed == 0
+
+
+def test_class_shares_mimic_medic_imbalance():
+    labels = sample_labels(20000, np.random.default_rng(0))
+    share = {t: labels[t].value_counts(normalize=True) for t in TASKS}
+    assert 0.02 < share["disaster_types"]["landslide"] < 0.04
+    assert 0.025 < share["disaster_types"]["other_disaster"] < 0.05
+    assert 0.08 < share["damage_severity"]["mild"] < 0.14
+    assert 0.02 < share["humanitarian"]["affected_injured_or_dead_people"] < 0.06
+    assert 0.06 < share["humanitarian"]["rescue_volunteering_or_donation_effort"] < 0.11
+    assert 0.45 < share["disaster_types"]["not_disaster"] < 0.57
