@@ -17,6 +17,7 @@ from medicsynth.demo_data import DemoConfig, generate_demo  # noqa: E402
 from medicsynth.io import write_json  # noqa: E402
 from medicsynth.labels import CLASSES, TASKS  # noqa: E402
 from medicsynth.manifest import write_manifest, write_tsv  # noqa: E402
+from medicsynth.medic import QUARANTINE_COLUMNS, ingest_medic  # noqa: E402
 from medicsynth.params import load_params, section  # noqa: E402
 
 PREPARED = Path("data/prepared")
@@ -37,14 +38,13 @@ def main() -> None:
         out = generate_demo(DemoConfig(**data["demo"]), PREPARED / "images")
         splits = {s: out[s] for s in ("train", "dev", "test")}
         write_tsv(out["clean"], PREPARED / "clean_labels.tsv")
-        write_tsv(pd.DataFrame(columns=["split", "row", "image_path", "reason"]), PREPARED / "quarantine.tsv")
+        write_tsv(pd.DataFrame(columns=list(QUARANTINE_COLUMNS)), PREPARED / "quarantine.tsv")
         metrics = {"source": "demo", "noise_rate": data["demo"]["noise_rate"], "rejected": {}, "reencoded": {}}
     elif source == "medic":
-        from medicsynth.medic import ingest_medic, write_ingest_outputs
-
-        result = ingest_medic(data["medic_dir"], PREPARED, reencode_dir=PREPARED / "reencoded",
+        result = ingest_medic(data["medic_dir"], None, reencode_dir=PREPARED / "reencoded",
                               quality=data.get("jpeg_quality", 95), workers=data.get("workers", 4))
-        metrics = {"source": "medic"} | write_ingest_outputs(result, PREPARED)
+        write_tsv(result.quarantine, PREPARED / "quarantine.tsv")
+        metrics = {"source": "medic"} | {k: v for k, v in result.metrics().items() if k != "class_counts"}
         splits = result.manifests
     else:
         raise ValueError(f"params.yaml data.source must be 'demo' or 'medic', not {source!r}")
