@@ -1,0 +1,219 @@
+"""PNG plots of evaluation reports and variant comparisons.
+
+Figures are built with :class:`matplotlib.figure.Figure` directly rather than ``pyplot``: no
+global figure registry to leak, no interactive backend to select, and PNGs render with Agg on
+headless machines. Every plot is written atomically (temp file + rename).
+
+Minority classes are marked the same way everywhere: orange bars, a ``*`` before the class name,
+and the name in bold.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from collections.abc import Iterable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from matplotlib.figure import Figure
+
+from medicsynth.labels import TASKS
+
+MINORITY_COLOUR = "#e67e22"
+MAJORITY_COLOUR = "#3b75af"
+#: Colours of the variants in comparison plots, in order of appearance.
+VARIANT_COLOURS = ("#7f7f7f", "#3b75af", "#2ca02c", "#9467bd", "#d62728", "#8c564b")
+MINORITY_MARK = "*"
+
+
+def _save(fig: Figure, path: str | Path) -> Path:
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        fig.savefig(tmp, format="png", dpi=110, bbox_inches="tight")
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+    return path
+
+
+def _is_minority(minority: Iterable[Any] | None, panel: str, name: str) -> bool:
+    # Class names are unique across MEDIC's tasks, so a bare class name is unambiguous; a
+    # (task, class) pair is accepted too for callers that carry the task.
+    if not minority:
+        return False
+    return name in minority or (panel, name) in minority
+
+
+def _label(name: str, minority: bool) -> str:
+    return f"{MINORITY_MARK} {name}" if minority else name
+
+
+def _style_minority_ticks(labels, flags: Sequence[bool]) -> None:
+    for text, flag in zip(labels, flags):
+        if flag:
+            text.set_fontweight("bold")
+            text.set_color(MINORITY_COLOUR)
+
+
+def plot_confusion(
+    cm: Any,
+    classes: Sequence[str],
+    title: str,
+    path: str | Path,
+    normalise: bool = True,
+) -> Path:
+    """Heatmap of a confusion matrix (rows = true class, columns = predicted class).
+
+    With ``normalise`` each row is divided by its support, so cells read as "share of the true
+    class predicted as ..." and the diagonal is per-class recall; each cell also shows the raw
+    count. Rows without samples stay 0. Returns ``path``.
+    """
+    cm = np.asarray(cm, dtype=np.float64)
+    c = len(classes)
+    if cm.shape != (c, c):
+        raise ValueError(f"confusion matrix shape {cm.shape} does not match {c} classes")
+    support = cm.sum(axis=1, keepdims=True)
+    shown = np.divide(cm, support, out=np.zeros_like(cm), where=support > 0) if normalise else cm
+    size = max(4.0, 0.9 * c + 2.5)
+    fig = Figure(figsize=(size + 1.0, size))
+    ax = fig.add_subplot()
+    image = ax.imshow(shown, cmap="Blues", vmin=0, vmax=1 if normalise else None)
+    fig.colorbar(image, ax=ax, fraction=0.046, pad=0.04,
+                 label="share of true class" if normalise else "count")
+    threshold = (shown.max() or 1) / 2
+    for i in range(c):
+        for j in range(c):
+            text = f"{shown[i, j]:.2f}\n({int(cm[i, j])})" if normalise else f"{int(cm[i, j])}"
+            ax.text(j, i, text, ha="center", va="center", fontsize=8,
+                    color="white" if shown[i, j] > threshold else "black")
+    ax.set_xticks(range(c), labels=classes, rotation=40, ha="right", fontsize=8)
+    ax.set_yticks(range(c), labels=[f"{name} (n={int(n)})" for name, n in zip(classes, support[:, 0])],
+                  fontsize=8)
+    ax.set_xlabel("predicted")
+    ax.set_ylabel("true")
+    ax.set_title(title)
+    return _save(fig, path)
+
+
+def plot_per_class_f1(
+    report: Mapping[str, Any],
+    path: str | Path,
+    minority: Iterable[Any] | None = None,
+) -> Path:
+    """Per-class F1 of a :func:`medicsynth.metrics.classification_report`, one panel per task.
+
+    Bars are sorted by test support (largest on top), annotated with F1 and ``n=support``;
+    minority classes (names, or ``(task, class)`` pairs) are orange, starred and bold. The panel
+    title carries the task's macro-F1. Returns ``path``.
+    """
+    tasks = [t for t in TASKS if t in report["tasks"]]
+    if not tasks:
+        raise ValueError("report has no task to plot")
+    minority = set(minority or ())
+    ncols = min(2, len(tasks))
+    nrows = int(np.ceil(len(tasks) / ncols))
+    fig = Figure(figsize=(7.0 * ncols, 3.2 * nrows), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax in axes[len(tasks):]:
+        ax.set_visible(False)
+    for ax, task in zip(axes, tasks):
+        per_class = report["tasks"][task]["per_class"]
+        names = sorted(per_class, key=lambda c: -per_class[c]["support"])[::-1]
+        f1 = [per_class[c]["f1"] for c in names]
+        flags = [_is_minority(minority, task, c) for c in names]
+        y = np.arange(len(names))
+        ax.barh(y, f1, color=[MINORITY_COLOUR if f else MAJORITY_COLOUR for f in flags])
+        for yi, c, v in zip(y, names, f1):
+            ax.text(min(v, 1.0) + 0.01, yi, f"{v:.2f}  n={per_class[c]['support']}",
+                    va="center", fontsize=8)
+        ax.set_yticks(y, labels=[_label(c, f) for c, f in zip(names, flags)], fontsize=8)
+        _style_minority_ticks(ax.get_yticklabels(), flags)
+        ax.set_xlim(0, 1.3)
+        ax.set_xticks(np.linspace(0, 1, 6))
+        ax.set_xlabel("F1")
+        ax.grid(axis="x", alpha=0.3)
+        ax.set_title(f"{task} (macro-F1 {report['tasks'][task]['macro_f1']:.3f})", fontsize=10)
+    if minority:
+        fig.suptitle(f"per-class F1 ({MINORITY_MARK} orange = minority class)", fontsize=11)
+    return _save(fig, path)
+
+
+def plot_compare(
+    scores: Mapping[str, Mapping[str, Mapping[str, Mapping[str, Any]]]],
+    path: str | Path,
+    *,
+    minority: Iterable[Any] | None = None,
+    xlabel: str = "F1",
+    title: str | None = None,
+) -> Path:
+    """Grouped horizontal bars with confidence intervals, one panel per key of ``scores``.
+
+    Args:
+        scores: ``{panel: {variant: {group: {"value": v, "low": l, "high": h}}}}``; e.g. panels
+            = tasks and groups = classes (per-class F1), or one panel with groups = tasks
+            (macro-F1). ``low``/``high`` may be ``None`` (no error bar). Groups are drawn in the
+            order of the first variant; every variant must have the same groups.
+        minority: group names (or ``(panel, group)`` pairs) to highlight.
+        xlabel, title: axis label and figure title.
+
+    Returns ``path``.
+    """
+    panels = list(scores)
+    if not panels:
+        raise ValueError("nothing to plot")
+    minority = set(minority or ())
+    n_groups = max(len(next(iter(scores[p].values()))) for p in panels)
+    n_variants = max(len(scores[p]) for p in panels)
+    ncols = 1 if len(panels) == 1 else 2
+    nrows = int(np.ceil(len(panels) / ncols))
+    panel_height = 1.0 + n_groups * (0.13 * n_variants + 0.2)
+    fig = Figure(figsize=(7.5 * ncols, panel_height * nrows + 0.6), layout="constrained")
+    axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
+    for ax in axes[len(panels):]:
+        ax.set_visible(False)
+    for ax, panel in zip(axes, panels):
+        variants = list(scores[panel])
+        groups = list(scores[panel][variants[0]])
+        for v in variants[1:]:
+            if list(scores[panel][v]) != groups:
+                raise ValueError(f"{panel}: variant {v!r} has groups {list(scores[panel][v])}, "
+                                 f"expected {groups}")
+        flags = [_is_minority(minority, panel, g) for g in groups]
+        height = 0.8 / len(variants)
+        # Reversed so the first group is on top, as in a table.
+        base = np.arange(len(groups))[::-1].astype(np.float64)
+        for i, flag in enumerate(flags):
+            if flag:
+                ax.axhspan(base[i] - 0.45, base[i] + 0.45, color=MINORITY_COLOUR, alpha=0.12, lw=0)
+        for k, v in enumerate(variants):
+            y = base + 0.4 - height * (k + 0.5)
+            vals = np.array([scores[panel][v][g]["value"] for g in groups], dtype=np.float64)
+            lows = [scores[panel][v][g].get("low") for g in groups]
+            highs = [scores[panel][v][g].get("high") for g in groups]
+            err = np.array([[0.0 if lo is None else max(0.0, val - lo) for val, lo in zip(vals, lows)],
+                            [0.0 if hi is None else max(0.0, hi - val) for val, hi in zip(vals, highs)]])
+            ax.barh(y, vals, height=height * 0.9, xerr=err, capsize=2,
+                    color=VARIANT_COLOURS[k % len(VARIANT_COLOURS)], label=v,
+                    error_kw={"elinewidth": 0.9, "ecolor": "black"})
+            for yi, val, hi in zip(y, vals, highs):
+                right = val if hi is None else max(val, hi)
+                ax.text(right + 0.01, yi, f"{val:.3f}", va="center", fontsize=7)
+        ax.set_yticks(base, labels=[_label(g, f) for g, f in zip(groups, flags)], fontsize=8)
+        _style_minority_ticks(ax.get_yticklabels(), flags)
+        ax.set_xlim(0, 1.15)
+        ax.set_xticks(np.linspace(0, 1, 6))
+        ax.set_xlabel(xlabel)
+        ax.grid(axis="x", alpha=0.3)
+        ax.set_title(panel, fontsize=10)
+    # One legend for the figure, below the panels, so it covers neither a bar nor the title.
+    handles, labels = axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncols=len(labels), fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    return _save(fig, path)

@@ -1,0 +1,71 @@
+"""Stage ``compare``: variants (original, relabelled, augmented) on the ORIGINAL test labels.
+
+Reads ``compare`` from params.yaml and ``data/predictions/{variant}-{arch}/test.tsv`` per variant
+(written by the evaluate stage); the original training manifest defines the minority classes.
+Writes:
+
+- ``metrics/compare.json``: macro-F1 and per-class F1 per variant with bootstrap intervals, and
+  the differences variant − original with intervals, p-values and a ``significant`` flag;
+- ``metrics/compare.md``: the same as Markdown tables, minority classes highlighted;
+- ``plots/compare_macro_f1.png``, ``plots/compare_per_class_f1.png``: bars with interval error bars.
+
+A variant without predictions is skipped with a note; the original variant is required.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from medicsynth.compare import run_compare  # noqa: E402
+from medicsynth.params import load_params, section  # noqa: E402
+
+PREDICTIONS_DIR = "data/predictions"
+TRAIN_MANIFEST = "data/variants/original/train.tsv"
+METRICS_JSON = "metrics/compare.json"
+REPORT_MD = "metrics/compare.md"
+MACRO_PNG = "plots/compare_macro_f1.png"
+PER_CLASS_PNG = "plots/compare_per_class_f1.png"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args()
+
+    params = load_params(args.params)
+    cfg = section(params, "compare")
+    # Defaults follow the pipeline's own matrix, so compare needs no edit when variants change.
+    variants = cfg.get("variants") or params.get("variants") or ["original"]
+    arch = cfg.get("arch") or params.get("train", {}).get("archs", [None])[0]
+    if not arch:
+        raise SystemExit("params.yaml: set compare.arch (or train.archs) to choose the models to compare")
+
+    result = run_compare(
+        predictions_dir=PREDICTIONS_DIR,
+        variants=list(variants),
+        arch=str(arch),
+        train_manifest=TRAIN_MANIFEST,
+        out_json=METRICS_JSON,
+        out_md=REPORT_MD,
+        macro_plot=MACRO_PNG,
+        per_class_plot=PER_CLASS_PNG,
+        minority_share=float(cfg.get("minority_share", 0.10)),
+        n_boot=int(cfg.get("n_boot", 1000)),
+        seed=int(cfg.get("seed", 0)),
+        ci=float(cfg.get("ci", 0.95)),
+    )
+    for v, reason in result["skipped"].items():
+        print(f"compare: skipped {v}: {reason}")
+    line = ", ".join(f"{v} {m['value']:.3f}" for v, m in result["mean_macro_f1"].items())
+    print(f"compare ({arch}, n={result['n_test']}): mean macro-F1 {line}")
+    for key, d in result["mean_macro_f1_diff"].items():
+        flag = " (significant)" if d["significant"] else ""
+        print(f"  {key}: {d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]{flag}")
+
+
+if __name__ == "__main__":
+    main()
