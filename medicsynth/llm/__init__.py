@@ -1,0 +1,60 @@
+"""LLM/VLM calls for relabelling, captions, the quality gate and zero-shot scoring.
+
+- :mod:`medicsynth.llm.client`: :class:`LLMConfig`, :class:`LLMRequest`, :class:`LLMResult`,
+  :class:`LLMClient` (cache, budget, retries, refusal fallback, validation, concurrency, usage).
+- :mod:`medicsynth.llm.cache`: the persistent on-disk cache of paid calls (outside DVC outputs).
+- :mod:`medicsynth.llm.providers`: OpenAI / Anthropic SDK adapters and image encoding.
+- :mod:`medicsynth.llm.labels_answer`: MEDIC label schema/validation and :func:`classify_request`.
+
+Importing this package does not import the SDKs; they load when a client is built.
+"""
+
+from medicsynth.llm.cache import CACHE_FORMAT_VERSION, RawResponse, ResponseCache, cache_key
+from medicsynth.llm.client import (
+    DEFAULT_CACHE_DIR,
+    FAILURE_REASONS,
+    LLMClient,
+    LLMConfig,
+    LLMRequest,
+    LLMResult,
+    Usage,
+    client_from_params,
+    config_from_params,
+    looks_like_refusal,
+)
+from medicsynth.llm.labels_answer import (
+    LabelsAnswerError,
+    classify_request,
+    labels_json_schema,
+    load_prompt,
+    validate_labels_answer,
+    with_refusal_preface,
+)
+from medicsynth.llm.providers import PROVIDERS, EncodedImage, ImageError, encode_image
+
+__all__ = [
+    "CACHE_FORMAT_VERSION",
+    "DEFAULT_CACHE_DIR",
+    "FAILURE_REASONS",
+    "PROVIDERS",
+    "EncodedImage",
+    "ImageError",
+    "LLMClient",
+    "LLMConfig",
+    "LLMRequest",
+    "LLMResult",
+    "LabelsAnswerError",
+    "RawResponse",
+    "ResponseCache",
+    "Usage",
+    "cache_key",
+    "classify_request",
+    "client_from_params",
+    "config_from_params",
+    "encode_image",
+    "labels_json_schema",
+    "load_prompt",
+    "looks_like_refusal",
+    "validate_labels_answer",
+    "with_refusal_preface",
+]

@@ -1,0 +1,401 @@
+"""Provider adapters over the official SDKs (openai 3.x chat.completions, anthropic 2.x messages).
+
+Each adapter turns one prompt (+ optional image, + optional JSON schema) into one API call and
+reduces the SDK's answer to a :class:`~medicsynth.llm.cache.RawResponse`, or raises
+
+- :class:`TransientError` for what a retry may fix (429, 408, 409, 5xx, timeouts, connection
+  errors, an unparseable response body), carrying the server's ``Retry-After`` when given;
+- :class:`PermanentError` for what it will not (other 4xx such as a bad request or a bad key).
+
+The SDK clients are built with ``max_retries=0``: retries, backoff and their accounting belong to
+:class:`medicsynth.llm.client.LLMClient`, so counts are ours and testable.
+
+API keys come only from the environment (``OPENAI_API_KEY``, ``ANTHROPIC_API_KEY``) and are handed
+straight to the SDK; this module never logs, stores or formats them into messages.
+
+Notes on the installed SDK versions:
+
+- openai 3.x: ``max_tokens`` is deprecated in favour of ``max_completion_tokens``; structured output
+  is ``response_format={"type": "json_schema", "json_schema": {"name", "schema", "strict"}}``;
+  a refusal arrives in ``message.refusal``.
+- anthropic 2.x sends ``anthropic-version: 2026-10-21``, which rejects ``temperature`` (and
+  ``top_p``/``top_k``) with HTTP 400 even at default values, and the SDK removed the argument. So
+  the Anthropic adapter sends no temperature, and reports ``None`` as the temperature sent (which
+  is what the cache key records). Structured output uses a forced tool call (``tools`` with
+  ``input_schema`` and ``tool_choice={"type": "tool", ...}``); a refusal is ``stop_reason ==
+  "refusal"``.
+"""
+
+from __future__ import annotations
+
+import base64
+import email.utils
+import hashlib
+import io
+import json
+import os
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+from medicsynth.images import to_rgb
+from medicsynth.llm.cache import RawResponse
+
+PROVIDERS: tuple[str, ...] = ("openai", "anthropic")
+API_KEY_ENV: dict[str, str] = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}
+
+# Formats both APIs accept as sent; anything else (GIF, TIFF, BMP...) is re-encoded as JPEG.
+# GIF is excluded on purpose: OpenAI rejects animated GIFs and MEDIC has GIFs named .jpg.
+_PASSTHROUGH = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
+_RETRYABLE_STATUS = {408, 409, 429}
+_PLAIN_MODES = {"RGB", "L", "RGBA", "LA", "P"}
+_EXIF_ORIENTATION = 0x0112
+
+
+class ProviderError(Exception):
+    """A failed call. ``reason`` is a short token for failure counts."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+class TransientError(ProviderError):
+    """A failure a retry may fix; ``retry_after`` is the server's requested wait in seconds."""
+
+    def __init__(self, reason: str, message: str, retry_after: float | None = None) -> None:
+        super().__init__(reason, message)
+        self.retry_after = retry_after
+
+
+class PermanentError(ProviderError):
+    """A failure a retry will not fix (bad request, authentication, not found...)."""
+
+
+class ImageError(ValueError):
+    """An image that cannot be sent: missing, not an image, truncated or corrupt."""
+
+
+# ------------------------------------------------------------------------------------------
+# Images
+# ------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class EncodedImage:
+    """Image bytes exactly as they will be sent, their media type and sha256."""
+
+    data: bytes
+    media_type: str
+    sha256: str
+    size: tuple[int, int]
+    reencoded: bool
+
+    @property
+    def base64(self) -> str:
+        return base64.b64encode(self.data).decode("ascii")
+
+
+def encode_image(path: str | Path, max_side: int = 768, jpeg_quality: int = 90) -> EncodedImage:
+    """Read ``path`` and prepare it for an API call.
+
+    The format is detected from the bytes, never the file extension. A JPEG, PNG or WebP whose
+    longer side is at most ``max_side`` is sent unchanged; anything larger is downscaled (aspect
+    kept) and re-encoded as JPEG, and other formats (e.g. a GIF named ``.jpg``; first frame) are
+    re-encoded as JPEG, to bound the cost of image tokens. The image is fully decoded first, so a
+    truncated or corrupt file raises :class:`ImageError` instead of being paid for.
+    """
+    if max_side < 16:
+        raise ValueError(f"image_max_side must be >= 16, got {max_side}")
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as exc:
+        raise ImageError(f"{path}: cannot read: {exc.strerror or exc}") from None
+    try:
+        with Image.open(io.BytesIO(raw)) as im:
+            fmt = im.format or ""
+            im.seek(0)
+            im.load()  # full decode: truncated files raise here
+            size = im.size
+            media_type = _PASSTHROUGH.get(fmt)
+            # EXIF rotation and CMYK/16-bit modes are applied/converted here rather than left to
+            # each API's decoder; such files are re-encoded like oversized ones.
+            plain = im.mode in _PLAIN_MODES and im.getexif().get(_EXIF_ORIENTATION, 1) == 1
+            if media_type is not None and plain and max(size) <= max_side:
+                return EncodedImage(raw, media_type, hashlib.sha256(raw).hexdigest(), size, False)
+            rgb = to_rgb(ImageOps.exif_transpose(im))
+    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
+        raise ImageError(f"{path}: not a decodable image: {exc}") from None
+    if max(rgb.size) > max_side:
+        scale = max_side / max(rgb.size)
+        new = (max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale)))
+        rgb = rgb.resize(new, Image.Resampling.LANCZOS)
+    buf = io.BytesIO()
+    rgb.save(buf, format="JPEG", quality=int(jpeg_quality))
+    data = buf.getvalue()
+    return EncodedImage(data, "image/jpeg", hashlib.sha256(data).hexdigest(), rgb.size, True)
+
+
+# ------------------------------------------------------------------------------------------
+# Errors
+# ------------------------------------------------------------------------------------------
+
+
+def parse_retry_after(headers: Any) -> float | None:
+    """Seconds to wait from ``retry-after-ms`` or ``Retry-After`` (seconds or an HTTP date)."""
+    if headers is None:
+        return None
+    value = headers.get("retry-after-ms")
+    if value:
+        try:
+            return max(0.0, float(value) / 1000.0)
+        except ValueError:
+            pass
+    value = headers.get("retry-after")
+    if not value:
+        return None
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        return None
+    return max(0.0, when.timestamp() - time.time())
+
+
+def _classify_sdk_error(exc: Exception, sdk: Any) -> ProviderError | None:
+    """Map an openai/anthropic SDK exception to our error types; ``None`` if it is not one."""
+    if isinstance(exc, sdk.APITimeoutError):
+        return TransientError("timeout", "request timed out")
+    if isinstance(exc, sdk.APIConnectionError):
+        return TransientError("connection", f"connection error: {type(exc.__cause__ or exc).__name__}")
+    if isinstance(exc, sdk.APIStatusError):
+        status = exc.status_code
+        message = f"HTTP {status}: {_error_message(exc)}"
+        if status in _RETRYABLE_STATUS or status >= 500:
+            reason = "rate_limit" if status == 429 else "server_error"
+            return TransientError(reason, message, parse_retry_after(exc.response.headers))
+        return PermanentError(f"http_{status}", message)
+    if isinstance(exc, (json.JSONDecodeError, sdk.APIResponseValidationError)):
+        # The SDKs raise JSONDecodeError on a 200 whose body is not JSON (e.g. cut by a proxy).
+        return TransientError("bad_response", f"unparseable response body: {exc}")
+    return None
+
+
+def _error_message(exc: Any) -> str:
+    body = getattr(exc, "body", None)
+    if isinstance(body, dict):
+        err = body.get("error", body)
+        if isinstance(err, dict) and err.get("message"):
+            return str(err["message"])[:300]
+    return str(getattr(exc, "message", exc))[:300]
+
+
+def _api_key(provider: str) -> str:
+    env = API_KEY_ENV[provider]
+    key = os.environ.get(env, "")
+    if not key:
+        raise PermanentError("no_api_key", f"{env} is not set in the environment")
+    return key
+
+
+# ------------------------------------------------------------------------------------------
+# Adapters
+# ------------------------------------------------------------------------------------------
+
+
+class OpenAIProvider:
+    """Chat Completions with an optional image (data URL) and json_schema response format."""
+
+    name = "openai"
+
+    def __init__(self, model: str, *, temperature: float, max_tokens: int, sdk_client: Any) -> None:
+        import openai
+
+        self._sdk = openai
+        self.model = model
+        self.temperature = temperature
+        self.max_tokens = max_tokens
+        self.client = sdk_client
+
+    @classmethod
+    def from_config(cls, config: Any) -> OpenAIProvider:
+        import openai
+
+        client = openai.OpenAI(
+            api_key=_api_key("openai"),
+            base_url=config.base_url,
+            timeout=config.timeout_s,
+            max_retries=0,
+        )
+        return cls(config.model, temperature=config.temperature, max_tokens=config.max_tokens, sdk_client=client)
+
+    @property
+    def temperature_sent(self) -> float | None:
+        return self.temperature
+
+    def call(
+        self,
+        *,
+        system: str,
+        prompt: str,
+        image: EncodedImage | None,
+        schema: dict[str, Any] | None,
+        schema_name: str,
+    ) -> RawResponse:
+        content: list[dict[str, Any]] = [{"type": "text", "text": prompt}]
+        if image is not None:
+            url = f"data:{image.media_type};base64,{image.base64}"
+            content.append({"type": "image_url", "image_url": {"url": url}})
+        messages: list[dict[str, Any]] = []
+        if system:
+            messages.append({"role": "system", "content": system})
+        messages.append({"role": "user", "content": content})
+        kwargs: dict[str, Any] = {}
+        if schema is not None:
+            kwargs["response_format"] = {
+                "type": "json_schema",
+                "json_schema": {"name": schema_name, "schema": schema, "strict": True},
+            }
+        try:
+            resp = self.client.chat.completions.create(
+                model=self.model,
+                messages=messages,
+                temperature=self.temperature,
+                max_completion_tokens=self.max_tokens,
+                **kwargs,
+            )
+        except Exception as exc:  # noqa: BLE001 - classified, or re-raised untouched
+            err = _classify_sdk_error(exc, self._sdk)
+            if err is None:
+                raise
+            raise err from None
+        if not getattr(resp, "choices", None):
+            raise TransientError("bad_response", "response has no choices")
+        choice = resp.choices[0]
+        msg = choice.message
+        refusal = msg.refusal or None
+        if refusal is None and choice.finish_reason == "content_filter":
+            refusal = "finish_reason=content_filter"
+        usage = resp.usage
+        return RawResponse(
+            text=msg.content,
+            data=None,
+            refusal=refusal,
+            finish_reason=choice.finish_reason,
+            input_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
+            output_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
+        )
+
+
+class AnthropicProvider:
+    """Messages API with an optional base64 image and a forced tool call for structured output."""
+
+    name = "anthropic"
+
+    def __init__(self, model: str, *, max_tokens: int, sdk_client: Any) -> None:
+        import anthropic
+
+        self._sdk = anthropic
+        self.model = model
+        self.max_tokens = max_tokens
+        self.client = sdk_client
+
+    @classmethod
+    def from_config(cls, config: Any) -> AnthropicProvider:
+        import anthropic
+
+        client = anthropic.Anthropic(
+            api_key=_api_key("anthropic"),
+            base_url=config.base_url,
+            timeout=config.timeout_s,
+            max_retries=0,
+        )
+        return cls(config.model, max_tokens=config.max_tokens, sdk_client=client)
+
+    @property
+    def temperature_sent(self) -> float | None:
+        # API version 2026-10-21 rejects sampling parameters; none is sent (module docstring).
+        return None
+
+    def call(
+        self,
+        *,
+        system: str,
+        prompt: str,
+        image: EncodedImage | None,
+        schema: dict[str, Any] | None,
+        schema_name: str,
+    ) -> RawResponse:
+        content: list[dict[str, Any]] = []
+        if image is not None:
+            content.append(
+                {"type": "image", "source": {"type": "base64", "media_type": image.media_type, "data": image.base64}}
+            )
+        content.append({"type": "text", "text": prompt})
+        kwargs: dict[str, Any] = {}
+        if system:
+            kwargs["system"] = system
+        if schema is not None:
+            kwargs["tools"] = [
+                {
+                    "name": schema_name,
+                    "description": "Record the answer in the required structure.",
+                    "input_schema": schema,
+                }
+            ]
+            kwargs["tool_choice"] = {"type": "tool", "name": schema_name}
+        try:
+            resp = self.client.messages.create(
+                model=self.model,
+                max_tokens=self.max_tokens,
+                messages=[{"role": "user", "content": content}],
+                **kwargs,
+            )
+        except Exception as exc:  # noqa: BLE001 - classified, or re-raised untouched
+            err = _classify_sdk_error(exc, self._sdk)
+            if err is None:
+                raise
+            raise err from None
+        texts: list[str] = []
+        data: dict[str, Any] | None = None
+        for block in resp.content or []:
+            kind = getattr(block, "type", None)
+            if kind == "text":
+                texts.append(block.text)
+            elif kind == "tool_use" and data is None and (schema is None or block.name == schema_name):
+                data = block.input if isinstance(block.input, dict) else {"_non_object_input": block.input}
+        refusal = None
+        if resp.stop_reason == "refusal":
+            details = getattr(resp, "stop_details", None)
+            refusal = getattr(details, "explanation", None) or "stop_reason=refusal"
+        usage = resp.usage
+        return RawResponse(
+            text="".join(texts) if texts else None,
+            data=data,
+            refusal=refusal,
+            finish_reason=resp.stop_reason,
+            input_tokens=int(getattr(usage, "input_tokens", 0) or 0),
+            output_tokens=int(getattr(usage, "output_tokens", 0) or 0),
+        )
+
+
+def make_provider(config: Any, sdk_client: Any | None = None) -> OpenAIProvider | AnthropicProvider:
+    """Adapter for ``config.provider``; ``sdk_client`` replaces the SDK client built from config."""
+    if config.provider == "openai":
+        if sdk_client is None:
+            return OpenAIProvider.from_config(config)
+        return OpenAIProvider(
+            config.model, temperature=config.temperature, max_tokens=config.max_tokens, sdk_client=sdk_client
+        )
+    if config.provider == "anthropic":
+        if sdk_client is None:
+            return AnthropicProvider.from_config(config)
+        return AnthropicProvider(config.model, max_tokens=config.max_tokens, sdk_client=sdk_client)
+    raise ValueError(f"unknown provider {config.provider!r}; expected one of {', '.join(PROVIDERS)}")
