@@ -1,0 +1,62 @@
+"""Stage ``allocate``: plan the synthetic images per label combination.
+
+Reads ``allocate`` from params.yaml, the (relabelled) training manifest and, in ``weakness``
+mode, the ``original`` model's per-class F1 on the dev split. Writes:
+
+- ``data/allocation/allocation.tsv``: one row per candidate combination with its count and why;
+- ``data/allocation/plan.tsv``: one row per planned image (stable ``id``, ``seed``, 4 labels);
+- ``metrics/allocate.json``: per-class real / planned totals and shares;
+- ``plots/allocate.png``: class shares before / after, per task.
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from medicsynth.allocation import AllocateConfig, allocate, load_dev_f1, plot_allocation  # noqa: E402
+from medicsynth.io import write_json  # noqa: E402
+from medicsynth.manifest import read_manifest, write_tsv  # noqa: E402
+from medicsynth.params import load_params, section  # noqa: E402
+
+ALLOCATION_TSV = "data/allocation/allocation.tsv"
+PLAN_TSV = "data/allocation/plan.tsv"
+METRICS_JSON = "metrics/allocate.json"
+PLOT_PNG = "plots/allocate.png"
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args()
+
+    params = section(load_params(args.params), "allocate")
+    config = AllocateConfig.from_params(params)
+    manifest_path = params.get("train_manifest", "data/variants/relabelled/train.tsv")
+    manifest = read_manifest(manifest_path)
+    # Only real training rows define what is "seen" and the "before" distribution.
+    train = manifest[(manifest["split"] == "train") & (manifest["source"] == "real")]
+    if len(train) < len(manifest):
+        print(f"allocate: ignoring {len(manifest) - len(train)} non-train or synthetic rows of {manifest_path}")
+
+    f1 = None
+    if config.mode == "weakness":
+        f1 = load_dev_f1(params.get("dev_report", "metrics/dev/original-small_cnn.json"))
+
+    result = allocate(train, config, f1)
+    write_tsv(result.table, ALLOCATION_TSV)
+    write_tsv(result.plan, PLAN_TSV)
+    write_json(result.metrics, METRICS_JSON)
+    plot_allocation(result.metrics, PLOT_PNG)
+    m = result.metrics
+    print(
+        f"allocate ({m['mode']}): {m['total']} images over {m['combinations_planned']} of "
+        f"{m['combinations_candidate']} combinations ({m['combinations_seen']} seen in {len(train)} real train rows)"
+    )
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,67 @@
+"""Stage ``caption``: one label-aware caption per planned synthetic image.
+
+Reads ``caption`` from params.yaml, ``data/allocation/plan.tsv`` and (LLM backends) the real
+training manifest to ground on. Writes ``data/captions/captions.tsv`` and ``metrics/caption.json``.
+
+``captions.tsv`` is declared ``persist: true`` in dvc.yaml: DVC leaves it in place, this stage
+reads it as the previous result and re-captions only rows whose id, labels, mode or
+configuration changed (see :mod:`medicsynth.captions`). LLM answers are also kept in the
+client's on-disk cache (``caption.llm.cache_dir``, default ``.llm_cache/``).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import pandas as pd  # noqa: E402
+
+from medicsynth.captions import CaptionConfig, caption_plan, load_length_limit, make_clients  # noqa: E402
+from medicsynth.io import write_json  # noqa: E402
+from medicsynth.manifest import read_manifest, write_tsv  # noqa: E402
+from medicsynth.params import load_params, section  # noqa: E402
+
+PLAN_TSV = "data/allocation/plan.tsv"
+CAPTIONS_TSV = "data/captions/captions.tsv"
+METRICS_JSON = "metrics/caption.json"
+
+
+def read_tsv(path: str | Path) -> pd.DataFrame:
+    # Strings everywhere: an empty grounded_on must stay "", not become NaN.
+    return pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, na_filter=False)
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--params", default="params.yaml")
+    args = parser.parse_args()
+
+    params = section(load_params(args.params), "caption")
+    config = CaptionConfig.from_params(params)
+    plan = read_tsv(PLAN_TSV)
+    previous = read_tsv(CAPTIONS_TSV) if Path(CAPTIONS_TSV).exists() else None
+
+    train = clients = None
+    if config.backend != "template":
+        manifest = read_manifest(params.get("train_manifest", "data/variants/relabelled/train.tsv"))
+        train = manifest[(manifest["split"] == "train") & (manifest["source"] == "real")]
+        clients = make_clients(config, config.llm.get("cache_dir"))
+
+    limit = load_length_limit(config.tokenizer, config.max_tokens, config.max_words)
+    if limit.note:
+        print(f"caption: {limit.note}")
+    result = caption_plan(plan, config, train=train, previous=previous, limit=limit, clients=clients)
+    write_tsv(result.table, CAPTIONS_TSV)
+    write_json(result.metrics, METRICS_JSON)
+    m = result.metrics
+    print(
+        f"caption ({m['backend']}): {m['rows']} rows, {m['new']} new, {m['reused']} reused, "
+        f"{m['failed']} failed (template fallback), {m['shortened']} shortened"
+    )
+
+
+if __name__ == "__main__":
+    main()
