@@ -31,3 +31,20 @@ repro: venv
 
 clean-venv:
 	rm -rf $(VENV)
+
+.PHONY: accept-agreement pull-private push-private private-status
+## Accept AGREEMENT.md: make accept-agreement NAME="..." CONTACT=... PURPOSE="..."
+accept-agreement: venv
+	@test -n "$(NAME)" -a -n "$(CONTACT)" -a -n "$(PURPOSE)" || { echo 'usage: make accept-agreement NAME="Your Name" CONTACT=you@example.org PURPOSE="what you will use the data for"'; exit 2; }
+	$(BIN)/python -m medicsynth.agreement accept --name "$(NAME)" --contact "$(CONTACT)" --purpose "$(PURPOSE)"
+
+## Pull private artifacts (needs the accepted agreement and S3 credentials); TARGETS="train" limits it.
+pull-private: venv
+	$(BIN)/python -m medicsynth.private_remote pull $(TARGETS)
+
+## Push private outputs and the run-cache (maintainers).
+push-private: venv
+	$(BIN)/python -m medicsynth.private_remote push --run-cache $(TARGETS)
+
+private-status: venv
+	$(BIN)/python -m medicsynth.private_remote status
