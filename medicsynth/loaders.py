@@ -18,6 +18,13 @@ backends apply that plan. So an epoch is reproducible whatever the backend, the 
 workers, or the epochs run before it (a resumed run sees the same augmentations), and the two
 backends agree up to decoder and resampling differences.
 
+Data-parallel training (one process per GPU) shards every epoch with :func:`shard_plan`: all ranks
+compute the same plan from ``(seed, epoch)`` and rank ``r`` of ``w`` reads plan positions
+``r, r + w, r + 2w, ...``. Each sample keeps the crop and flip of its plan position, so the
+union of the shards is the single-process epoch, and global step ``s`` (``w`` local batches of
+``b``) covers exactly the positions a single process with batch ``w * b`` would read at step
+``s``.
+
 DALI design. The pipeline is ``external_source`` (per batch: encoded file paths, the four labels,
 crop positions, flips) -> ``fn.io.file.read`` -> ``fn.decoders.image`` (``mixed`` on CUDA,
 ``cpu`` otherwise) -> ``fn.resize`` -> ``fn.crop_mirror_normalize``. The Python callback only
@@ -106,6 +113,34 @@ def epoch_plan(n: int, *, resize: int, crop: int, train: bool, seed: int, epoch:
     )
 
 
+def shard_size(n: int, rank: int, world: int, *, train: bool) -> int:
+    """Number of samples :func:`shard_plan` gives ``rank`` of ``world`` from an ``n``-sample plan."""
+    if train:
+        return n // world
+    return len(range(rank, n, world))
+
+
+def shard_plan(plan: EpochPlan, rank: int, world: int, *, train: bool) -> EpochPlan:
+    """The positions of ``plan`` that process ``rank`` of ``world`` reads: ``r, r + w, ...``.
+
+    Training drops the last ``n mod world`` positions of the epoch, so every rank gets exactly
+    ``n // world`` samples: the same number of steps (DistributedDataParallel hangs when one rank
+    runs a step more than the others) and the same local batch sizes, so DDP's average of the
+    per-rank mean losses is exactly the mean over the global batch. Padding with repeated samples
+    (``DistributedSampler``'s default) would instead count some images twice. The dropped
+    positions are the tail of a fresh permutation, so at most ``world - 1`` images sit out an
+    epoch and which ones changes every epoch. Evaluation drops nothing: the shards' sizes differ
+    by at most one and together hold every sample exactly once.
+    """
+    if not 0 <= rank < world:
+        raise ValueError(f"shard rank must be in [0, {world}), got rank={rank}, world={world}")
+    n = len(plan.order)
+    keep = (n // world) * world if train else n
+    pos = slice(rank, keep, world)
+    return EpochPlan(order=plan.order[pos], top=plan.top[pos], left=plan.left[pos],
+                     flip=plan.flip[pos])
+
+
 def _check_inputs(
     files: Sequence[str], labels: np.ndarray, batch_size: int, resize: int, crop: int
 ) -> tuple[list[str], np.ndarray]:
@@ -145,7 +180,8 @@ class ImageLoader:
     (channels-last memory format when asked). ``labels``: int64 ``(b, 4)`` class indices in
     ``TASKS`` order on ``device``. The last batch of an epoch may be smaller than
     ``batch_size``. One iteration at a time: starting a new ``for`` loop abandons the previous
-    one. Build instances with :func:`make_loader`.
+    one. With ``shard=(rank, world)`` a pass covers only that process's share of the epoch
+    (:func:`shard_plan`). Build instances with :func:`make_loader`.
     """
 
     backend: str = ""
@@ -163,6 +199,7 @@ class ImageLoader:
         device: torch.device,
         num_workers: int,
         channels_last: bool,
+        shard: tuple[int, int] | None = None,
     ) -> None:
         self.files = files
         self.labels = labels
@@ -174,18 +211,27 @@ class ImageLoader:
         self.device = device
         self.num_workers = num_workers
         self.channels_last = channels_last
+        self.shard = shard
         self.epoch = 0
 
+    @property
+    def num_samples(self) -> int:
+        """Samples in one pass: all files, or this process's shard of them."""
+        if self.shard is None:
+            return len(self.files)
+        rank, world = self.shard
+        return shard_size(len(self.files), rank, world, train=self.train)
+
     def __len__(self) -> int:
-        return math.ceil(len(self.files) / self.batch_size)
+        return math.ceil(self.num_samples / self.batch_size)
 
     def set_epoch(self, epoch: int) -> None:
         """Use the order and augmentation of ``epoch`` for the next pass (training only)."""
         self.epoch = int(epoch)
 
     def plan(self) -> EpochPlan:
-        """The plan of the current epoch (see :func:`epoch_plan`)."""
-        return epoch_plan(
+        """The plan of the current epoch (see :func:`epoch_plan`), restricted to the shard."""
+        plan = epoch_plan(
             len(self.files),
             resize=self.resize,
             crop=self.crop,
@@ -193,6 +239,9 @@ class ImageLoader:
             seed=self.seed,
             epoch=self.epoch,
         )
+        if self.shard is not None:
+            plan = shard_plan(plan, *self.shard, train=self.train)
+        return plan
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         raise NotImplementedError
@@ -221,7 +270,7 @@ class _DaliSource:
 
     def __call__(self, info) -> tuple:
         start = info.iteration * self.batch_size
-        if self.plan is None or start >= len(self.paths):
+        if self.plan is None or start >= len(self.plan.order):
             raise StopIteration
         pos = slice(start, start + self.batch_size)
         idx = self.plan.order[pos]
@@ -327,7 +376,7 @@ class DaliImageLoader(ImageLoader):
             # DALI's message does not name the file. The pipeline runs ahead, so the bad image
             # is in this batch or a prefetched one: find it with PIL.
             lo = batch * self.batch_size
-            hi = min(len(self.files), lo + 3 * self.batch_size)
+            hi = min(len(self._source.plan.order), lo + 3 * self.batch_size)
             suspects = [self.files[i] for i in self._source.plan.order[lo:hi]]
             bad = [f"{path!r} ({why})" for path, why in _undecodable(suspects)]
             self._pipe = None  # DALI marks the pipeline invalid after an error
@@ -448,7 +497,7 @@ class TorchImageLoader(ImageLoader):
     def __init__(self, *args, **kwargs) -> None:
         super().__init__(*args, **kwargs)
         cuda = self.device.type == "cuda"
-        self._sampler = _PlanSampler(len(self.files))
+        self._sampler = _PlanSampler(self.num_samples)
         self.dataloader = torch.utils.data.DataLoader(
             ImageDataset(self.files, self.labels, self.resize, self.crop),
             batch_size=self.batch_size,
@@ -495,6 +544,7 @@ def make_loader(
     device: torch.device | str = "cpu",
     num_workers: int = 2,
     channels_last: bool = False,
+    shard: tuple[int, int] | None = None,
 ) -> ImageLoader:
     """A loader over ``files`` with ``labels`` (``(n, 4)`` int class indices in ``TASKS`` order).
 
@@ -502,8 +552,10 @@ def make_loader(
     (:meth:`ImageLoader.set_epoch`), the last partial batch kept. ``train=False``: resize,
     centre crop, every sample exactly once in input order. ``backend``: ``"dali"``,
     ``"torch"`` or ``"auto"`` (DALI when importable). ``num_workers``: DALI CPU threads or
-    ``DataLoader`` worker processes. Raises ``ValueError``/``FileNotFoundError`` naming the
-    sample for bad labels or missing files.
+    ``DataLoader`` worker processes. ``shard=(rank, world)``: data-parallel share of process
+    ``rank`` (:func:`shard_plan`; training drops the last ``len(files) mod world`` samples of each
+    epoch so all ranks run the same steps); ``None`` (or ``(0, 1)``) reads everything. Raises
+    ``ValueError``/``FileNotFoundError`` naming the sample for bad labels or missing files.
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -512,6 +564,14 @@ def make_loader(
     elif backend == "dali" and not dali_available():
         raise ImportError("backend='dali' needs nvidia-dali (pip install nvidia-dali-cuda130)")
     paths, labels = _check_inputs(files, labels, batch_size, resize, crop)
+    if shard is not None:
+        rank, world = (int(v) for v in shard)
+        if world < 1 or not 0 <= rank < world:
+            raise ValueError(f"shard must be (rank, world) with 0 <= rank < world, got {shard!r}")
+        if train and len(paths) < world:
+            raise ValueError(f"cannot shard {len(paths)} training images over {world} processes: "
+                             f"every process needs at least one per epoch")
+        shard = (rank, world)
     cls = DaliImageLoader if backend == "dali" else TorchImageLoader
     return cls(
         paths,
@@ -524,4 +584,5 @@ def make_loader(
         device=torch.device(device),
         num_workers=num_workers,
         channels_last=channels_last,
+        shard=shard,
     )

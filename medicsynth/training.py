@@ -5,11 +5,28 @@ the loader backend (DALI or torchvision) comes from :func:`medicsynth.loaders.ma
 Loss is the sum of per-task cross-entropies (optionally class-weighted); the optimiser is AdamW
 with linear warm-up then cosine decay; early stopping keeps the epoch with the best dev mean
 macro-F1 (the headline metric, unlike the loss, tracks minority classes).
+
+Data-parallel training. Launched by ``torchrun --nproc_per_node N`` or ``accelerate launch
+--multi_gpu --num_processes N`` (``WORLD_SIZE`` > 1 in the environment), :func:`train_classifier`
+joins a ``torch.distributed`` process group (NCCL with ``cuda:LOCAL_RANK`` per process on CUDA,
+Gloo on CPU), wraps the model in ``DistributedDataParallel`` and gives each rank its share of
+every epoch (:func:`medicsynth.loaders.shard_plan`). ``batch_size`` stays per process, so the
+global batch is ``N * batch_size``; the learning rate is multiplied by ``N`` only when
+``scale_lr_with_world_size`` is set.
+
+Early stopping stays in sync by construction: after each epoch rank 0's BatchNorm statistics are
+broadcast (parameters already agree), each rank predicts its shard of the dev set, and the
+predictions are all-gathered, so every rank computes the metrics from identical arrays and takes
+the same decision with no further message. The alternatives were worse: every rank scoring the
+whole dev set does N times the work, and with ``cudnn.benchmark`` GPUs may pick different
+kernels, so a near-tie could flip one rank's decision and leave the others blocked in a
+collective; rank 0 scoring alone and broadcasting leaves N - 1 GPUs idle during the dev pass.
 """
 
 from __future__ import annotations
 
 import math
+import os
 import random
 import time
 from dataclasses import asdict, dataclass, field
@@ -18,6 +35,7 @@ from typing import Any, Callable, Sequence
 import numpy as np
 import torch
 from sklearn.metrics import f1_score
+from torch import distributed as dist
 from torch import nn
 from tqdm import tqdm
 
@@ -47,6 +65,9 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     cpu_threads: int | None = 1
+    # Data-parallel runs: multiply lr by the number of processes (the global batch grows with
+    # it). Off by default, so a launcher change alone does not change the optimiser settings.
+    scale_lr_with_world_size: bool = False
 
 
 @dataclass
@@ -58,6 +79,93 @@ class TrainResult:
     seconds: float = 0.0
     images_per_second: float = 0.0
     loader_backend: str = ""
+    world_size: int = 1
+    lr: float = 0.0  # peak learning rate actually used (after world-size scaling)
+
+
+@dataclass(frozen=True)
+class DistInfo:
+    """Where this process sits in a data-parallel launch (``torchrun`` / ``accelerate launch``)."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+
+    @property
+    def is_main(self) -> bool:
+        """Rank 0: the one process that logs and writes outputs."""
+        return self.rank == 0
+
+
+def dist_info() -> DistInfo:
+    """Rank, world size and local rank from the launcher's environment variables.
+
+    ``torchrun`` and ``accelerate launch`` both set ``RANK``, ``WORLD_SIZE`` and ``LOCAL_RANK``;
+    a plain ``python`` run has none of them and is rank 0 of 1.
+    """
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    if world <= 1:
+        return DistInfo()
+    missing = [k for k in ("RANK", "LOCAL_RANK") if k not in os.environ]
+    if missing:
+        raise RuntimeError(f"WORLD_SIZE={world} but {' and '.join(missing)} not set: launch with "
+                           f"torchrun or accelerate launch, which set all three")
+    return DistInfo(rank=int(os.environ["RANK"]), world_size=world,
+                    local_rank=int(os.environ["LOCAL_RANK"]))
+
+
+def _init_distributed(info: DistInfo, device: torch.device) -> tuple[torch.device, bool]:
+    """Join the process group (unless the caller did); returns ``(this rank's device, owned)``.
+
+    On CUDA each process drives ``cuda:LOCAL_RANK`` and talks NCCL; on CPU, Gloo.
+    """
+    if device.type == "cuda":
+        if info.local_rank >= torch.cuda.device_count():
+            raise RuntimeError(f"LOCAL_RANK={info.local_rank} but only {torch.cuda.device_count()} "
+                               f"CUDA device(s) are visible: launch at most that many processes per node")
+        device = torch.device("cuda", info.local_rank)
+        torch.cuda.set_device(device)
+    if dist.is_initialized():
+        if dist.get_world_size() != info.world_size:
+            raise RuntimeError(f"process group has {dist.get_world_size()} ranks, WORLD_SIZE says "
+                               f"{info.world_size}")
+        return device, False
+    if device.type == "cuda":
+        dist.init_process_group("nccl", device_id=device)
+    else:
+        dist.init_process_group("gloo")
+    return device, True
+
+
+def _gather_shards(probs: dict[str, np.ndarray], n: int, info: DistInfo,
+                   device: torch.device) -> dict[str, np.ndarray]:
+    """Reassemble dev probabilities sharded ``r, r + w, ...`` (see ``shard_plan``) on every rank.
+
+    Shards differ in length by at most one, so each is padded to ``ceil(n / w)`` rows for
+    ``all_gather``; every rank ends with the same full arrays in input order.
+    """
+    world = info.world_size
+    rows = -(-n // world)
+    widths = [NUM_CLASSES[t] for t in TASKS]
+    local = np.concatenate([probs[t] for t in TASKS], axis=1).astype(np.float32, copy=False)
+    padded = torch.zeros((rows, sum(widths)), dtype=torch.float32, device=device)
+    padded[: len(local)] = torch.from_numpy(local).to(device)
+    gathered = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(gathered, padded)
+    full = np.empty((n, sum(widths)), dtype=np.float32)
+    for r, block in enumerate(gathered):
+        size = len(range(r, n, world))
+        full[r::world] = block[:size].cpu().numpy()
+    bounds = np.cumsum([0] + widths)
+    return {t: full[:, bounds[j]:bounds[j + 1]] for j, t in enumerate(TASKS)}
+
+
+def _sync_buffers(model: nn.Module) -> None:
+    # DDP averages gradients, so parameters agree on all ranks, but BatchNorm running statistics
+    # are updated from each rank's own batches. Rank 0's are the ones saved; copy them everywhere
+    # so every rank evaluates (and keeps as best) the same model.
+    for buffer in model.buffers():
+        dist.broadcast(buffer, src=0)
 
 
 def seed_everything(seed: int) -> None:
@@ -149,15 +257,54 @@ def train_classifier(
 
     Without a dev set (k-fold relabelling) it trains for ``config.epochs`` and keeps the last
     epoch. ``live`` is an optional :class:`dvclive.Live` that receives per-epoch metrics.
+
+    Under a data-parallel launcher (``WORLD_SIZE`` > 1, see the module docstring) every rank
+    calls this with the same arguments and gets the same result; ``live`` and ``progress`` are
+    used on rank 0 only. A process group created here is destroyed before returning; one the
+    caller created is left alone.
     """
     seed_everything(config.seed)
+    info = dist_info()
     device = resolve_device(config.device, config.cpu_threads)
+    owns_group = False
+    if info.world_size > 1:
+        device, owns_group = _init_distributed(info, device)
+    try:
+        return _train(train_files, train_labels, dev_files, dev_labels, config, info, device,
+                      live=live if info.is_main else None, progress=progress and info.is_main)
+    finally:
+        if owns_group:
+            dist.destroy_process_group()
+
+
+def _train(
+    train_files: Sequence[str],
+    train_labels: np.ndarray,
+    dev_files: Sequence[str] | None,
+    dev_labels: np.ndarray | None,
+    config: TrainConfig,
+    info: DistInfo,
+    device: torch.device,
+    *,
+    live: Any | None,
+    progress: bool,
+) -> TrainResult:
+    world = info.world_size
     model = build_classifier(config.arch, pretrained=config.pretrained, dropout=config.dropout).to(device)
     if device.type == "cuda":
         model = model.to(memory_format=torch.channels_last)
         torch.backends.cudnn.benchmark = True
+    net: nn.Module = model  # what the training step calls: the model, or its DDP wrapper
+    if world > 1:
+        # Same seed on every rank up to here, so the initial weights agree (DDP also broadcasts
+        # rank 0's); from here each rank draws its own dropout masks, still from fixed seeds.
+        torch.manual_seed(int(np.random.SeedSequence([config.seed, info.rank]).generate_state(1)[0]))
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    shard = (info.rank, world) if world > 1 else None
     common = dict(resize=config.resize, crop=config.crop, seed=config.seed, backend=config.loader,
-                  device=device, num_workers=config.num_workers, channels_last=device.type == "cuda")
+                  device=device, num_workers=config.num_workers, channels_last=device.type == "cuda",
+                  shard=shard)
     train_loader = make_loader(train_files, train_labels, batch_size=config.batch_size, train=True, **common)
     dev_loader = None
     if dev_files is not None and len(dev_files):
@@ -165,7 +312,8 @@ def train_classifier(
 
     weights = class_weights(train_labels, config.class_weighting)
     losses = {t: nn.CrossEntropyLoss(weight=None if w is None else w.to(device)) for t, w in weights.items()}
-    optimiser = torch.optim.AdamW(model.parameters(), lr=config.lr, weight_decay=config.weight_decay)
+    lr = config.lr * world if config.scale_lr_with_world_size else config.lr
+    optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=config.weight_decay)
     steps_per_epoch = max(1, len(train_loader))
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimiser, _lr_lambda(config.epochs * steps_per_epoch, int(config.warmup_epochs * steps_per_epoch))
@@ -176,14 +324,14 @@ def train_classifier(
     history: list[dict[str, float]] = []
     seen, start = 0, time.perf_counter()
     for epoch in range(config.epochs):
-        model.train()
+        net.train()
         train_loader.set_epoch(epoch)
         # Summed on the device and read once per epoch: a per-step .item() would sync the GPU.
         total_loss, batches = torch.zeros((), device=device), 0
         bar = tqdm(train_loader, desc=f"{config.arch} epoch {epoch + 1}/{config.epochs}", disable=not progress, leave=False)
         for images, labels in bar:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                logits = model(images)
+                logits = net(images)
                 loss = sum(losses[t](logits[t].float(), labels[:, j]) for j, t in enumerate(TASKS))
             optimiser.zero_grad(set_to_none=True)
             loss.backward()
@@ -191,10 +339,19 @@ def train_classifier(
             scheduler.step()
             total_loss += loss.detach().float()
             batches += 1
-            seen += len(labels)
-        record = {"epoch": epoch + 1, "train_loss": float(total_loss) / max(1, batches), "lr": scheduler.get_last_lr()[0]}
+            seen += len(labels) * world  # every rank runs the same batch sizes (shard_plan)
+        train_loss = float(total_loss) / max(1, batches)
+        if world > 1:
+            # Equal step counts on all ranks (shard_plan): the epoch's loss is the mean of theirs.
+            summed = torch.tensor(train_loss, dtype=torch.float64, device=device)
+            dist.all_reduce(summed)
+            train_loss = float(summed) / world
+            _sync_buffers(model)
+        record = {"epoch": epoch + 1, "train_loss": train_loss, "lr": scheduler.get_last_lr()[0]}
         if dev_loader is not None:
             probs = predict_loader(model, dev_loader, device)
+            if world > 1:
+                probs = _gather_shards(probs, len(dev_labels), info, device)
             record["dev_mean_macro_f1"] = mean_macro_f1(dev_labels, probs)
             for j, t in enumerate(TASKS):
                 record[f"dev_macro_f1/{t}"] = float(
@@ -226,6 +383,8 @@ def train_classifier(
         seconds=seconds,
         images_per_second=seen / max(seconds, 1e-9),
         loader_backend=train_loader.backend,
+        world_size=world,
+        lr=lr,
     )
 
 
@@ -248,6 +407,6 @@ def config_dict(config: TrainConfig) -> dict:
 
 
 __all__ = [
-    "TrainConfig", "TrainResult", "train_classifier", "predict_loader", "predict_files",
+    "TrainConfig", "TrainResult", "DistInfo", "dist_info", "train_classifier", "predict_loader", "predict_files",
     "class_weights", "mean_macro_f1", "seed_everything", "resolve_device", "CLASSES",
 ]

@@ -1,14 +1,19 @@
 """train: fit the multi-task classifier on one dataset variant with one architecture.
 
 Usage: python stages/train.py --variant original --arch small_cnn
+Multi-GPU (one process per GPU, data-parallel; batch_size is per process):
+    accelerate launch --multi_gpu --num_processes 8 stages/train.py --variant augmented --arch resnet50
+    torchrun --standalone --nproc_per_node 8 stages/train.py --variant augmented --arch resnet50
 Outputs: models/<variant>-<arch>/model.pt, metrics/train/<variant>-<arch>.json (summary) and the
-DVCLive per-epoch logs in metrics/train/<variant>-<arch>/ (declared as plots in dvc.yaml).
+DVCLive per-epoch logs in metrics/train/<variant>-<arch>/ (declared as plots in dvc.yaml). Only
+rank 0 writes them; the other ranks train and exit.
 """
 
 from __future__ import annotations
 
 import argparse
 import sys
+from contextlib import nullcontext
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -19,7 +24,7 @@ from medicsynth.io import write_json  # noqa: E402
 from medicsynth.manifest import label_matrix, read_manifest  # noqa: E402
 from medicsynth.models import save_classifier  # noqa: E402
 from medicsynth.params import load_params, section  # noqa: E402
-from medicsynth.training import TrainConfig, config_dict, train_classifier  # noqa: E402
+from medicsynth.training import TrainConfig, config_dict, dist_info, train_classifier  # noqa: E402
 
 
 def main() -> None:
@@ -34,13 +39,19 @@ def main() -> None:
     train_df = read_manifest(variant_dir / "train.tsv")
     dev_df = read_manifest(variant_dir / "dev.tsv")
     name = f"{args.variant}-{args.arch}"
+    main_process = dist_info().is_main
 
-    # dvcyaml=None/save_dvc_exp=False: dvc.yaml declares these plots itself.
-    with Live(dir=f"metrics/train/{name}", dvcyaml=None, save_dvc_exp=False) as live:
+    # dvcyaml=None/save_dvc_exp=False: dvc.yaml declares these plots itself. Other ranks of a
+    # data-parallel run must not open a Live: it would reset the same directory.
+    logger = (Live(dir=f"metrics/train/{name}", dvcyaml=None, save_dvc_exp=False)
+              if main_process else nullcontext())
+    with logger as live:
         result = train_classifier(
             train_df["file"].tolist(), label_matrix(train_df),
             dev_df["file"].tolist(), label_matrix(dev_df), config, live=live,
         )
+    if not main_process:
+        return
     meta = {"arch": args.arch, "variant": args.variant, "resize": config.resize, "crop": config.crop,
             "dropout": config.dropout, "config": config_dict(config)}
     save_classifier(result.model, Path("models") / name / "model.pt", meta)
@@ -54,11 +65,14 @@ def main() -> None:
             "seconds": round(result.seconds, 2),
             "train_images_per_second": round(result.images_per_second, 1),
             "loader": result.loader_backend,
+            "world_size": result.world_size,
+            "global_batch_size": config.batch_size * result.world_size,
+            "lr": result.lr,
         },
         f"metrics/train/{name}.json",
     )
     print(f"{name}: best epoch {result.best_epoch}, dev mean macro-F1 {result.best_dev_macro_f1:.3f}, "
-          f"{result.seconds:.0f}s ({result.loader_backend})")
+          f"{result.seconds:.0f}s ({result.loader_backend}, {result.world_size} process(es))")
 
 
 if __name__ == "__main__":
