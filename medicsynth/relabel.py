@@ -18,7 +18,12 @@ of all voters. Anything else keeps the original label.
 
 from __future__ import annotations
 
-from dataclasses import replace
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, replace
+from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -29,15 +34,41 @@ from medicsynth.labels import CLASSES, TASKS
 from medicsynth.training import TrainConfig, predict_files, train_classifier
 
 
+def _fold_key(files: np.ndarray, labels: np.ndarray, hold_idx: np.ndarray, config: TrainConfig) -> str:
+    digest = hashlib.sha256()
+    digest.update(json.dumps(asdict(config), sort_keys=True).encode())
+    digest.update("\0".join(files.tolist()).encode())
+    digest.update(labels.tobytes())
+    digest.update(hold_idx.tobytes())
+    return digest.hexdigest()[:32]
+
+
+def _save_npz(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".npz")
+    os.close(fd)
+    try:
+        np.savez(tmp, **arrays)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
 def out_of_fold_probs(
     files: Sequence[str], labels: np.ndarray, config: TrainConfig, *, k: int = 3, epochs: int | None = None,
-    seed: int = 0, progress: bool = True,
+    seed: int = 0, progress: bool = True, cache_dir: str | Path | None = None,
 ) -> dict[str, np.ndarray]:
     """Out-of-fold class probabilities per task from ``k``-fold training.
 
     Folds are stratified on ``disaster_types`` (the task with the rarest classes). Each fold's
     model trains for ``epochs`` (default ``config.epochs``) on the other folds without early
     stopping, because the held-out fold must stay unseen.
+
+    With ``cache_dir``, each fold's held-out probabilities are saved atomically under a key of
+    (files, labels, held-out indices, training config), so a stage killed later (e.g. while
+    voting) does not retrain finished folds when it is rerun. The file contents are not hashed:
+    like DVC, a changed image under the same path is expected to come with a changed manifest.
     """
     files = np.asarray(files)
     n = len(files)
@@ -46,14 +77,25 @@ def out_of_fold_probs(
     # StratifiedKFold needs each stratum to have >= k members; merge tiny classes into one group.
     counts = np.bincount(strat)
     strat = np.where(counts[strat] >= k, strat, -1)
+    if 0 < (strat == -1).sum() < k:  # the merged group itself too small: join the largest class
+        strat = np.where(strat == -1, np.bincount(strat[strat >= 0]).argmax(), strat)
     splitter = StratifiedKFold(n_splits=k, shuffle=True, random_state=seed)
     fold_config = replace(config, epochs=epochs or config.epochs, seed=seed)
     for fold, (fit_idx, hold_idx) in enumerate(splitter.split(files, strat)):
-        result = train_classifier(files[fit_idx].tolist(), labels[fit_idx], None, None,
-                                  replace(fold_config, seed=seed + fold), progress=progress)
-        meta = {"resize": config.resize, "crop": config.crop}
-        fold_probs = predict_files(result.model, meta, files[hold_idx].tolist(), device=config.device,
-                                   loader=config.loader, num_workers=config.num_workers)
+        this_config = replace(fold_config, seed=seed + fold)
+        cached = Path(cache_dir) / f"oof-{_fold_key(files, labels, hold_idx, this_config)}.npz" if cache_dir else None
+        if cached is not None and cached.exists():
+            with np.load(cached) as saved:
+                fold_probs = {t: saved[t] for t in TASKS}
+        else:
+            result = train_classifier(files[fit_idx].tolist(), labels[fit_idx], None, None, this_config,
+                                      progress=progress)
+            meta = {"resize": config.resize, "crop": config.crop}
+            fold_probs = predict_files(result.model, meta, files[hold_idx].tolist(), device=config.device,
+                                       loader=config.loader, num_workers=config.num_workers,
+                                       cpu_threads=config.cpu_threads)
+            if cached is not None:
+                _save_npz(cached, fold_probs)
         for t in TASKS:
             probs[t][hold_idx] = fold_probs[t]
     return probs

@@ -85,7 +85,7 @@ def main() -> None:
     train_params = {k: v for k, v in section(params, "train").items() if k != "archs"}
     config = TrainConfig(**(train_params | {"arch": p.get("arch", "small_cnn")}))
     probs = out_of_fold_probs(files, labels, config, k=p.get("k_folds", 3), epochs=p.get("cv_epochs"),
-                              seed=p.get("seed", 0))
+                              seed=p.get("seed", 0), cache_dir=p.get("cache_dir"))
     if p.get("flag", "confident_learning") == "confident_learning":
         flags, scores = flag_confident_learning(labels, probs)
     elif p["flag"] == "disagreement":
@@ -97,6 +97,7 @@ def main() -> None:
 
     # Budget: rank flagged images by their most suspicious task; only the top max_flagged vote.
     flagged_rows = np.nonzero(flags.any(1))[0]
+    flagged_before_budget = len(flagged_rows)
     order = flagged_rows[np.argsort(np.where(flags, scores, 1.0)[flagged_rows].min(1), kind="stable")]
     max_flagged = p.get("max_flagged")
     if max_flagged is not None and len(order) > max_flagged:
@@ -141,7 +142,7 @@ def main() -> None:
 
     metrics = {
         "flag": p.get("flag", "confident_learning"), "voters": voters, "consensus": p.get("consensus", "unanimous"),
-        "images": n, "flagged_images": int(flags.any(1).sum()),
+        "images": n, "flagged_before_budget": int(flagged_before_budget), "flagged_images": int(flags.any(1).sum()),
         "flagged_labels": {t: int(flags[:, j].sum()) for j, t in enumerate(TASKS)},
         "changed_labels": {t: int((new[:, j] != labels[:, j]).sum()) for j, t in enumerate(TASKS)},
         "changed_images": int(changed_any.sum()),
