@@ -263,7 +263,7 @@ def generate_demo(config: DemoConfig, image_dir: str | Path, progress: bool = Tr
         paths = []
         render_rng = np.random.default_rng([config.seed, SPLITS.index(split)])
         for i, row in enumerate(
-            tqdm(labels.to_dict("records"), desc=f"demo {split}", disable=not progress, leave=False)
+            tqdm(labels.to_dict("records"), desc=f"demo {split}", disable=None if progress else True, leave=False)
         ):
             path = image_dir / split / f"{split}_{i:05d}.jpg"
             render_image(row, config.image_size, render_rng).save(path, quality=config.jpeg_quality)

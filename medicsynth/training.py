@@ -328,7 +328,7 @@ def _train(
         train_loader.set_epoch(epoch)
         # Summed on the device and read once per epoch: a per-step .item() would sync the GPU.
         total_loss, batches = torch.zeros((), device=device), 0
-        bar = tqdm(train_loader, desc=f"{config.arch} epoch {epoch + 1}/{config.epochs}", disable=not progress, leave=False)
+        bar = tqdm(train_loader, desc=f"{config.arch} epoch {epoch + 1}/{config.epochs}", disable=None if progress else True, leave=False)
         for images, labels in bar:
             with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
                 logits = net(images)
