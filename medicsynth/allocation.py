@@ -34,15 +34,13 @@ from __future__ import annotations
 import hashlib
 import heapq
 import math
-import os
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import pandas as pd
 
-from medicsynth.io import read_json
+from medicsynth.io import atomic_path, read_json
 from medicsynth.labels import CLASSES, TASKS, LabelError, validate_label
 
 Combination = tuple[str, str, str, str]
@@ -601,15 +599,8 @@ def plot_allocation(metrics: dict[str, Any], path: str | Path) -> None:
         f"{metrics['combinations_planned']} combinations, {metrics['real_train']} real"
     )
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    # Temp file + rename, like every other output, so a kill never leaves half a PNG.
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
     try:
-        fig.savefig(tmp, format="png", dpi=110)
-        os.replace(tmp, path)
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=110)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)

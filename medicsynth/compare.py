@@ -20,8 +20,6 @@ variant that lifts macro-F1 by helping majority classes is not what the project 
 
 from __future__ import annotations
 
-import os
-import tempfile
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -30,7 +28,7 @@ from typing import Any
 import numpy as np
 import pandas as pd
 
-from medicsynth.io import write_json
+from medicsynth.io import write_json, write_text
 from medicsynth.labels import CLASSES, TASKS, LabelError, validate_label
 from medicsynth.manifest import read_manifest
 from medicsynth.metrics import (
@@ -481,19 +479,8 @@ def run_compare(
     result = {"arch": arch, **result, "skipped": skipped,
               "train_manifest": None if train_manifest is None else str(train_manifest)}
     write_json(result, out_json)
-    _write_text(render_markdown(result, title=f"Variant comparison ({arch})"), out_md)
+    write_text(render_markdown(result, title=f"Variant comparison ({arch})"), out_md)
     plot_comparison(result, macro_plot, per_class_plot)
     return result
 
 
-def _write_text(text: str, path: str | Path) -> None:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)

@@ -35,7 +35,6 @@ generator's fidelity, and is computed on *all* decodable images, before any filt
 from __future__ import annotations
 
 import os
-import tempfile
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -48,6 +47,7 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
+from medicsynth.io import atomic_path
 from medicsynth.labels import CLASSES, NUM_CLASSES, TASKS, label_index, validate_label
 from medicsynth.manifest import COLUMNS
 from medicsynth.phash import HASH_KINDS, greedy_duplicates, hash_size_for_bits, image_hash, nearest, words_for_bits
@@ -243,14 +243,8 @@ def _save_cache(path: Path, cache: dict[str, np.ndarray], words: int) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     keys = np.array(list(cache), dtype=str)
     hashes = np.stack(list(cache.values())) if cache else np.zeros((0, words), np.uint64)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp.npz")
-    os.close(fd)
-    try:
+    with atomic_path(path, suffix=".tmp.npz") as tmp:
         np.savez(tmp, keys=keys, hashes=hashes)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -825,14 +819,8 @@ def plot_filter_grid(
                               labelpad=6)
     fig.suptitle("filter: kept (green, left) vs rejected (red, right) per disaster type", fontsize=9)
     fig.tight_layout(rect=(0, 0, 1, 0.97))
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.stem}.", suffix=".tmp.png")
-    os.close(fd)
     try:
-        fig.savefig(tmp, dpi=110)
-        os.replace(tmp, path)
+        with atomic_path(path, suffix=".tmp.png") as tmp:
+            fig.savefig(tmp, format="png", dpi=110)
     finally:
         plt.close(fig)
-        if os.path.exists(tmp):
-            os.unlink(tmp)

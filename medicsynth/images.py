@@ -18,12 +18,13 @@ from __future__ import annotations
 
 import io
 import os
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageCms, ImageOps, UnidentifiedImageError
+
+from medicsynth.io import atomic_path
 
 OK = "ok"
 REENCODE = "reencode"
@@ -256,11 +257,5 @@ def reencode_to_jpeg(src: str | Path, dst: str | Path, quality: int = 95) -> Non
         im.seek(0)
         im.load()
         rgb = to_rgb(ImageOps.exif_transpose(im))
-        fd, tmp = tempfile.mkstemp(dir=dst.parent, prefix=f".{dst.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                rgb.save(fh, format="JPEG", quality=int(quality), progressive=False)
-            os.replace(tmp, dst)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+        with atomic_path(dst) as tmp:
+            rgb.save(tmp, format="JPEG", quality=int(quality), progressive=False)

@@ -15,12 +15,11 @@ Extras that every manifest written by this project carries:
 
 from __future__ import annotations
 
-import os
-import tempfile
 from pathlib import Path
 
 import pandas as pd
 
+from medicsynth.io import atomic_path
 from medicsynth.labels import TASKS, LabelError, validate_label
 
 MEDIC_COLUMNS: tuple[str, ...] = ("image_id", "event_name", "image_path", *TASKS)
@@ -80,16 +79,8 @@ def read_manifest(path: str | Path, validate: bool = True) -> pd.DataFrame:
 
 def write_tsv(df: pd.DataFrame, path: str | Path) -> None:
     """Write ``df`` as TSV atomically (temp file + rename), so a kill never leaves half a file."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         df.to_csv(tmp, sep="\t", index=False)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
 
 
 def write_manifest(df: pd.DataFrame, path: str | Path) -> None:
