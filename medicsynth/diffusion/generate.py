@@ -1,0 +1,774 @@
+"""Rendering a caption plan with a text-to-image pipeline: seeded, batched, resumable, sharded.
+
+The unit of work is one *planned image*: a row of ``data/captions/captions.tsv`` with an ``id``,
+a ``seed``, four intended labels and a caption. :func:`generate_plan` renders the plan into
+``{images_dir}/{id}.jpg`` and guarantees:
+
+- **Batch invariance.** Each image's initial noise (and any scheduler noise) comes from its own
+  ``torch.Generator`` seeded with the row's ``seed``, drawn on the CPU, so an image does not
+  depend on batch size, batch neighbours, process count or device placement of the RNG. On CPU
+  fp32 batched and single renders agree to ≤ 1 grey level (conv/matmul kernels may sum in a
+  different order for different batch shapes); see ``tests/test_diffusion.py``.
+- **Resume.** Each JPEG carries its provenance in the JPEG comment segment: a key hashing
+  everything that determines the pixels (model fingerprint, LoRA, scheduler, steps, guidance,
+  size, seed, prompt, negative prompt) plus the blank/NSFW flags. An image whose key matches is
+  skipped; a missing, unreadable or stale one is (re-)rendered. Images are written to a temp
+  file and renamed, so a kill loses at most the batch in flight, never leaves half a JPEG, and
+  image and provenance can never disagree. Raising the plan size renders only the new ids.
+- **Blank detection.** The per-image standard deviation of the uint8 output is computed on the
+  device; images below ``blank_std`` (black safety-checker replacements, NaN decodes, flat
+  colour collapses) are kept on disk but flagged ``blank_flag=1`` in the manifest and counted.
+- **Scale-out.** Under ``accelerate launch`` every process computes the same to-do list, takes
+  its share with ``PartialState().split_between_processes`` and writes its own images; the main
+  process writes the manifest after ``wait_for_everyone`` from the files themselves, so a
+  missing image is an error rather than a silent gap.
+
+Speed options (:class:`GenerateOptions`) default to ``"auto"``: on for CUDA, no-ops on CPU.
+Execution details that do not change the recipe (dtype, batch size, compile, attention kernel)
+are recorded but not part of the provenance key, so switching them does not re-render.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import re
+import tempfile
+import time
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import asdict, dataclass, field, fields
+from pathlib import Path
+from typing import Any, Callable, Iterable, Sequence
+
+import numpy as np
+import pandas as pd
+import torch
+from PIL import Image
+from tqdm import tqdm
+
+from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
+
+from medicsynth.diffusion.tiny import label_prompt, read_meta
+from medicsynth.labels import TASKS, LabelError, validate_label
+
+DEMO_MODEL_DIR = "models/diffusion/demo"
+PLAN_COLUMNS: tuple[str, ...] = ("id", "seed", *TASKS, "caption", "negative_prompt")
+MANIFEST_EXTRAS: tuple[str, ...] = (
+    "plan_id", "seed", "model", "scheduler", "steps", "guidance", "width", "height",
+    "blank_flag", "nsfw_flag", "caption", "prompt", "provenance_key",
+)
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,199}$")
+_WEIGHT_SUFFIXES = (".json", ".txt", ".safetensors", ".bin", ".model")
+
+
+class GenerateError(RuntimeError):
+    """Generation cannot proceed: a missing model, a bad plan row, a missing rendered image."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Options
+
+
+@dataclass
+class GenerateOptions:
+    """Everything ``params.yaml``'s ``generate`` section can set (see the stage for comments).
+
+    Fields typed ``bool | str`` accept ``"auto"``: on for CUDA, off (no-op) on CPU.
+    """
+
+    model: str = "demo"
+    lora: str = ""
+    lora_scale: float = 1.0
+    scheduler: str = "dpmsolver++"
+    steps: int = 20
+    guidance: float = 7.0
+    guidance_rescale: float = 0.0  # CFG rescale φ (Lin et al. 2024); counters over-saturated colours
+    width: int = 0  # 0: the model's native size (UNet sample size × VAE scale factor)
+    height: int = 0
+    negative_prompt: str = ""
+    prompt_source: str = "auto"  # auto | caption | labels
+    batch_size: int = 0  # 0: 8 on CPU, 32 on CUDA
+    dtype: str = "auto"  # auto | fp16 | bf16 | fp32
+    device: str = "auto"  # auto | cpu | cuda
+    threads: int = 0  # torch CPU threads; 0 keeps torch's default
+    safety_checker: bool = True
+    blank_std: float = 2.0
+    jpeg_quality: int = 95
+    writer_threads: int = 4
+    vae_batch: int = 0  # decode in chunks of this many images; 0: the whole batch
+    channels_last: bool | str = "auto"
+    fuse_qkv: bool | str = "auto"
+    compile: bool | str = "auto"
+    compile_vae: bool | str = "auto"
+    compile_mode: str = "max-autotune-no-cudagraphs"
+    inductor_tuning: bool | str = "auto"
+    attention_backend: str = "auto"  # auto | flash | cudnn | efficient | math
+    cudnn_benchmark: bool | str = "auto"
+    tf32: bool | str = "auto"
+    pad_batches: bool | str = "auto"  # pad the last batch to full size: no recompile for a new shape
+
+    @classmethod
+    def from_params(cls, params: dict) -> "GenerateOptions":
+        names = {f.name for f in fields(cls)}
+        unknown = set(params) - names
+        if unknown:
+            raise KeyError(f"generate: unknown key(s) {sorted(unknown)}; known: {sorted(names)}")
+        return cls(**params)
+
+
+def _flag(value: bool | str, cuda: bool, name: str) -> bool:
+    if value == "auto":
+        return cuda
+    if isinstance(value, bool):
+        return value
+    raise ValueError(f"generate.{name} must be true, false or auto, got {value!r}")
+
+
+@dataclass
+class Resolved:
+    """Options after ``auto`` is decided for the device actually used."""
+
+    device: torch.device
+    dtype: torch.dtype
+    batch_size: int
+    channels_last: bool
+    fuse_qkv: bool
+    compile: bool
+    compile_vae: bool
+    inductor_tuning: bool
+    cudnn_benchmark: bool
+    tf32: bool
+    pad_batches: bool
+
+    def describe(self) -> dict:
+        d = asdict(self)
+        d["device"], d["dtype"] = str(self.device), str(self.dtype).replace("torch.", "")
+        return d
+
+
+_DTYPES = {"fp16": torch.float16, "bf16": torch.bfloat16, "fp32": torch.float32}
+
+
+def resolve_options(opts: GenerateOptions, device: torch.device) -> Resolved:
+    cuda = device.type == "cuda"
+    if opts.dtype == "auto":
+        dtype = torch.float16 if cuda else torch.float32
+    elif opts.dtype in _DTYPES:
+        dtype = _DTYPES[opts.dtype]
+    else:
+        raise ValueError(f"generate.dtype must be auto, fp16, bf16 or fp32, got {opts.dtype!r}")
+    if not cuda and dtype != torch.float32:
+        raise ValueError(f"generate.dtype {opts.dtype} on CPU: half precision on CPU is slow and inexact; use fp32 or auto")
+    compiled = _flag(opts.compile, cuda, "compile")
+    return Resolved(
+        device=device,
+        dtype=dtype,
+        batch_size=opts.batch_size or (32 if cuda else 8),
+        channels_last=_flag(opts.channels_last, cuda, "channels_last"),
+        fuse_qkv=_flag(opts.fuse_qkv, cuda, "fuse_qkv"),
+        compile=compiled,
+        compile_vae=_flag(opts.compile_vae, cuda, "compile_vae"),
+        inductor_tuning=_flag(opts.inductor_tuning, cuda, "inductor_tuning"),
+        cudnn_benchmark=_flag(opts.cudnn_benchmark, cuda, "cudnn_benchmark") and cuda,
+        tf32=_flag(opts.tf32, cuda, "tf32") and cuda,
+        pad_batches=_flag(opts.pad_batches, compiled, "pad_batches"),
+    )
+
+
+# ---------------------------------------------------------------------------------------------
+# Models
+
+
+@dataclass
+class ModelRef:
+    """A model directory on local disk and a fingerprint of its content."""
+
+    name: str
+    path: Path
+    kind: str  # demo | local | hub
+    fingerprint: str
+
+
+def _hash_dir(path: Path, suffixes: Iterable[str] = _WEIGHT_SUFFIXES) -> str:
+    """sha256 over relative names and contents of the config/weight files under ``path``."""
+    h = hashlib.sha256()
+    files = sorted(p for p in path.rglob("*") if p.is_file() and p.suffix in tuple(suffixes)
+                   and not any(part.startswith(".") for part in p.relative_to(path).parts))
+    if not files:
+        raise GenerateError(f"{path}: no model files (*.json, *.safetensors, *.bin) found")
+    for p in files:
+        h.update(p.relative_to(path).as_posix().encode() + b"\0")
+        with open(p, "rb") as fh:
+            for chunk in iter(lambda: fh.read(1 << 22), b""):
+                h.update(chunk)
+    return h.hexdigest()[:16]
+
+
+def resolve_model(model: str, demo_dir: str | Path = DEMO_MODEL_DIR) -> ModelRef:
+    """Turn ``generate.model`` into a local directory, never downloading anything.
+
+    ``demo`` → the pipeline written by the adapt stage; an existing directory → itself; anything
+    else is taken as a Hugging Face hub id and looked up **only** in the local HF cache.
+    """
+    if model == "demo":
+        path = Path(demo_dir)
+        if not (path / "model_index.json").is_file():
+            raise GenerateError(
+                f"generate.model is 'demo' but {path}/model_index.json does not exist: run the adapt "
+                "stage with adapt.mode: demo first (dvc repro adapt)"
+            )
+        return ModelRef(model, path, "demo", _hash_dir(path))
+    path = Path(model)
+    if path.is_dir():
+        if not (path / "model_index.json").is_file():
+            raise GenerateError(f"generate.model {model!r}: directory has no model_index.json (not a diffusers pipeline)")
+        return ModelRef(model, path, "local", _hash_dir(path))
+    if not re.fullmatch(r"[\w.-]+/[\w.-]+", model):
+        raise GenerateError(f"generate.model {model!r} is neither 'demo', an existing directory, nor a hub id owner/name")
+    from huggingface_hub import snapshot_download
+    from huggingface_hub.errors import LocalEntryNotFoundError
+
+    try:
+        snapshot = Path(snapshot_download(model, local_files_only=True))
+    except LocalEntryNotFoundError:
+        raise GenerateError(
+            f"generate.model {model!r} is not in the local Hugging Face cache and this project never "
+            f"downloads models. Fetch it yourself (e.g. `hf download {model}` on a connected machine, "
+            "accepting its licence) or set generate.model to a local pipeline directory."
+        ) from None
+    # The snapshot folder is named after the commit: an exact, free fingerprint.
+    return ModelRef(model, snapshot, "hub", f"{model}@{snapshot.name}")
+
+
+def prompt_source(opts: GenerateOptions, ref: ModelRef) -> str:
+    """``labels`` for models trained on label prompts (the demo), else ``caption``."""
+    if opts.prompt_source in ("caption", "labels"):
+        return opts.prompt_source
+    if opts.prompt_source != "auto":
+        raise ValueError(f"generate.prompt_source must be auto, caption or labels, got {opts.prompt_source!r}")
+    return read_meta(ref.path).get("prompt_source", "caption")
+
+
+def load_pipeline(ref: ModelRef, opts: GenerateOptions, res: Resolved):
+    """Load the pipeline from local disk in ``res.dtype`` on ``res.device``, LoRA fused in."""
+    from diffusers import StableDiffusionPipeline
+
+    kwargs: dict[str, Any] = {"local_files_only": True, "dtype": res.dtype}
+    if not opts.safety_checker:
+        kwargs.update(safety_checker=None, requires_safety_checker=False)
+    pipe = StableDiffusionPipeline.from_pretrained(ref.path, **kwargs)
+    if opts.lora:
+        lora_dir = Path(opts.lora)
+        if not lora_dir.exists():
+            raise GenerateError(f"generate.lora {opts.lora!r} does not exist (run adapt with adapt.mode: lora)")
+        pipe.load_lora_weights(lora_dir, adapter_name="medicsynth")
+        # Fusing folds the low-rank update into the weights: zero cost per step, compile-friendly.
+        pipe.fuse_lora(components=["unet"], lora_scale=opts.lora_scale)
+        pipe.unload_lora_weights()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(res.device)
+
+
+SCHEDULERS: dict[str, tuple[str, dict]] = {
+    "dpmsolver++": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "solver_order": 2}),
+    "dpmsolver++_karras": ("DPMSolverMultistepScheduler", {"algorithm_type": "dpmsolver++", "use_karras_sigmas": True}),
+    "unipc": ("UniPCMultistepScheduler", {}),
+    "ddim": ("DDIMScheduler", {}),
+    "euler": ("EulerDiscreteScheduler", {}),
+    "euler_a": ("EulerAncestralDiscreteScheduler", {}),
+    "pndm": ("PNDMScheduler", {"skip_prk_steps": True}),
+    "ddpm": ("DDPMScheduler", {}),
+}
+
+
+def make_scheduler(name: str, base_config: dict):
+    """A fresh scheduler of kind ``name`` sharing the model's noise schedule (``base_config``)."""
+    import diffusers
+
+    if name not in SCHEDULERS:
+        raise ValueError(f"generate.scheduler {name!r} unknown; choose one of {sorted(SCHEDULERS)}")
+    cls_name, extra = SCHEDULERS[name]
+    return getattr(diffusers, cls_name).from_config(base_config, **extra)
+
+
+# ---------------------------------------------------------------------------------------------
+# Rendering
+
+
+@dataclass
+class RenderOutput:
+    images: np.ndarray  # (B, H, W, 3) uint8
+    std: np.ndarray  # (B,) float: per-image pixel standard deviation in grey levels
+    nsfw: np.ndarray  # (B,) bool
+
+
+class Renderer:
+    """A loaded pipeline prepared for fast, batch-invariant rendering.
+
+    Uses the pipeline's own components (``encode_prompt``, UNet, scheduler, VAE, safety checker)
+    in a denoising loop that keeps classifier-free guidance in one batched UNet call, draws all
+    noise from per-image CPU generators, never synchronises with the host inside the loop, and
+    returns uint8 images with their blank statistics computed on the device.
+    """
+
+    def __init__(self, pipe, opts: GenerateOptions, res: Resolved):
+        self.pipe, self.opts, self.res = pipe, opts, res
+        self.scheduler_config = dict(pipe.scheduler.config)
+        make_scheduler(opts.scheduler, self.scheduler_config)  # fail early on a bad name
+        vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
+        native = pipe.unet.config.sample_size * vae_scale
+        self.height, self.width = opts.height or native, opts.width or native
+        if self.height % vae_scale or self.width % vae_scale:
+            raise ValueError(f"generate: height/width must be multiples of {vae_scale}, got {self.height}×{self.width}")
+        self.latent_shape = (pipe.unet.config.in_channels, self.height // vae_scale, self.width // vae_scale)
+        self._prepare()
+
+    # -- speed options ------------------------------------------------------------------------
+
+    def _prepare(self) -> None:
+        pipe, res = self.pipe, self.res
+        if res.cudnn_benchmark:
+            torch.backends.cudnn.benchmark = True
+        if res.tf32:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        if res.fuse_qkv:
+            from diffusers import AutoencoderKL
+
+            pipe.fuse_qkv_projections(unet=True, vae=isinstance(pipe.vae, AutoencoderKL))
+        if res.channels_last:
+            pipe.unet.to(memory_format=torch.channels_last)
+            pipe.vae.to(memory_format=torch.channels_last)
+        if res.inductor_tuning:
+            import torch._inductor.config as inductor
+
+            # Known-good knobs for UNets (diffusers' SDXL/SD3 speed guides): 1×1 convs as matmuls
+            # reach the tensor-core GEMM templates; coordinate-descent tuning searches block sizes.
+            inductor.conv_1x1_as_mm = True
+            inductor.coordinate_descent_tuning = True
+            inductor.coordinate_descent_check_all_directions = True
+            inductor.epilogue_fusion = False
+        if res.compile:
+            pipe.unet.compile(mode=self.opts.compile_mode, fullgraph=True)
+        if res.compile_vae:
+            pipe.vae.decoder.compile(mode=self.opts.compile_mode, fullgraph=True)
+        self._cudagraphs = res.compile and self.opts.compile_mode in ("reduce-overhead", "max-autotune")
+
+    def attention_context(self):
+        """SDPA kernel restriction for ``attention_backend`` (a no-op for ``auto``)."""
+        name = self.opts.attention_backend
+        if name == "auto":
+            return contextlib.nullcontext()
+        from torch.nn.attention import SDPBackend, sdpa_kernel
+
+        table = {"flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION,
+                 "efficient": SDPBackend.EFFICIENT_ATTENTION, "math": SDPBackend.MATH}
+        if name not in table:
+            raise ValueError(f"generate.attention_backend must be auto or one of {sorted(table)}, got {name!r}")
+        return sdpa_kernel([table[name]])
+
+    # -- the denoising loop ----------------------------------------------------------------------
+
+    def initial_latents(self, seeds: Sequence[int]) -> tuple[torch.Tensor, list[torch.Generator]]:
+        """Per-image noise from CPU generators (same noise on any device and in any batch)."""
+        gens = [torch.Generator("cpu").manual_seed(int(s)) for s in seeds]
+        noise = torch.stack([torch.randn(self.latent_shape, generator=g, dtype=torch.float32) for g in gens])
+        return noise.to(self.res.device, self.res.dtype), gens
+
+    @torch.inference_mode()
+    def __call__(self, prompts: Sequence[str], negatives: Sequence[str], seeds: Sequence[int]) -> RenderOutput:
+        pipe, res, opts = self.pipe, self.res, self.opts
+        n = len(prompts)
+        if not (n == len(negatives) == len(seeds)) or n == 0:
+            raise ValueError("render needs equally many (≥1) prompts, negatives and seeds")
+        do_cfg = opts.guidance > 1.0
+        with self.attention_context():
+            cond, uncond = pipe.encode_prompt(
+                list(prompts), res.device, 1, do_cfg, negative_prompt=list(negatives) if do_cfg else None,
+            )
+            embeds = torch.cat([uncond, cond]) if do_cfg else cond
+            scheduler = make_scheduler(opts.scheduler, self.scheduler_config)
+            scheduler.set_timesteps(opts.steps, device=res.device)
+            if hasattr(scheduler, "set_begin_index"):
+                scheduler.set_begin_index(0)  # skips a per-batch timestep search (a host sync)
+            latents, gens = self.initial_latents(seeds)
+            latents = latents * scheduler.init_noise_sigma
+            step_kwargs = {"generator": gens} if _accepts(scheduler.step, "generator") else {}
+            memory_format = torch.channels_last if res.channels_last else torch.contiguous_format
+            for t in scheduler.timesteps:
+                model_in = torch.cat([latents, latents]) if do_cfg else latents
+                model_in = scheduler.scale_model_input(model_in, t).contiguous(memory_format=memory_format)
+                if self._cudagraphs:
+                    torch.compiler.cudagraph_mark_step_begin()
+                eps = pipe.unet(model_in, t, encoder_hidden_states=embeds, return_dict=False)[0]
+                if self._cudagraphs:
+                    eps = eps.clone()  # the graph's output buffer is reused by the next replay
+                if do_cfg:
+                    eps_uncond, eps_cond = eps.chunk(2)
+                    eps = eps_uncond + opts.guidance * (eps_cond - eps_uncond)
+                    if opts.guidance_rescale > 0:
+                        eps = rescale_noise_cfg(eps, eps_cond, guidance_rescale=opts.guidance_rescale)
+                latents = scheduler.step(eps, t, latents, **step_kwargs, return_dict=False)[0]
+            images = self.decode(latents)
+        nsfw = np.zeros(n, dtype=bool)
+        if getattr(pipe, "safety_checker", None) is not None:
+            images, flags = pipe.run_safety_checker(images, res.device, embeds.dtype)
+            nsfw = np.asarray([bool(f) for f in flags], dtype=bool)
+        pixels = ((images.float() / 2 + 0.5).clamp(0, 1) * 255).round()
+        if nsfw.any():
+            pixels[torch.as_tensor(nsfw, device=pixels.device)] = 0  # the checker's black image
+        std = pixels.flatten(1).std(dim=1)
+        pixels = pixels.to(torch.uint8).permute(0, 2, 3, 1)
+        # One device→host copy per batch; it is also the loop's only synchronisation point.
+        return RenderOutput(pixels.cpu().numpy(), std.cpu().numpy(), nsfw)
+
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        vae = self.pipe.vae
+        shift = getattr(vae.config, "shift_factor", None) or 0.0
+        z = (latents / vae.config.scaling_factor + shift).to(vae.dtype)
+        if self.res.channels_last:
+            z = z.contiguous(memory_format=torch.channels_last)
+        chunk = self.opts.vae_batch or len(z)
+        outs = []
+        for i in range(0, len(z), chunk):
+            if self._cudagraphs:
+                torch.compiler.cudagraph_mark_step_begin()
+            x = vae.decode(z[i:i + chunk], return_dict=False)[0]
+            outs.append(x.clone() if self._cudagraphs else x)
+        return torch.cat(outs)
+
+
+def _accepts(fn: Callable, name: str) -> bool:
+    import inspect
+
+    return name in inspect.signature(fn).parameters
+
+
+# ---------------------------------------------------------------------------------------------
+# Plans, provenance, files
+
+
+def read_plan(path: str | Path) -> pd.DataFrame:
+    """Read and validate the caption plan; errors name the file, the TSV line and the value."""
+    path = Path(path)
+    df = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False, na_filter=False)
+    missing = [c for c in PLAN_COLUMNS if c not in df.columns]
+    if missing:
+        raise GenerateError(f"{path}: missing column(s) {', '.join(missing)}")
+    seen: set[str] = set()
+    seeds = []
+    for i, row in enumerate(df.to_dict("records")):
+        line = i + 2
+        if not _ID_RE.match(row["id"]):
+            raise GenerateError(f"{path}: line {line}: id {row['id']!r} is not a safe file name ([A-Za-z0-9._-])")
+        if row["id"] in seen:
+            raise GenerateError(f"{path}: line {line}: duplicate id {row['id']!r}")
+        seen.add(row["id"])
+        try:
+            seed = int(row["seed"])
+            if not 0 <= seed < 2**63:
+                raise ValueError
+        except ValueError:
+            raise GenerateError(f"{path}: line {line}: seed {row['seed']!r} is not an integer in [0, 2^63)") from None
+        seeds.append(seed)
+        for task in TASKS:
+            try:
+                df.at[i, task] = validate_label(task, row[task])
+            except LabelError as exc:
+                raise GenerateError(f"{path}: line {line}: {exc}") from None
+    df["seed"] = seeds
+    return df
+
+
+def provenance_record(row: dict, prompt: str, negative: str, opts: GenerateOptions, ref: ModelRef,
+                      lora_fp: str, width: int, height: int) -> dict:
+    """What determines an image's pixels (execution details such as dtype or batch excluded)."""
+    return {
+        "id": row["id"], "seed": int(row["seed"]), "prompt": prompt, "negative_prompt": negative,
+        "model": ref.fingerprint, "lora": lora_fp, "lora_scale": opts.lora_scale if lora_fp else None,
+        "scheduler": opts.scheduler, "steps": int(opts.steps), "guidance": float(opts.guidance),
+        "guidance_rescale": float(opts.guidance_rescale),
+        "width": int(width), "height": int(height),
+    }
+
+
+def provenance_key(record: dict) -> str:
+    return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def read_stamp(path: Path) -> dict | None:
+    """The provenance stamp in a JPEG's comment, or ``None`` if absent/unreadable/corrupt."""
+    try:
+        with Image.open(path) as im:
+            comment = im.info.get("comment")
+        if not comment:
+            return None
+        stamp = json.loads(comment.decode("utf-8") if isinstance(comment, bytes) else comment)
+        return stamp if isinstance(stamp, dict) and "key" in stamp else None
+    except (OSError, ValueError, SyntaxError):
+        return None
+
+
+def write_jpeg(pixels: np.ndarray, path: Path, stamp: dict, quality: int) -> None:
+    """Encode ``pixels`` with ``stamp`` in its comment, write to a temp file, rename into place."""
+    buf = io.BytesIO()
+    Image.fromarray(pixels).save(buf, format="JPEG", quality=quality, comment=json.dumps(stamp, sort_keys=True).encode())
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            fh.write(buf.getvalue())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+@dataclass
+class Job:
+    """One image to render (or skip)."""
+
+    id: str
+    seed: int
+    prompt: str
+    negative: str
+    key: str
+    path: Path
+    row: dict
+
+
+@dataclass
+class PlanStatus:
+    jobs: list[Job]
+    todo: list[Job]
+    skipped: int
+    stale: int
+    quarantined: list[dict] = field(default_factory=list)
+
+
+def plan_jobs(plan: pd.DataFrame, images_dir: Path, opts: GenerateOptions, ref: ModelRef, lora_fp: str,
+              source: str, width: int, height: int, plan_path: str = "<plan>") -> PlanStatus:
+    """Decide for each planned image its prompt, provenance key and whether it must be rendered.
+
+    Rows with nothing to render (an empty caption when prompting by caption) are quarantined and
+    reported instead of producing an unconditioned image.
+    """
+    jobs, todo, quarantined = [], [], []
+    skipped = stale = 0
+    for i, row in enumerate(plan.to_dict("records")):
+        if source == "labels":
+            prompt, negative = label_prompt(row), ""  # the demo text encoder knows only label words
+        else:
+            prompt = row["caption"].strip()
+            negative = row["negative_prompt"].strip() or opts.negative_prompt
+            if not prompt:
+                quarantined.append({"id": row["id"], "line": i + 2, "file": plan_path, "reason": "empty caption"})
+                continue
+        record = provenance_record(row, prompt, negative, opts, ref, lora_fp, width, height)
+        job = Job(row["id"], int(row["seed"]), prompt, negative, provenance_key(record), images_dir / f"{row['id']}.jpg", row)
+        jobs.append(job)
+        if job.path.exists():
+            stamp = read_stamp(job.path)
+            if stamp is not None and stamp.get("key") == job.key:
+                skipped += 1
+                continue
+            stale += 1
+        todo.append(job)
+    return PlanStatus(jobs, todo, skipped, stale, quarantined)
+
+
+@dataclass
+class RenderStats:
+    rendered: int = 0
+    blank: int = 0
+    nsfw: int = 0
+    batches: int = 0
+    seconds: float = 0.0
+    seconds_first_batch: float = 0.0  # includes compilation and autotuning when compile is on
+    first_batch_images: int = 0
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["images_per_second"] = round(self.rendered / self.seconds, 4) if self.seconds else 0.0
+        steady = self.seconds - self.seconds_first_batch
+        d["images_per_second_after_first_batch"] = (
+            round((self.rendered - self.first_batch_images) / steady, 4) if self.batches > 1 and steady > 0 else None
+        )
+        return d
+
+
+def render_jobs(renderer: Renderer, jobs: Sequence[Job], model_name: str, opts: GenerateOptions,
+                progress: bool = True, desc: str = "generate") -> RenderStats:
+    """Render ``jobs`` in batches, writing each image (with its stamp) as soon as its batch is done.
+
+    JPEG encoding runs in a thread pool overlapping the next batch's denoising; the pool is
+    drained before the following batch is handed over, so at most two batches are ever unsaved.
+    """
+    stats = RenderStats()
+    bs = renderer.res.batch_size
+    start = time.perf_counter()
+    pending: list[Future] = []
+    with ThreadPoolExecutor(max_workers=max(1, opts.writer_threads)) as pool, \
+            tqdm(total=len(jobs), desc=desc, unit="img", disable=not progress) as bar:
+        for b in range(0, len(jobs), bs):
+            batch = list(jobs[b:b + bs])
+            real = len(batch)
+            if renderer.res.pad_batches and real < bs:
+                batch += [batch[0]] * (bs - real)  # static shapes for compiled graphs; outputs dropped
+            out = renderer([j.prompt for j in batch], [j.negative for j in batch], [j.seed for j in batch])
+            for f in pending:
+                f.result()  # surface write errors; bounds unsaved work to the batch in flight
+            pending = []
+            for k, job in enumerate(batch[:real]):
+                blank = bool(out.std[k] < opts.blank_std)
+                stamp = {"key": job.key, "model": model_name, "blank": blank, "nsfw": bool(out.nsfw[k]),
+                         "std": round(float(out.std[k]), 3), "dtype": str(renderer.res.dtype).replace("torch.", "")}
+                pending.append(pool.submit(write_jpeg, out.images[k], job.path, stamp, opts.jpeg_quality))
+                stats.blank += blank
+                stats.nsfw += bool(out.nsfw[k])
+            stats.rendered += real
+            stats.batches += 1
+            if stats.batches == 1:
+                stats.seconds_first_batch = time.perf_counter() - start
+                stats.first_batch_images = real
+            bar.update(real)
+        for f in pending:
+            f.result()
+    stats.seconds = time.perf_counter() - start
+    return stats
+
+
+def build_manifest(status: PlanStatus, images_dir: Path, opts: GenerateOptions, width: int, height: int) -> pd.DataFrame:
+    """Manifest rows for every planned image, read back from the files' stamps.
+
+    Raises :class:`GenerateError` listing ids whose image is missing or carries another
+    provenance — after a complete run that cannot happen, so it means lost work, not a skip.
+    """
+    rows, problems = [], []
+    for job in status.jobs:
+        stamp = read_stamp(job.path) if job.path.exists() else None
+        if stamp is None or stamp.get("key") != job.key:
+            problems.append(job.id)
+            continue
+        path = job.path.as_posix()
+        rows.append({
+            "image_id": "synthetic", "event_name": "synthetic", "image_path": path,
+            **{t: job.row[t] for t in TASKS},
+            "split": "train", "source": "synthetic", "provenance": f"generate:{opts.model}", "file": path,
+            "plan_id": job.id, "seed": job.seed, "model": opts.model, "scheduler": opts.scheduler,
+            "steps": opts.steps, "guidance": opts.guidance, "width": width, "height": height,
+            "blank_flag": int(bool(stamp.get("blank")) or bool(stamp.get("nsfw"))), "nsfw_flag": int(bool(stamp.get("nsfw"))),
+            "caption": job.row["caption"], "prompt": job.prompt, "provenance_key": job.key,
+        })
+    if problems:
+        shown = ", ".join(problems[:10]) + (" ..." if len(problems) > 10 else "")
+        raise GenerateError(f"{images_dir}: {len(problems)} planned image(s) missing or stale after rendering: {shown}")
+    columns = ["image_id", "event_name", "image_path", *TASKS, "split", "source", "provenance", "file", *MANIFEST_EXTRAS]
+    return pd.DataFrame(rows, columns=columns)
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole stage
+
+
+def _device(opts: GenerateOptions, state) -> torch.device:
+    if opts.device == "cpu":
+        return torch.device("cpu")
+    if opts.device == "cuda":
+        if not torch.cuda.is_available():
+            raise GenerateError("generate.device is cuda but no CUDA device is visible")
+        return state.device if state.device.type == "cuda" else torch.device("cuda")
+    if opts.device != "auto":
+        raise ValueError(f"generate.device must be auto, cpu or cuda, got {opts.device!r}")
+    return state.device
+
+
+def generate_plan(
+    plan_path: str | Path,
+    images_dir: str | Path,
+    manifest_path: str | Path,
+    opts: GenerateOptions,
+    *,
+    demo_dir: str | Path = DEMO_MODEL_DIR,
+    progress: bool = True,
+    renderer_hook: Callable[[Renderer], Renderer] | None = None,
+) -> dict:
+    """Render ``plan_path`` into ``images_dir`` and write the manifest; return the metrics dict.
+
+    Works unchanged in one process or under ``accelerate launch`` (see module docstring); the
+    manifest and the returned metrics are complete only on the main process (others return
+    their own share). ``renderer_hook`` lets tests wrap the renderer (count calls, inject a kill).
+    """
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+
+    t0 = time.perf_counter()
+    state = PartialState(cpu=opts.device == "cpu")
+    if opts.threads:
+        torch.set_num_threads(opts.threads)
+    images_dir, manifest_path = Path(images_dir), Path(manifest_path)
+    plan = read_plan(plan_path)
+    ref = resolve_model(opts.model, demo_dir)
+    lora_fp = _hash_dir(Path(opts.lora)) if opts.lora else ""
+    source = prompt_source(opts, ref)
+    device = _device(opts, state)
+    res = resolve_options(opts, device)
+    images_dir.mkdir(parents=True, exist_ok=True)
+
+    # Model size must be known before deciding what is stale, so read it from the configs.
+    width, height = _native_size(ref.path, opts)
+    status = plan_jobs(plan, images_dir, opts, ref, lora_fp, source, width, height, str(plan_path))
+    # Every process has read the same files; none may write before all have decided.
+    state.wait_for_everyone()
+
+    stats = RenderStats()
+    t_load = 0.0
+    with state.split_between_processes(status.todo) as mine:
+        if mine:
+            tl = time.perf_counter()
+            pipe = load_pipeline(ref, opts, res)
+            renderer = Renderer(pipe, opts, res)
+            if renderer_hook is not None:
+                renderer = renderer_hook(renderer)
+            t_load = time.perf_counter() - tl
+            desc = "generate" if state.num_processes == 1 else f"generate[{state.process_index}]"
+            stats = render_jobs(renderer, mine, opts.model, opts, progress=progress and state.is_local_main_process, desc=desc)
+    state.wait_for_everyone()
+    per_process = {"process": state.process_index, "device": str(device), "load_seconds": round(t_load, 2), **stats.as_dict()}
+    all_stats = gather_object([per_process]) if state.num_processes > 1 else [per_process]
+
+    metrics: dict[str, Any] = {
+        "model": opts.model, "model_fingerprint": ref.fingerprint, "lora": opts.lora or None,
+        "prompt_source": source, "planned": len(plan), "renderable": len(status.jobs),
+        "quarantined": len(status.quarantined), "quarantined_rows": status.quarantined[:50],
+        "skipped": status.skipped, "stale_rerendered": status.stale,
+        "rendered": sum(s["rendered"] for s in all_stats),
+        "processes": state.num_processes, "per_process": all_stats,
+        "options": {**{k: v for k, v in asdict(opts).items()}, "resolved": res.describe(), "width": width, "height": height},
+    }
+    if state.is_main_process:
+        manifest = build_manifest(status, images_dir, opts, width, height)
+        from medicsynth.manifest import write_manifest
+
+        write_manifest(manifest, manifest_path)
+        planned_names = {j.path.name for j in status.jobs}
+        metrics["blank_flagged"] = int(manifest["blank_flag"].sum())
+        metrics["nsfw_flagged"] = int(manifest["nsfw_flag"].sum())
+        metrics["stale_files_not_in_plan"] = sum(1 for p in images_dir.glob("*.jpg") if p.name not in planned_names)
+        render_seconds = max((s["seconds"] for s in all_stats), default=0.0)
+        metrics["seconds_render"] = round(render_seconds, 2)
+        metrics["images_per_second"] = round(metrics["rendered"] / render_seconds, 4) if render_seconds else 0.0
+    metrics["seconds_total"] = round(time.perf_counter() - t0, 2)
+    return metrics
+
+
+def _native_size(model_dir: Path, opts: GenerateOptions) -> tuple[int, int]:
+    """``(width, height)`` to render: the options, or the model's native size read from configs."""
+    if opts.width and opts.height:
+        return opts.width, opts.height
+    unet_cfg = json.loads((model_dir / "unet" / "config.json").read_text())
+    vae_cfg = json.loads((model_dir / "vae" / "config.json").read_text())
+    native = int(unet_cfg["sample_size"]) * 2 ** (len(vae_cfg["block_out_channels"]) - 1)
+    return opts.width or native, opts.height or native

@@ -1,0 +1,53 @@
+"""generate: render the caption plan into synthetic training images.
+
+Reads ``data/captions/captions.tsv`` and the ``generate`` section of params.yaml; writes
+``data/synthetic/images/{id}.jpg`` (kept between runs: only missing or stale images are
+rendered), ``data/synthetic/manifest.tsv`` and ``metrics/generate.json``.
+
+One process: ``python stages/generate.py``. Several GPUs (or CPU processes), same outputs:
+``accelerate launch --num_processes 8 stages/generate.py`` (add ``--cpu`` without GPUs); each
+process renders its share and the main process writes the manifest and metrics.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+# Never reach the network for models: a hub id must already be in the local cache.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from accelerate import PartialState  # noqa: E402
+
+from medicsynth.diffusion.generate import GenerateOptions, generate_plan  # noqa: E402
+from medicsynth.io import write_json  # noqa: E402
+from medicsynth.params import load_params, section  # noqa: E402
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--params", default="params.yaml")
+    parser.add_argument("--captions", default="data/captions/captions.tsv")
+    parser.add_argument("--images", default="data/synthetic/images")
+    parser.add_argument("--manifest", default="data/synthetic/manifest.tsv")
+    parser.add_argument("--metrics", default="metrics/generate.json")
+    parser.add_argument("--demo-dir", default="models/diffusion/demo")
+    args = parser.parse_args()
+
+    opts = GenerateOptions.from_params(section(load_params(args.params), "generate"))
+    metrics = generate_plan(args.captions, args.images, args.manifest, opts, demo_dir=args.demo_dir)
+    state = PartialState()
+    if state.is_main_process:  # only the main process has the complete picture
+        write_json(metrics, args.metrics)
+        print(f"generate: {metrics['rendered']} rendered, {metrics['skipped']} skipped, "
+              f"{metrics['blank_flagged']} blank-flagged, {metrics['quarantined']} quarantined, "
+              f"{metrics['images_per_second']} img/s")
+    # Under a distributed launcher, leave the process group cleanly (gloo aborts otherwise).
+    state.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
