@@ -138,7 +138,7 @@ def check_architecture() -> dict:
     return counts
 
 
-def variants(smoke: bool) -> dict[str, GenerateOptions]:
+def variants(smoke: bool, smoke_compile: bool = False) -> dict[str, GenerateOptions]:
     base = GenerateOptions(model="bench-random-sd15", scheduler="dpmsolver++", steps=30, guidance=7.5,
                            width=512, height=512, safety_checker=False, dtype="fp16",
                            channels_last=False, fuse_qkv=False, compile=False, compile_vae=False,
@@ -159,9 +159,11 @@ def variants(smoke: bool) -> dict[str, GenerateOptions]:
         "ours_bf16": replace(ours, dtype="bf16"),
     }
     if smoke:
-        # CPU: fp32, tiny size, few steps; compile stays off unless --smoke-compile (slow on 2 cores).
+        # CPU: fp32, tiny size, few steps. Compile stays off unless --smoke-compile (minutes on
+        # 2 cores), which traces the same graphs with mode "default" (CPU autotuning is slow).
         table = {k: replace(v, dtype="fp32", width=64, height=64, steps=3, batch_size=min(v.batch_size, 4),
-                            compile=False, compile_vae=False, inductor_tuning=False, attention_backend="auto")
+                            compile=v.compile and smoke_compile, compile_vae=v.compile_vae and smoke_compile,
+                            compile_mode="default", inductor_tuning=False, attention_backend="auto")
                  for k, v in table.items()}
     return table
 
@@ -243,13 +245,20 @@ def main() -> None:
     parser.add_argument("--images-b1", type=int, default=16, help="timed images for batch-1 variants")
     parser.add_argument("--warmup-batches", type=int, default=2)
     parser.add_argument("--smoke", action="store_true", help="CPU, scaled-down model, 64², 3 steps")
+    parser.add_argument("--smoke-compile", action="store_true", help="with --smoke: keep torch.compile on")
     parser.add_argument("--out", help="also write the results JSON here")
+    parser.add_argument("--threads", type=int, default=None,
+                        help="torch CPU threads (default: 1 with --smoke, where 2 threads on a shared 2-core "
+                             "machine spin-wait; torch's default otherwise)")
     args = parser.parse_args()
+    threads = args.threads if args.threads is not None else (1 if args.smoke else 0)
+    if threads:
+        torch.set_num_threads(threads)
 
     device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
     if device.type == "cpu" and not args.smoke:
         raise SystemExit("no CUDA device: run with --smoke for the CPU check, or on a GPU machine")
-    table = variants(args.smoke)
+    table = variants(args.smoke, args.smoke_compile)
     names = [v.strip() for v in args.variants.split(",") if v.strip()]
     unknown = [v for v in names if v not in table]
     if unknown:

@@ -225,6 +225,13 @@ def test_blank_outputs_are_flagged(tmp_path, model_dir):
     assert m["blank_flagged"] == 3
     manifest = read_manifest(tmp_path / "manifest.tsv")
     assert manifest["blank_flag"].astype(int).tolist() == [1, 1, 1]
+    # a NaN decode (e.g. fp16 overflow) is flagged too, never kept as a fine image
+    def nan_decoder(r):
+        r.decode = lambda latents: torch.full((latents.shape[0], 3, r.height, r.width), float("nan"))
+        return r
+
+    m = _run(tmp_path, model_dir, opts(steps=2), nan_decoder)
+    assert m["blank_flagged"] == 3
     # a normal model's outputs are not flagged
     m = _run(tmp_path, model_dir, opts(guidance=3.0))
     assert m["blank_flagged"] == 0
@@ -312,7 +319,13 @@ def test_demo_training_path_saves_a_loadable_pipeline(tmp_path):
                             [x["disaster_types"] for x in labels], cfg, progress=False)
     assert logs["vae"].steps == 3 and logs["unet"].steps == 3
     assert all(np.isfinite(logs["unet"].losses))
-    assert pipe.vae.config.scaling_factor != 1.0  # set from the encoded training latents
+    # per-channel standardisation folded into the VAE: training latents come out ~N(0, 1)
+    from medicsynth.diffusion.train import encode_images
+
+    means, _ = encode_images(pipe.vae, load_images(files, 64))
+    assert pipe.vae.config.scaling_factor == 1.0
+    assert torch.allclose(means.mean(dim=(0, 2, 3)), torch.zeros(4), atol=1e-4)
+    assert torch.allclose(means.std(dim=(0, 2, 3)), torch.ones(4), atol=1e-4)
     save_demo_pipeline(pipe, tmp_path / "demo", {"prompt_source": "labels"})
     r = renderer_for(tmp_path / "demo")
     assert r([label_prompt(labels[0])], [""], [1]).images.shape == (1, 64, 64, 3)

@@ -420,8 +420,8 @@ class Renderer:
         pixels = ((images.float() / 2 + 0.5).clamp(0, 1) * 255).round()
         if nsfw.any():
             pixels[torch.as_tensor(nsfw, device=pixels.device)] = 0  # the checker's black image
-        std = pixels.flatten(1).std(dim=1)
-        pixels = pixels.to(torch.uint8).permute(0, 2, 3, 1)
+        std = pixels.flatten(1).std(dim=1)  # NaN for a NaN decode: flagged blank below
+        pixels = torch.nan_to_num(pixels, nan=0.0).to(torch.uint8).permute(0, 2, 3, 1)
         # One device→host copy per batch; it is also the loop's only synchronisation point.
         return RenderOutput(pixels.cpu().numpy(), std.cpu().numpy(), nsfw)
 
@@ -622,9 +622,9 @@ def render_jobs(renderer: Renderer, jobs: Sequence[Job], model_name: str, opts: 
                 f.result()  # surface write errors; bounds unsaved work to the batch in flight
             pending = []
             for k, job in enumerate(batch[:real]):
-                blank = bool(out.std[k] < opts.blank_std)
+                blank = not bool(out.std[k] >= opts.blank_std)  # NaN counts as blank
                 stamp = {"key": job.key, "model": model_name, "blank": blank, "nsfw": bool(out.nsfw[k]),
-                         "std": round(float(out.std[k]), 3), "dtype": str(renderer.res.dtype).replace("torch.", "")}
+                         "std": round(float(np.nan_to_num(out.std[k], nan=-1.0)), 3), "dtype": str(renderer.res.dtype).replace("torch.", "")}
                 pending.append(pool.submit(write_jpeg, out.images[k], job.path, stamp, opts.jpeg_quality))
                 stats.blank += blank
                 stats.nsfw += bool(out.nsfw[k])

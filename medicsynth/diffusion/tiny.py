@@ -17,8 +17,8 @@ generate stage loads it exactly like a real Stable Diffusion checkpoint.
 
 Prompts: a 2-layer text encoder trained for four minutes cannot read open-ended captions, so the
 demo model is trained and sampled on a compact *label prompt* built mechanically from the four
-labels (:func:`label_prompt`), e.g. ``"flood severe infrastructure and utility damage
-informative"``. The pipeline directory records this in ``medicsynth.json``
+labels (:func:`label_prompt`), one token per label, e.g. ``"flood severe
+infrastructureandutilitydamage informative"``. The pipeline directory records this in ``medicsynth.json``
 (``prompt_source: labels``) so generate builds the same prompt from each planned image's labels.
 """
 

@@ -6,10 +6,17 @@ probability ``caption_dropout`` so the model also learns the unconditional predi
 classifier-free guidance needs, AdamW with linear warm-up and cosine decay to zero.
 
 - **demo** (:func:`train_demo`): builds :mod:`medicsynth.diffusion.tiny`'s pipeline, trains the VAE
-  on random crops (phase 1), encodes the training images once, then trains UNet and text encoder
-  jointly (phase 2). Every phase stops at ``steps`` or at ``max_seconds`` (when set), whichever
-  comes first; the learning-rate schedule follows whichever budget binds, so a time-capped run
-  still ends its cosine at zero.
+  on class-balanced random crops (phase 1), folds a per-channel standardisation of its latents
+  into its 1×1 convolutions, encodes the training images once, then trains UNet and text encoder
+  jointly on class-balanced batches (phase 2). Every phase stops at ``steps`` or at
+  ``max_seconds`` (when set), whichever comes first; a run that will hit its time cap switches
+  its learning-rate schedule to elapsed time, so it still ends its cosine at zero.
+
+  Measured on the demo data (2 shared cores, 1 thread, ~4.7 min wall for the stage): the
+  project's ``original`` small CNN assigned 64%, 85% and 89% of 280 generated images (the
+  allocate/caption plan, guidance 6) to their intended disaster type in three training runs of
+  this recipe (chance 14%; run-to-run spread is large). Damage severity and humanitarian cues
+  (2–8 px figures and debris) are not reliably rendered.
 - **lora** (:func:`train_lora`): loads a local Stable Diffusion checkpoint, freezes it, adds LoRA
   adapters to the UNet's attention projections (``unet.add_adapter(LoraConfig(...))``), trains
   them in bf16 autocast with gradient checkpointing, and saves them with
