@@ -40,7 +40,7 @@ from medicsynth.diffusion.train import (  # noqa: E402
     train_demo,
     train_lora,
 )
-from medicsynth.io import write_json  # noqa: E402
+from medicsynth.io import atomic_path, write_json  # noqa: E402
 from medicsynth.manifest import read_manifest  # noqa: E402
 from medicsynth.params import load_params, section  # noqa: E402
 
@@ -50,10 +50,8 @@ def _placeholder_plot(path: Path, text: str) -> None:
 
     fig = Figure(figsize=(4, 1.2))
     fig.text(0.5, 0.5, text, ha="center", va="center")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.name}.tmp")
-    fig.savefig(tmp, format="png", dpi=110)
-    os.replace(tmp, path)
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
 
 
 def main() -> None:

@@ -34,9 +34,7 @@ import contextlib
 import hashlib
 import io
 import json
-import os
 import re
-import tempfile
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field, fields
@@ -52,6 +50,7 @@ from tqdm import tqdm
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 
 from medicsynth.diffusion.tiny import label_prompt, read_meta
+from medicsynth.io import atomic_path
 from medicsynth.labels import TASKS, LabelError, validate_label
 
 DEMO_MODEL_DIR = "models/diffusion/demo"
@@ -516,14 +515,8 @@ def write_jpeg(pixels: np.ndarray, path: Path, stamp: dict, quality: int) -> Non
     """Encode ``pixels`` with ``stamp`` in its comment, write to a temp file, rename into place."""
     buf = io.BytesIO()
     Image.fromarray(pixels).save(buf, format="JPEG", quality=quality, comment=json.dumps(stamp, sort_keys=True).encode())
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as fh:
-            fh.write(buf.getvalue())
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(buf.getvalue())
 
 
 @dataclass

@@ -41,6 +41,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from medicsynth.diffusion.tiny import TinyConfig, build_pipeline, count_parameters, save_pipeline
+from medicsynth.io import atomic_path
 
 
 @dataclass
@@ -653,14 +654,6 @@ def plot_losses(logs: dict[str, TrainLog], path: str | Path, smooth: int = 20) -
         ax.set_yscale("log")
         ax.legend(fontsize=7)
     fig.tight_layout()
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    os.close(fd)
-    try:
+    with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
-        os.replace(tmp, path)
-    finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-    return path
+    return Path(path)
