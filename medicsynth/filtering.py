@@ -49,7 +49,7 @@ from tqdm import tqdm
 
 from medicsynth.io import atomic_path
 from medicsynth.labels import CLASSES, NUM_CLASSES, TASKS, label_index, validate_label
-from medicsynth.manifest import COLUMNS
+from medicsynth.manifest import COLUMNS, canonical_labels
 from medicsynth.phash import HASH_KINDS, greedy_duplicates, hash_size_for_bits, image_hash, nearest, words_for_bits
 
 METHODS: tuple[str, ...] = ("classifier", "vlm", "none")
@@ -430,17 +430,8 @@ def filter_synthetic(
     missing = [c for c in ("image_path", "file", *TASKS) if c not in synthetic.columns]
     if missing:
         raise ValueError(f"synthetic manifest lacks column(s) {', '.join(missing)}")
-    df = synthetic.reset_index(drop=True).copy()
+    df = canonical_labels(synthetic.reset_index(drop=True), "synthetic manifest", key="image_path")
     n = len(df)
-    for task in TASKS:
-        canon = []
-        for i, value in enumerate(df[task].tolist()):
-            try:
-                canon.append(validate_label(task, value))
-            except ValueError as exc:
-                # Line number as in the TSV (header is line 1).
-                raise ValueError(f"synthetic manifest row {i + 2} ({df.at[i, 'image_path']}): {exc}") from None
-        df[task] = canon
     files = [resolve_file(f, root) for f in df["file"]]
 
     # 1–2. decode and blank, one decode per image.

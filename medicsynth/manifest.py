@@ -38,6 +38,25 @@ def _row_number(index: int) -> int:
     return index + 2
 
 
+def canonical_labels(df: pd.DataFrame, where: str | Path = "<memory>", key: str | None = None) -> pd.DataFrame:
+    """A copy of ``df`` with the four task labels in canonical form.
+
+    Raises :class:`ManifestError` naming ``where``, the TSV line (header = line 1), the row's
+    ``key`` column value when given, and the offending value.
+    """
+    out = df.copy()
+    for task in TASKS:
+        canon = []
+        for i, value in enumerate(out[task].tolist()):
+            try:
+                canon.append(validate_label(task, value))
+            except LabelError as exc:
+                row = f"row {_row_number(i)}" + (f" ({out[key].iat[i]})" if key else "")
+                raise ManifestError(f"{where}: {row}: {exc}") from None
+        out[task] = canon
+    return out
+
+
 def validate_manifest(df: pd.DataFrame, path: str | Path = "<memory>") -> pd.DataFrame:
     """Check columns, labels, splits, sources and key uniqueness; return labels in canonical form.
 
@@ -46,15 +65,7 @@ def validate_manifest(df: pd.DataFrame, path: str | Path = "<memory>") -> pd.Dat
     missing = [c for c in COLUMNS if c not in df.columns]
     if missing:
         raise ManifestError(f"{path}: missing column(s) {', '.join(missing)}")
-    out = df.copy()
-    for task in TASKS:
-        canon = []
-        for i, value in enumerate(out[task].tolist()):
-            try:
-                canon.append(validate_label(task, value))
-            except LabelError as exc:
-                raise ManifestError(f"{path}: row {_row_number(i)}: {exc}") from None
-        out[task] = canon
+    out = canonical_labels(df, path)
     for column, allowed in (("split", SPLITS), ("source", SOURCES)):
         bad = ~out[column].isin(allowed)
         if bad.any():
