@@ -362,14 +362,62 @@ def transfer(
         args.append("--run-cache")
     code, tail = _run_dvc([*args, "--", *selected], root)
     if code != 0:
-        hint = ""
-        if any(marker in tail for marker in AUTH_FAILURE_MARKERS):
-            hint = (
-                f" The store rejected the credentials ({source}): check the key id and secret, "
-                "that the key is active, and that it has access to the bucket."
-            )
-        raise DvcCommandError(f"`dvc {' '.join(args)}` failed with exit code {code}.{hint}")
+        raise DvcCommandError(f"`dvc {' '.join(args)}` failed with exit code {code}.{_auth_hint(tail, source)}")
+    if command == "push" and run_cache:
+        try:
+            pushed, absent = push_run_cache_outputs(root, remote, jobs=jobs)
+        except Exception as exc:  # DVC/botocore raise many types; the message is what matters
+            raise DvcCommandError(
+                f"pushing the run-cache's outputs failed: {exc}.{_auth_hint(str(exc), source)}"
+            ) from None
+        print(
+            f"run-cache outputs: {pushed} object(s) pushed"
+            + (f"; {absent} no longer in the local cache, not pushed" if absent else ""),
+            file=sys.stderr,
+        )
     return 0
+
+
+def _auth_hint(text: str, source: str) -> str:
+    if not any(marker in text for marker in AUTH_FAILURE_MARKERS):
+        return ""
+    return (
+        f" The store rejected the credentials ({source}): check the key id and secret, "
+        "that the key is active, and that it has access to the bucket."
+    )
+
+
+def push_run_cache_outputs(root: str | Path, remote: str = REMOTE, *, jobs: int | None = None) -> tuple[int, int]:
+    """Push every object the local run-cache entries refer to; returns ``(pushed, absent)``.
+
+    ``dvc push --run-cache`` uploads the run-cache entries (``runs/``) and the objects of the
+    targets it is given, but not the objects of ``cache: false`` outputs (metrics, plots) that
+    DVC commits to the local cache only for the run-cache. Without those a collaborator's
+    ``dvc repro --pull`` finds the entry, cannot restore every output and runs the stage again
+    (checked with dvc 3.67.1): every GPU stage here has such an output. Objects already on the
+    remote are skipped by DVC's own status check; objects no longer in the local cache (after
+    ``dvc gc``) are counted and left out.
+    """
+    from dvc.repo import Repo
+
+    with Repo(str(Path(root).resolve())) as repo:
+        runs = Path(repo.cache.legacy.path) / "runs"
+        entries = [(p.parent.name, p.name) for p in sorted(runs.glob("*/*/*")) if p.is_file()]
+        if not entries:
+            return 0, 0
+        objs = set()
+        for found in repo.stage_cache.get_used_objs(entries, remote=remote).values():
+            objs |= found
+        present = {o for o in objs if _in_local_cache(repo, o)}
+        result = repo.cloud.push(present, jobs=jobs, remote=remote)
+        if result.failed:
+            raise DvcCommandError(f"{len(result.failed)} run-cache object(s) failed to upload")
+        return len(result.transferred), len(objs) - len(present)
+
+
+def _in_local_cache(repo, hash_info) -> bool:
+    odb = repo.cache.legacy if hash_info.name == "md5-dos2unix" else repo.cache.local
+    return odb.exists(hash_info.value)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -465,6 +465,102 @@ def test_wrong_credentials_refused_when_auth_is_enforced(routed, s3):
         s3.enforce_auth(False)
 
 
+# The collaborator workflow of README/docs/PRIVATE_REMOTE.md §4: whoever has a GPU runs the
+# GPU stage and pushes outputs + run-cache; a collaborator without one reproduces with
+# `dvc repro --pull --allow-missing` and never runs that stage.
+COLLAB_PIPELINE = """\
+stages:
+  gpu:
+    cmd: python gpu.py
+    deps: [gpu.py]
+    params: [gen.n]
+    outs:
+      - gen:
+          remote: private
+  fit:
+    cmd: python fit.py
+    deps: [fit.py, gen]
+    params: [fit.k]
+    outs:
+      - model.bin:
+          remote: private
+    metrics:
+      - metrics.json:
+          cache: false
+"""
+GPU_PY = """\
+import os, pathlib, sys, yaml
+if os.environ.get("HAVE_GPU") != "1":
+    sys.exit("gpu stage ran on a machine without a GPU")
+n = yaml.safe_load(open("params.yaml"))["gen"]["n"]
+pathlib.Path("gen").mkdir(exist_ok=True)
+for i in range(n):
+    pathlib.Path(f"gen/{i}.txt").write_text(f"synthetic {i}\\n")
+"""
+FIT_PY = """\
+import json, pathlib, yaml
+k = yaml.safe_load(open("params.yaml"))["fit"]["k"]
+images = sorted(p.read_text() for p in pathlib.Path("gen").glob("*.txt"))
+pathlib.Path("model.bin").write_text(f"model k={k} on {len(images)} images\\n")
+json.dump({"k": k, "images": len(images)}, open("metrics.json", "w"))
+with open("fit_runs.log", "a") as fh:  # untracked: counts real executions of this stage
+    fh.write(f"k={k}\\n")
+"""
+
+
+def test_collaborator_skips_gpu_stage_with_pull_allow_missing(remotes, s3, tmp_path):
+    maintainer, _, private = remotes
+    maintainer.write("dvc.yaml", COLLAB_PIPELINE)
+    maintainer.write("params.yaml", "gen:\n  n: 3\nfit:\n  k: 1\n")
+    maintainer.write("gpu.py", GPU_PY)
+    maintainer.write("fit.py", FIT_PY)
+    maintainer.write(".gitignore", "fit_runs.log\n")
+    maintainer.dvc("repro", "-q", env={**maintainer.env, "HAVE_GPU": "1"})
+    _local_credentials(maintainer, "private")
+    _accept(maintainer.root)
+    pushed = maintainer.cli("push", "--run-cache")  # = make push-private
+    assert pushed.returncode == 0, pushed.stderr
+    assert _md5("synthetic 0\n") in s3.md5s(private)
+    # The uncached metrics file travels too: without it the run-cache entry cannot be restored.
+    assert "run-cache outputs: " in pushed.stderr
+    assert _md5('{"k": 1, "images": 3}') in s3.md5s(private)
+    maintainer.run("git", "add", "-A")
+    maintainer.run("git", "-c", "user.name=M", "-c", "user.email=m@example.org", "commit", "-qm", "gpu run")
+
+    # A collaborator: a clone (no DVC cache, no outputs, no config.local), no GPU.
+    collab = Repo(tmp_path / "collab", maintainer.env)
+    maintainer.run("git", "clone", "-q", str(maintainer.root), str(collab.root))
+    assert not (collab.root / "gen").exists() and not (collab.root / "model.bin").exists()
+    local = collab.root / ".dvc" / "config.local"
+    for name in ("public", "private"):
+        _set_config(local, f'remote "{name}"', endpointurl=s3.endpoint)
+    _local_credentials(collab, "private")
+    collab.dvc("remote", "default", "--local", "private")  # as §4 says, for run-cache hits
+
+    # Nothing changed: nothing runs (the GPU stage would fail), nothing is needed on disk.
+    collab.dvc("repro", "--pull", "--allow-missing")
+    assert not (collab.root / "fit_runs.log").exists()
+
+    # A downstream parameter changes: fit runs on the GPU stage's pulled outputs, gpu does not.
+    collab.write("params.yaml", "gen:\n  n: 3\nfit:\n  k: 2\n")
+    collab.dvc("repro", "--pull", "--allow-missing")
+    assert (collab.root / "fit_runs.log").read_text() == "k=2\n"
+    assert json.loads((collab.root / "metrics.json").read_text()) == {"k": 2, "images": 3}
+    assert sorted(p.name for p in (collab.root / "gen").iterdir()) == ["0.txt", "1.txt", "2.txt"]
+
+    # Back to the maintainer's value: the run-cache restores fit's outputs without running it.
+    collab.write("params.yaml", "gen:\n  n: 3\nfit:\n  k: 1\n")
+    collab.dvc("repro", "--pull", "--allow-missing")
+    assert (collab.root / "fit_runs.log").read_text() == "k=2\n"
+    assert (collab.root / "model.bin").read_text() == "model k=1 on 3 images\n"
+
+    # Changing the GPU stage's own parameter really needs the GPU: DVC tries to run it.
+    collab.write("params.yaml", "gen:\n  n: 4\nfit:\n  k: 1\n")
+    refused = collab.dvc("repro", "--pull", "--allow-missing", check=False)
+    assert refused.returncode != 0
+    assert "gpu stage ran on a machine without a GPU" in refused.stdout + refused.stderr
+
+
 # --------------------------------------------------------------------------- units (no DVC subprocess)
 
 
