@@ -21,6 +21,8 @@ Variants (``--variants``, comma-separated; default: the first four):
                            coordinate-descent tuning, no epilogue fusion), cuDNN benchmark,
                            static padded batches, VAE decode in chunks of 16, no host sync
                            inside the denoising loop, JPEG encoding overlapped in threads
+``ours_default_compile``   ``ours`` with compile mode ``default`` and no inductor knobs: minutes
+                           less compilation, to weigh against what autotuning buys
 ``ours_b64``               ``ours`` at batch 64
 ``ours_cudagraphs``        ``ours`` with compile mode max-autotune (CUDA graphs)
 ``ours_cudnn_attn``        ``ours`` with SDPA restricted to cuDNN attention
@@ -152,6 +154,7 @@ def variants(smoke: bool, smoke_compile: bool = False) -> dict[str, GenerateOpti
         "b16_cl_fused_compile": replace(base, batch_size=16, channels_last=True, fuse_qkv=True, compile=True,
                                         compile_mode="default", pad_batches=True),
         "ours": ours,
+        "ours_default_compile": replace(ours, compile_mode="default", inductor_tuning=False),
         "ours_b64": replace(ours, batch_size=64),
         "ours_cudagraphs": replace(ours, compile_mode="max-autotune"),
         "ours_cudnn_attn": replace(ours, attention_backend="cudnn"),
