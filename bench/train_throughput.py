@@ -8,6 +8,10 @@ b. ``dali+model``: the same step fed by ``make_loader(backend="dali", device="cu
 c. ``dali``: the DALI loader alone (GPU decode, resize, crop, flip, normalise, copy to torch).
 d. ``torch``: the torchvision ``DataLoader`` backend alone (PIL decode in ``--torch-workers``
    processes, normalisation on the GPU).
+e. ``train_loop``: the train stage's own loop, ``medicsynth.training.train_classifier`` (DALI
+   when importable, LR schedule, loss accumulation), for ``--loop-epochs`` epochs without a dev
+   set; its rate is over the whole run, the first epoch's cuDNN autotuning and pipeline build
+   included, so it sits below case b by that start-up cost.
 
 Each case runs ``--warmup`` untimed steps (cuDNN autotuning, pipeline start-up, page cache),
 then ``--steps`` timed ones; the timer is read after ``torch.cuda.synchronize()``. Loader cases
@@ -49,6 +53,7 @@ from medicsynth.io import write_json  # noqa: E402
 from medicsynth.labels import NUM_CLASSES, TASKS  # noqa: E402
 from medicsynth.loaders import dali_available, make_loader  # noqa: E402
 from medicsynth.models import build_classifier  # noqa: E402
+from medicsynth.training import TrainConfig, train_classifier  # noqa: E402
 
 
 def _write_jpegs(args: tuple[str, int, int, int, int]) -> list[int]:
@@ -197,6 +202,18 @@ def run(args: argparse.Namespace) -> dict:
                                   device)
         print(f"  torch: {results['torch']['images_per_s']:.0f} img/s", flush=True)
         del loader
+
+        # (e) the training stage's own loop.
+        config = TrainConfig(arch=args.arch, epochs=args.loop_epochs, batch_size=args.batch_size,
+                             resize=args.resize, crop=args.crop, seed=args.seed,
+                             loader="dali" if dali_available() else "torch",
+                             num_workers=args.dali_threads if dali_available() else args.torch_workers,
+                             device=str(device), cpu_threads=None, lr=1e-4)
+        run = train_classifier(files, labels, None, None, config, progress=False)
+        results["train_loop"] = {"images_per_s": run.images_per_second, "epochs": args.loop_epochs,
+                                 "steps": args.loop_epochs * -(-len(files) // args.batch_size),
+                                 "seconds": run.seconds, "loader": run.loader_backend}
+        print(f"  train_loop ({run.loader_backend}): {run.images_per_second:.0f} img/s", flush=True)
     finally:
         if not args.data_dir:
             shutil.rmtree(data_dir, ignore_errors=True)
@@ -257,6 +274,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="timed batches for loader-only cases (120)")
     parser.add_argument("--dali-threads", type=int, default=None, help="DALI CPU threads (8)")
     parser.add_argument("--torch-workers", type=int, default=None, help="DataLoader workers (16)")
+    parser.add_argument("--loop-epochs", type=int, default=None, help="epochs of the train_loop case (3)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--data-dir", default=None,
                         help="keep/reuse the JPEGs here (default: a temporary folder, removed)")
@@ -266,11 +284,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.smoke:
         defaults = dict(device="cpu", images=24, width=64, height=48, resize=40, crop=32,
                         batch_size=8, arch="resnet18", warmup=1, steps=3, loader_steps=3,
-                        dali_threads=2, torch_workers=2)
+                        dali_threads=2, torch_workers=2, loop_epochs=1)
     else:
         defaults = dict(device="cuda", images=10240, width=500, height=375, resize=256, crop=224,
                         batch_size=256, arch="resnet50", warmup=15, steps=60, loader_steps=120,
-                        dali_threads=8, torch_workers=16)
+                        dali_threads=8, torch_workers=16, loop_epochs=3)
     for key, value in defaults.items():
         if getattr(args, key) is None:
             setattr(args, key, value)
