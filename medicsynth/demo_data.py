@@ -11,7 +11,10 @@ It is built to behave like MEDIC where that matters for this project:
   ``not_humanitarian`` and ``little_or_none``).
 * **Learnable but not trivial visual cues** (documented in ``docs/DEMO_DATA.md``):
 
-  - informative: a photo-like scene (sky + ground) vs a flat "card" with text-like stripes;
+  - informative: a disaster-area photo (sky + ground) vs either a flat "card" with text-like
+    stripes (60% of not_informative images) or an unrelated photo with a large foreground
+    subject (40%). Some informative photos hold a smaller subject too, and the two size
+    ranges overlap, so a share of photos is genuinely ambiguous, as in MEDIC;
   - disaster_types: palette + scene shape (earthquake: tilted, jagged horizon in dusty greys;
     fire: flame triangles on a dark-orange sky; flood: a blue water band with wave lines;
     hurricane: grey-green sky with diagonal streaks; landslide: a brown diagonal slope;
@@ -58,6 +61,12 @@ class DemoConfig:
 
 # Conditional label process (see module docstring); probabilities follow CLASSES order.
 P_INFORMATIVE = 0.56
+# Rendering of the informative task: the share of not_informative images drawn as unrelated
+# photos (the rest are cards), the share of informative photos that hold a subject too, and the
+# subject radii (px at 64 px; the ranges overlap on 7-9 px).
+P_UNRELATED_PHOTO = 0.40
+P_SUBJECT_IN_INFORMATIVE = 0.25
+SUBJECT_RADIUS = {"not_informative": (7, 16), "informative": (4, 9)}
 P_DISASTER_GIVEN_INFORMATIVE = {  # earthquake fire flood hurricane landslide not_disaster other
     "informative": (0.28, 0.075, 0.17, 0.16, 0.04, 0.22, 0.055),
     "not_informative": (0.036, 0.012, 0.018, 0.018, 0.012, 0.88, 0.024),
@@ -158,7 +167,9 @@ def render_image(labels: dict[str, str], size: int, rng: np.random.Generator) ->
     def poly(points):
         return [(x * s, y * s) for x, y in points]
 
-    if labels["informative"] == "not_informative":
+    informative = labels["informative"]
+    card = informative == "not_informative" and rng.random() >= P_UNRELATED_PHOTO
+    if card:
         bg = _jitter((226, 214, 196), rng, 30)
         d.rectangle(box(0, 0, 64, 64), fill=bg)
         if disaster != "not_disaster":  # a poster about a disaster: a palette strip on top
@@ -207,6 +218,15 @@ def render_image(labels: dict[str, str], size: int, rng: np.random.Generator) ->
                 cx, cy = rng.integers(6, 58), rng.integers(4, 28)
                 r = rng.integers(4, 9)
                 d.ellipse(box(cx - r, cy - r, cx + r, cy + r), fill=_jitter((70, 60, 78), rng, 12))
+        if informative == "not_informative" or rng.random() < P_SUBJECT_IN_INFORMATIVE:
+            # A foreground subject (a person, a pet, a product): large in unrelated photos,
+            # smaller when an informative photo happens to hold one.
+            lo_r, hi_r = SUBJECT_RADIUS[informative]
+            r = rng.integers(lo_r, hi_r + 1)
+            cx, cy = 32 + rng.integers(-10, 11), 36 + rng.integers(-8, 9)
+            colour = tuple(int(c) for c in rng.integers(40, 256, 3))
+            d.ellipse(box(cx - r, cy - 1.3 * r, cx + r, cy + 1.3 * r), fill=colour,
+                      outline=tuple(c // 2 for c in colour), width=max(1, int(s)))
 
     # Damage: dark debris marks; the count ranges overlap between mild and severe on purpose.
     lo, hi, big = {"little_or_none": (0, 1, 3), "mild": (2, 5, 4), "severe": (5, 10, 6)}[labels["damage_severity"]]
