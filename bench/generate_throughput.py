@@ -23,6 +23,7 @@ Variants (``--variants``, comma-separated; default: the first four):
                            inside the denoising loop, JPEG encoding overlapped in threads
 ``ours_default_compile``   ``ours`` with compile mode ``default`` and no inductor knobs: minutes
                            less compilation, to weigh against what autotuning buys
+``ours_reduce_overhead``   ``ours_default_compile`` with CUDA graphs (compile mode ``reduce-overhead``)
 ``ours_b64``               ``ours`` at batch 64
 ``ours_cudagraphs``        ``ours`` with compile mode max-autotune (CUDA graphs)
 ``ours_cudnn_attn``        ``ours`` with SDPA restricted to cuDNN attention
@@ -155,6 +156,7 @@ def variants(smoke: bool, smoke_compile: bool = False) -> dict[str, GenerateOpti
                                         compile_mode="default", pad_batches=True),
         "ours": ours,
         "ours_default_compile": replace(ours, compile_mode="default", inductor_tuning=False),
+        "ours_reduce_overhead": replace(ours, compile_mode="reduce-overhead", inductor_tuning=False),
         "ours_b64": replace(ours, batch_size=64),
         "ours_cudagraphs": replace(ours, compile_mode="max-autotune"),
         "ours_cudnn_attn": replace(ours, attention_backend="cudnn"),
