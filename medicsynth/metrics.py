@@ -305,12 +305,12 @@ def joint_bootstrap_confusions(
 
     A resample draws ``n`` test samples (images) with replacement; every system and every task
     is scored on the same draw (paired bootstrap), so differences between systems and averages
-    over tasks get valid intervals. Instead of materialising ``n_boot x n`` indices, samples are
-    grouped into cells of identical labels ``(true_t, pred_t1, ..., pred_tK for every task t)``
-    and each resample is one multinomial draw of ``n`` over the cells with probabilities
-    ``cell_count / n``. Aggregating index resampling by cell gives exactly this multinomial, so
-    the two are the same bootstrap; this one costs ``O(n_boot x cells)`` with ``cells <= n`` and
-    usually far fewer (a single task has at most ``C^(K+1)``).
+    over tasks get valid intervals. The draws are sample indices from
+    ``numpy.random.default_rng(seed)`` and depend only on ``(seed, n, n_boot)``, never on the
+    labels or predictions: re-scoring one system (a new experiment) leaves every other system's
+    resamples, and so its intervals, exactly as they were. The drawn counts are then summed over
+    cells of samples with identical labels ``(true_t, pred_t1, ..., pred_tK for every task t)``,
+    so the confusion matrices cost ``O(n_boot x cells)`` after the ``O(n_boot x n)`` draw.
 
     Args:
         y_true: ``T`` arrays of class indices, all of length ``n``.
@@ -339,7 +339,8 @@ def joint_bootstrap_confusions(
         columns.extend(np.asarray(p, dtype=np.int64) for p in ps)
     table = np.stack(columns, axis=1)  # (n, T*(K+1))
     n = len(table)
-    cells, counts = np.unique(table, axis=0, return_counts=True)
+    cells, inverse = np.unique(table, axis=0, return_inverse=True)
+    inverse = np.asarray(inverse).ravel()
     # Slot of each cell in every (task, system) confusion matrix, and cells sorted by slot so
     # that one np.add.reduceat per (task, system) sums the drawn counts into its matrix.
     plans = []
@@ -351,13 +352,18 @@ def joint_bootstrap_confusions(
             starts = np.flatnonzero(np.r_[True, np.diff(slot[order]) != 0])
             plans.append((t, s, order, starts, slot[order][starts]))
     out = [np.zeros((n_boot, k, c * c), dtype=np.int64) for c in n_classes]
+    # Samples sorted by cell, so one np.add.reduceat sums a resample's counts per cell.
+    by_cell = np.argsort(inverse, kind="stable")
+    cell_starts = np.flatnonzero(np.r_[True, np.diff(inverse[by_cell]) != 0])
     rng = np.random.default_rng(seed)
-    probs = counts / n
-    # Bound the (chunk x cells) block of draws to ~4M counts (32 MB).
-    chunk = max(1, min(n_boot, 4_000_000 // len(cells)))
+    # Bound the (chunk x n) block of drawn indices to ~4M (32 MB).
+    chunk = max(1, min(n_boot, 4_000_000 // n))
     for lo in range(0, n_boot, chunk):
         hi = min(n_boot, lo + chunk)
-        draws = rng.multinomial(n, probs, size=hi - lo)
+        idx = rng.integers(0, n, size=(hi - lo, n))
+        rows = np.arange(hi - lo)[:, None] * n
+        per_sample = np.bincount((idx + rows).ravel(), minlength=(hi - lo) * n).reshape(hi - lo, n)
+        draws = np.add.reduceat(per_sample[:, by_cell], cell_starts, axis=1)  # (chunk, cells)
         for t, s, order, starts, slots in plans:
             out[t][lo:hi, s][:, slots] = np.add.reduceat(draws[:, order], starts, axis=1)
     return [o.reshape(n_boot, k, c, c) for o, c in zip(out, n_classes)]

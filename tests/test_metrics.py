@@ -205,7 +205,22 @@ def test_bootstrap_is_deterministic_by_seed(arrays):
     assert b["diff"] == pytest.approx(np.mean(q == y) - np.mean(p == y))
 
 
-def test_cell_multinomial_matches_index_resampling_distribution(arrays):
+def test_resamples_are_index_draws_independent_of_the_predictions(arrays):
+    classes, y, p = arrays
+    c, n = len(classes), len(y)
+    q = noisy(y, 0.65, len(classes), np.random.default_rng(2))
+    r = noisy(y, 0.55, len(classes), np.random.default_rng(3))
+    cms = paired_bootstrap_confusions(y, [q, p], c, n_boot=40, seed=7)
+    # Exactly the confusion matrices of default_rng(seed)'s index draws.
+    idx = np.random.default_rng(7).integers(0, n, size=(40, n))
+    for b in (0, 17, 39):
+        np.testing.assert_array_equal(cms[b, 0], confusion_counts(y[idx[b]], q[idx[b]], c))
+        np.testing.assert_array_equal(cms[b, 1], confusion_counts(y[idx[b]], p[idx[b]], c))
+    # Re-scoring the other system leaves this one's resamples (and intervals) unchanged.
+    np.testing.assert_array_equal(paired_bootstrap_confusions(y, [q, r], c, n_boot=40, seed=7)[:, 0], cms[:, 0])
+
+
+def test_cell_aggregation_matches_index_resampling_distribution(arrays):
     # The fast bootstrap must have the same distribution as resampling indices.
     classes, y, p = arrays
     q = noisy(y, 0.65, len(classes), np.random.default_rng(2))
