@@ -448,7 +448,7 @@ def bootstrap_diff_ci(
     Args:
         y_true, pred_a, pred_b: class indices (ints), same length.
         metric_fn: one of :data:`NAMED_METRICS` (computed from resampled confusion counts via
-            :func:`paired_bootstrap_confusions`: seconds for 1000 resamples of 15k samples), or a
+            :func:`paired_bootstrap_confusions`: under a second for 1000 resamples of 15k samples), or a
             callable ``f(y_true, y_pred) -> float`` evaluated on index resamples (slower; the
             same indices are used for both systems).
         n_boot: number of resamples. seed: seed of ``numpy.random.default_rng``.

@@ -9,8 +9,10 @@ classifier-free guidance needs, AdamW with linear warm-up and cosine decay to ze
   on class-balanced random crops (phase 1), folds a per-channel standardisation of its latents
   into its 1×1 convolutions, encodes the training images once, then trains UNet and text encoder
   jointly on class-balanced batches (phase 2). Every phase stops at ``steps`` or at
-  ``max_seconds`` (when set), whichever comes first; a run that will hit its time cap switches
-  its learning-rate schedule to elapsed time, so it still ends its cosine at zero.
+  ``max_seconds`` (when set), whichever comes first. Whether the learning-rate schedule follows
+  steps (reproducible) or elapsed time (for a machine too slow to finish within the cap, so its
+  cosine still ends at zero) is decided once, from the pace measured early in the phase, and
+  recorded as ``schedule`` in the phase's summary.
 
   Measured on the demo data (2 shared cores, 1 thread, ~4.7 min wall for the stage): the
   project's ``original`` small CNN assigned 64%, 85% and 89% of 280 generated images (the
@@ -53,6 +55,7 @@ class TrainLog:
     steps: int = 0
     seconds: float = 0.0
     stopped_by: str = "steps"  # steps | time
+    schedule: str = "steps"  # what the learning-rate schedule followed: steps | time
 
     def summary(self) -> dict:
         tail = self.losses[-50:]
@@ -61,6 +64,7 @@ class TrainLog:
             "seconds": round(self.seconds, 2),
             "steps_per_second": round(self.steps / max(self.seconds, 1e-9), 3),
             "stopped_by": self.stopped_by,
+            "schedule": self.schedule,
             "loss_first": self.losses[0] if self.losses else None,
             "loss_last50_mean": float(np.mean(tail)) if tail else None,
         }
@@ -77,30 +81,50 @@ def _lr_factor(progress: float, warmup_fraction: float) -> float:
 class _Budget:
     """Progress through a phase bounded by a step count and, optionally, a wall-clock limit.
 
-    The learning-rate schedule follows the step count — deterministic — unless the measured pace
-    projects the phase past ``max_seconds``; from then on it follows elapsed time, so a run cut
-    short by a slow machine still ends its cosine at zero instead of stopping at a high rate.
+    The learning-rate schedule follows the step count, so a run that finishes its steps is
+    reproducible, unless the pace measured between step ``WARMUP`` and step ``decide_step``
+    (10% of the phase) projects the phase past ``max_seconds``: then, from that step on, it
+    follows elapsed time, so a run cut short by a slow machine still ends its cosine at zero
+    instead of stopping at a high rate. The decision is taken once: a transient slowdown later
+    in the phase cannot switch a run's schedule (it used to, making reruns differ).
     """
 
-    def __init__(self, steps: int, max_seconds: float | None):
+    WARMUP = 10  # first steps (allocations, first kernels) are slower than the rest
+
+    def __init__(self, steps: int, max_seconds: float | None, decide_fraction: float = 0.1):
         if steps < 1:
             raise ValueError(f"a training phase needs steps >= 1, got {steps}")
         self.steps = steps
         self.max_seconds = max_seconds if max_seconds and max_seconds > 0 else None
+        self.decide_step = max(2 * self.WARMUP, int(steps * decide_fraction))
         self.start = time.perf_counter()
         self.time_bound = False
+        self._warm_at: float | None = None
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
 
+    @property
+    def schedule(self) -> str:
+        return "time" if self.time_bound else "steps"
+
+    def projected_seconds(self, step: int) -> float:
+        """Wall time of the whole phase at the pace measured since the warm-up steps."""
+        elapsed = self.elapsed()
+        if self._warm_at is None or step <= self.WARMUP:
+            return elapsed / max(step, 1) * self.steps
+        pace = (elapsed - self._warm_at) / (step - self.WARMUP)
+        return self._warm_at + pace * (self.steps - self.WARMUP)
+
     def progress(self, step: int) -> float:
         p = step / self.steps
-        if self.max_seconds is not None and step >= 10:
-            elapsed = self.elapsed()
-            if not self.time_bound and elapsed / step * self.steps > self.max_seconds:
-                self.time_bound = True
+        if self.max_seconds is not None:
+            if step == self.WARMUP:
+                self._warm_at = self.elapsed()
+            elif step == self.decide_step:
+                self.time_bound = self.projected_seconds(step) > self.max_seconds
             if self.time_bound:
-                p = max(p, elapsed / self.max_seconds)
+                p = max(p, self.elapsed() / self.max_seconds)
         return min(p, 1.0)
 
     def done(self, step: int) -> str | None:
@@ -221,7 +245,7 @@ def train_denoiser(
                 p.copy_(e)
     unet.eval()
     text_encoder.eval()
-    log.steps, log.seconds, log.stopped_by = step, budget.elapsed(), reason
+    log.steps, log.seconds, log.stopped_by, log.schedule = step, budget.elapsed(), reason, budget.schedule
     return log
 
 
@@ -340,7 +364,7 @@ def train_vae(vae, images: torch.Tensor, cfg: DemoTrainConfig, weights: torch.Te
             bar.set_postfix(loss=f"{np.mean(log.losses[-10:]):.4f}")
     bar.close()
     vae.eval()
-    log.steps, log.seconds, log.stopped_by = step, budget.elapsed(), reason
+    log.steps, log.seconds, log.stopped_by, log.schedule = step, budget.elapsed(), reason, budget.schedule
     return log
 
 
