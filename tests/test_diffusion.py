@@ -430,10 +430,19 @@ def test_budget_keeps_the_step_schedule_despite_slow_first_steps_and_later_stall
 
 
 def test_budget_follows_time_when_the_early_pace_cannot_finish(monkeypatch):
-    # 0.2 s per step projects 200 s for 1000 steps against a 100 s cap: time-bound from step 100.
+    # 0.2 s per step projects 200 s for 1000 steps against a 100 s cap: time-bound from step 200.
     budget, progress, reason = _run_budget(monkeypatch, 1000, 100.0, lambda s: 0.2)
     assert reason == "time" and budget.schedule == "time"
     assert len(progress) == 500
-    assert progress[99] == pytest.approx(99 / 1000)  # before the decision: steps
-    assert progress[100] == pytest.approx(20.0 / 100.0)  # after: elapsed / cap
+    assert progress[199] == pytest.approx(199 / 1000)  # before the decision: steps
+    assert progress[200] == pytest.approx(40.0 / 100.0)  # after: elapsed / cap
     assert progress[-1] == pytest.approx(99.8 / 100.0)
+
+
+def test_budget_within_tolerance_keeps_steps_and_may_stop_late_by_time(monkeypatch):
+    # 0.105 s per step projects 105 s against a 100 s cap: within the 10% tolerance, so the
+    # schedule stays step-bound and the phase stops by time at step 952, 95% of the way.
+    budget, progress, reason = _run_budget(monkeypatch, 1000, 100.0, lambda s: 0.105)
+    assert budget.schedule == "steps" and reason == "time"
+    assert progress == [s / 1000 for s in range(len(progress))]
+    assert len(progress) / 1000 >= 1 / 1.1
