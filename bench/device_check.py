@@ -44,6 +44,9 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
+sys.path.insert(0, str(REPO))
+
+from medicsynth.io import write_json  # noqa: E402
 # Cheapest and most telling first: this card's baseline, then the speed options without and with
 # autotuning (compilation takes minutes), then the anchors' other configurations if time is left.
 DEFAULT_VARIANTS = ("defaults_b16,ours_default_compile,ours,ours_reduce_overhead,ours_cudnn_attn,"
@@ -184,12 +187,6 @@ def plan(args: argparse.Namespace, work: Path) -> list[Step]:
     return steps
 
 
-def write_report(path: Path, report: dict) -> None:
-    tmp = path.with_suffix(".tmp")
-    tmp.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
-
-
 def summary_lines(report: dict) -> list[str]:
     """The short table printed last (the device tool returns only the end of the output)."""
     lines = [f"device: {report['environment'].get('device') or report['environment'].get('nvidia_smi')}",
@@ -236,7 +233,7 @@ def main(argv: list[str] | None = None) -> int:
               "started": datetime.now(timezone.utc).isoformat(timespec="seconds"),
               "budget_s": args.budget, "environment": environment(), "steps": []}
     json_path = out / "device_check.json"
-    write_report(json_path, report)
+    write_json(report, json_path)
     with open(out / "device_check.log", "a", encoding="utf-8") as log:
         for step in plan(args, work):
             left = args.budget - (time.monotonic() - start)
@@ -247,7 +244,7 @@ def main(argv: list[str] | None = None) -> int:
                 result = run_step(step, min(step.cap_s, left), log)
             report["steps"].append(asdict(result))
             report["elapsed_s"] = round(time.monotonic() - start, 1)
-            write_report(json_path, report)
+            write_json(report, json_path)
             print(f"{result.name}: {result.status} in {result.seconds:.0f} s  {_figure(asdict(result))}", flush=True)
     print("\n".join(["", *summary_lines(report)]))
     print(f"\nwrote {json_path}")

@@ -15,13 +15,16 @@ sizes to prove the script, and its numbers mean nothing.
 from __future__ import annotations
 
 import argparse
-import json
 import platform
 import statistics
+import sys
 import time
 from pathlib import Path
 
 import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from medicsynth.io import write_json  # noqa: E402
 
 
 def _time(fn, warmup: int, repeats: int, device: torch.device) -> list[float]:
@@ -93,8 +96,7 @@ def main(argv: list[str] | None = None) -> dict:
     print(f"{report['device']}: {m['dtype']} matmul {m['n']}³ {m['tflops']:.1f} TFLOP/s "
           f"(rel. error {m['relative_error']:.1e}); copy {c['tb_per_s_read_plus_write']:.2f} TB/s")
     if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+        write_json(report, args.out)
     return report
 
 

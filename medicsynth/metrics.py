@@ -352,18 +352,16 @@ def joint_bootstrap_confusions(
             starts = np.flatnonzero(np.r_[True, np.diff(slot[order]) != 0])
             plans.append((t, s, order, starts, slot[order][starts]))
     out = [np.zeros((n_boot, k, c * c), dtype=np.int64) for c in n_classes]
-    # Samples sorted by cell, so one np.add.reduceat sums a resample's counts per cell.
-    by_cell = np.argsort(inverse, kind="stable")
-    cell_starts = np.flatnonzero(np.r_[True, np.diff(inverse[by_cell]) != 0])
+    n_cells = len(cells)
     rng = np.random.default_rng(seed)
     # Bound the (chunk x n) block of drawn indices to ~4M (32 MB).
     chunk = max(1, min(n_boot, 4_000_000 // n))
     for lo in range(0, n_boot, chunk):
         hi = min(n_boot, lo + chunk)
         idx = rng.integers(0, n, size=(hi - lo, n))
-        rows = np.arange(hi - lo)[:, None] * n
-        per_sample = np.bincount((idx + rows).ravel(), minlength=(hi - lo) * n).reshape(hi - lo, n)
-        draws = np.add.reduceat(per_sample[:, by_cell], cell_starts, axis=1)  # (chunk, cells)
+        # Each drawn sample counted in its cell, one row of cells per resample.
+        flat = (inverse[idx] + np.arange(hi - lo)[:, None] * n_cells).ravel()
+        draws = np.bincount(flat, minlength=(hi - lo) * n_cells).reshape(hi - lo, n_cells)
         for t, s, order, starts, slots in plans:
             out[t][lo:hi, s][:, slots] = np.add.reduceat(draws[:, order], starts, axis=1)
     return [o.reshape(n_boot, k, c, c) for o, c in zip(out, n_classes)]
