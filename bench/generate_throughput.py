@@ -68,6 +68,7 @@ from medicsynth.diffusion.generate import (  # noqa: E402
     resolve_options,
 )
 from medicsynth.diffusion.tiny import build_tokenizer, label_prompt, prompt_vocabulary  # noqa: E402
+from medicsynth.io import write_json  # noqa: E402
 from medicsynth.labels import CLASSES, TASKS  # noqa: E402
 
 # Stable Diffusion 1.5's component configs, written out (values of the released config.json files).
@@ -285,11 +286,9 @@ def main() -> None:
             print(f"{name:24s} batch {result['batch_size']:3d}  {result['images_per_second']:8.3f} img/s"
                   f"  ({result['images']} images in {result['seconds']:.1f} s, warm-up {result['warmup_seconds']:.0f} s)",
                   flush=True)
-    text = json.dumps(report, indent=2)
-    if args.out:
-        Path(args.out).parent.mkdir(parents=True, exist_ok=True)
-        Path(args.out).write_text(text + "\n", encoding="utf-8")
-    print(text)
+            if args.out:  # after every variant, so a run cut short keeps the ones that finished
+                write_json(report, args.out)
+    print(json.dumps(report, indent=2))
 
 
 if __name__ == "__main__":
