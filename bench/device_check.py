@@ -7,7 +7,8 @@ checks run as one prepared script. Steps, in the order the open issues need them
 ``env``                     ``nvidia-smi``, python, torch/CUDA, diffusers/transformers/DALI versions
 ``ceilings``                ``bench/gpu_ceilings.py``: bf16 matrix rate, device copy bandwidth
 ``train``                   ``bench/train_throughput.py``: ResNet50 + 4 heads alone, fed by DALI
-                            ``mixed`` decoding, DALI alone, torchvision DataLoader
+                            ``mixed`` decoding, DALI alone, torchvision DataLoader, the train
+                            stage's own loop
 ``generate:<variant>``      ``bench/generate_throughput.py --variants <variant>``, one process per
                             variant (``--variants``), so one long compilation costs its own step only
 ==========================  =====================================================================

@@ -17,6 +17,10 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+from medicsynth.io import write_text  # noqa: E402
+
 DOC = REPO / "docs" / "PERFORMANCE.md"
 BEGIN, END = "<!-- device-results:begin -->", "<!-- device-results:end -->"
 
@@ -146,7 +150,7 @@ def update_doc(doc: Path, section: str) -> None:
         text = head + block + tail
     else:
         text = text.rstrip("\n") + "\n\n## GPU figures (measured)\n\n" + block + "\n"
-    doc.write_text(text, encoding="utf-8")
+    write_text(text, doc)  # atomic: an interrupted update never leaves half a document
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -155,7 +159,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--doc", default=str(DOC))
     parser.add_argument("--print", action="store_true", help="print the section, write nothing")
     args = parser.parse_args(argv)
-    report = json.loads(Path(args.report).read_text(encoding="utf-8"))
+    try:
+        report = json.loads(Path(args.report).read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        print(f"refused: cannot read {args.report} as a device_check JSON report: {exc}", file=sys.stderr)
+        return 2
     try:
         section = render(report, source=Path(args.report).name)
     except ValueError as exc:

@@ -209,11 +209,11 @@ def run(args: argparse.Namespace) -> dict:
                              loader="dali" if dali_available() else "torch",
                              num_workers=args.dali_threads if dali_available() else args.torch_workers,
                              device=str(device), cpu_threads=None, lr=1e-4)
-        run = train_classifier(files, labels, None, None, config, progress=False)
-        results["train_loop"] = {"images_per_s": run.images_per_second, "epochs": args.loop_epochs,
+        loop = train_classifier(files, labels, None, None, config, progress=False)
+        results["train_loop"] = {"images_per_s": loop.images_per_second, "epochs": args.loop_epochs,
                                  "steps": args.loop_epochs * -(-len(files) // args.batch_size),
-                                 "seconds": run.seconds, "loader": run.loader_backend}
-        print(f"  train_loop ({run.loader_backend}): {run.images_per_second:.0f} img/s", flush=True)
+                                 "seconds": loop.seconds, "loader": loop.loader_backend}
+        print(f"  train_loop ({loop.loader_backend}): {loop.images_per_second:.0f} img/s", flush=True)
     finally:
         if not args.data_dir:
             shutil.rmtree(data_dir, ignore_errors=True)

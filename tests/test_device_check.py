@@ -134,3 +134,13 @@ def test_doc_section_is_replaced_in_place(tmp_path):
     text = doc.read_text()
     assert text.count(performance_report.BEGIN) == 1 and "first" not in text and "second\n" in text
     assert text.startswith("# Performance\n\nintro\n")
+
+
+def test_unreadable_report_is_refused_naming_the_file(tmp_path, capsys):
+    bad = tmp_path / "device_check.json"
+    bad.write_text('{"steps": [')  # a call cut off while copying the file back
+    doc = tmp_path / "PERFORMANCE.md"
+    doc.write_text("# Performance\n")
+    assert performance_report.main([str(bad), "--doc", str(doc)]) == 2
+    assert str(bad) in capsys.readouterr().err
+    assert doc.read_text() == "# Performance\n"
