@@ -7,13 +7,15 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: demo test repro venv clean-venv
+.PHONY: demo test test-fast repro venv clean-venv
 
 venv: $(VENV)/.installed
 
-$(VENV)/.installed: requirements.txt
+$(VENV)/.installed: requirements.txt pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --disable-pip-version-check -q -r requirements.txt
+	@# The package itself, editable: stages, bench and tests import `medicsynth` from the checkout.
+	$(BIN)/pip install --disable-pip-version-check -q --no-deps -e .
 	$(BIN)/pip check
 	touch $@
 
@@ -27,6 +29,10 @@ demo: venv
 ## Run the test suite.
 test: venv
 	$(BIN)/python -m pytest -q tests
+
+## The quick tests only: skips the end-to-end DVC runs and other slow tests (markers in pyproject.toml).
+test-fast: venv
+	$(BIN)/python -m pytest -q -m "not e2e and not slow" tests
 
 repro: venv
 	$(BIN)/dvc repro

@@ -45,9 +45,7 @@ from pathlib import Path
 
 BENCH = Path(__file__).resolve().parent
 REPO = BENCH.parent
-sys.path.insert(0, str(REPO))
-
-from medicsynth.io import write_json  # noqa: E402
+from medicsynth.io import write_json
 # Cheapest and most telling first: this card's baseline, then the speed options without and with
 # autotuning (compilation takes minutes), then the anchors' other configurations if time is left.
 DEFAULT_VARIANTS = ("defaults_b16,ours_default_compile,ours,ours_reduce_overhead,ours_cudnn_attn,"

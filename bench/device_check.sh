@@ -25,5 +25,6 @@ if compgen -G ".whl/*.whl" >/dev/null; then
   python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade \
     --target /tmp/site .whl/*.whl || { echo "installing .whl/ failed" >&2; exit 1; }
 fi
-export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH}
+# The device image has no editable install of medicsynth: the checkout itself goes on the path.
+export PYTHONPATH=/tmp/site:$PWD${PYTHONPATH:+:$PYTHONPATH}
 exec python3 bench/device_check.py "$@"

@@ -47,19 +47,16 @@ import gc
 import json
 import os
 import platform
-import sys
 import tempfile
 import time
 from dataclasses import asdict, replace
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import pandas as pd
+import torch
 
-import pandas as pd  # noqa: E402
-import torch  # noqa: E402
-
-from medicsynth.diffusion.generate import (  # noqa: E402
+from medicsynth.diffusion.generate import (
     GenerateOptions,
     ModelRef,
     Renderer,
@@ -67,9 +64,9 @@ from medicsynth.diffusion.generate import (  # noqa: E402
     render_jobs,
     resolve_options,
 )
-from medicsynth.diffusion.tiny import build_tokenizer, label_prompt, prompt_vocabulary  # noqa: E402
-from medicsynth.io import write_json  # noqa: E402
-from medicsynth.labels import CLASSES, TASKS  # noqa: E402
+from medicsynth.diffusion.tiny import build_tokenizer, label_prompt, prompt_vocabulary
+from medicsynth.io import write_json
+from medicsynth.labels import CLASSES, TASKS
 
 # Stable Diffusion 1.5's component configs, written out (values of the released config.json files).
 SD15_UNET = dict(

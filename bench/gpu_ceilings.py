@@ -17,14 +17,12 @@ from __future__ import annotations
 import argparse
 import platform
 import statistics
-import sys
 import time
 from pathlib import Path
 
 import torch
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from medicsynth.io import write_json  # noqa: E402
+from medicsynth.io import write_json
 
 
 def _time(fn, warmup: int, repeats: int, device: torch.device) -> list[float]:

@@ -15,19 +15,16 @@ from __future__ import annotations
 import argparse
 import os
 import platform
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+from PIL import Image
 
-from PIL import Image  # noqa: E402
-
-from medicsynth.io import write_json  # noqa: E402
-from medicsynth.llm import LLMClient, LLMConfig, classify_request  # noqa: E402
-from tests.api_server import FakeLLMServer, auto  # noqa: E402
+from medicsynth.io import write_json
+from medicsynth.llm import LLMClient, LLMConfig, classify_request
+from tests.api_server import FakeLLMServer, auto
 
 
 def make_images(directory: Path, n: int) -> list[str]:

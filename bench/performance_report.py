@@ -17,9 +17,7 @@ import sys
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
-
-from medicsynth.io import write_text  # noqa: E402
+from medicsynth.io import write_text
 
 DOC = REPO / "docs" / "PERFORMANCE.md"
 BEGIN, END = "<!-- device-results:begin -->", "<!-- device-results:end -->"

@@ -35,25 +35,22 @@ import argparse
 import os
 import platform
 import shutil
-import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO))
+import numpy as np
+import torch
+from PIL import Image
+from torch import nn
 
-import numpy as np  # noqa: E402
-import torch  # noqa: E402
-from PIL import Image  # noqa: E402
-from torch import nn  # noqa: E402
-
-from medicsynth.io import write_json  # noqa: E402
-from medicsynth.labels import NUM_CLASSES, TASKS  # noqa: E402
-from medicsynth.loaders import dali_available, make_loader  # noqa: E402
-from medicsynth.models import build_classifier  # noqa: E402
-from medicsynth.training import TrainConfig, train_classifier  # noqa: E402
+from medicsynth.io import write_json
+from medicsynth.labels import NUM_CLASSES, TASKS
+from medicsynth.loaders import dali_available, make_loader
+from medicsynth.models import build_classifier
+from medicsynth.training import TrainConfig, train_classifier
 
 
 def _write_jpegs(args: tuple[str, int, int, int, int]) -> list[int]:

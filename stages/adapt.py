@@ -17,18 +17,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 import time
 from pathlib import Path
 
 # Never reach the network for models: a hub id must already be in the local cache.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import torch
 
-import torch  # noqa: E402
-
-from medicsynth.diffusion.tiny import label_prompt  # noqa: E402
-from medicsynth.diffusion.train import (  # noqa: E402
+from medicsynth.diffusion.tiny import label_prompt
+from medicsynth.diffusion.train import (
     DemoTrainConfig,
     LoraTrainConfig,
     _atomic_dir,
@@ -40,9 +37,9 @@ from medicsynth.diffusion.train import (  # noqa: E402
     train_demo,
     train_lora,
 )
-from medicsynth.io import atomic_path, write_json  # noqa: E402
-from medicsynth.manifest import read_manifest  # noqa: E402
-from medicsynth.params import load_params, section  # noqa: E402
+from medicsynth.io import atomic_path, write_json
+from medicsynth.manifest import read_manifest
+from medicsynth.params import load_params, section
 
 
 def _placeholder_plot(path: Path, text: str) -> None:

@@ -12,15 +12,12 @@ mode, the ``original`` model's per-class F1 on the dev split. Writes:
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from medicsynth.allocation import AllocateConfig, allocate, load_dev_f1, plot_allocation  # noqa: E402
-from medicsynth.io import write_json  # noqa: E402
-from medicsynth.manifest import read_manifest, write_tsv  # noqa: E402
-from medicsynth.params import load_params, section  # noqa: E402
+from medicsynth.allocation import AllocateConfig, allocate, load_dev_f1, plot_allocation
+from medicsynth.io import write_json
+from medicsynth.manifest import read_manifest, write_tsv
+from medicsynth.params import load_params, section
 
 ALLOCATION_TSV = "data/allocation/allocation.tsv"
 PLAN_TSV = "data/allocation/plan.tsv"

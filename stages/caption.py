@@ -12,17 +12,14 @@ client's on-disk cache (``caption.llm.cache_dir``, default ``.llm_cache/``).
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import pandas as pd
 
-import pandas as pd  # noqa: E402
-
-from medicsynth.captions import CaptionConfig, caption_plan, load_length_limit, make_clients  # noqa: E402
-from medicsynth.io import write_json  # noqa: E402
-from medicsynth.manifest import read_manifest, write_tsv  # noqa: E402
-from medicsynth.params import load_params, section  # noqa: E402
+from medicsynth.captions import CaptionConfig, caption_plan, load_length_limit, make_clients
+from medicsynth.io import write_json
+from medicsynth.manifest import read_manifest, write_tsv
+from medicsynth.params import load_params, section
 
 PLAN_TSV = "data/allocation/plan.tsv"
 CAPTIONS_TSV = "data/captions/captions.tsv"

@@ -15,13 +15,10 @@ A variant without predictions is skipped with a note; the original variant is re
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from medicsynth.compare import run_compare  # noqa: E402
-from medicsynth.params import load_params, section  # noqa: E402
+from medicsynth.compare import run_compare
+from medicsynth.params import load_params, section
 
 PREDICTIONS_DIR = "data/predictions"
 TRAIN_MANIFEST = "data/variants/original/train.tsv"

@@ -11,21 +11,18 @@ asked to relabel test, the variant's relabelled test set is reported as well, se
 from __future__ import annotations
 
 import argparse
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import pandas as pd
 
-import pandas as pd  # noqa: E402
-
-from medicsynth.io import write_json  # noqa: E402
-from medicsynth.labels import CLASSES, TASKS  # noqa: E402
-from medicsynth.manifest import label_matrix, read_manifest, write_tsv  # noqa: E402
-from medicsynth.metrics import classification_report  # noqa: E402
-from medicsynth.models import load_classifier  # noqa: E402
-from medicsynth.params import load_params, section  # noqa: E402
-from medicsynth.plots import plot_confusion, plot_per_class_f1  # noqa: E402
-from medicsynth.training import predict_files  # noqa: E402
+from medicsynth.io import write_json
+from medicsynth.labels import CLASSES, TASKS
+from medicsynth.manifest import label_matrix, read_manifest, write_tsv
+from medicsynth.metrics import classification_report
+from medicsynth.models import load_classifier
+from medicsynth.params import load_params, section
+from medicsynth.plots import plot_confusion, plot_per_class_f1
+from medicsynth.training import predict_files
 
 
 def score(model, meta, df: pd.DataFrame, params: dict):

@@ -10,12 +10,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from medicsynth.filtering import (  # noqa: E402
+from medicsynth.filtering import (
     FilterConfig,
     filter_synthetic,
     kept_manifest,
@@ -23,9 +20,9 @@ from medicsynth.filtering import (  # noqa: E402
     load_prompt,
     plot_filter_grid,
 )
-from medicsynth.io import write_json  # noqa: E402
-from medicsynth.manifest import read_manifest, write_manifest, write_tsv  # noqa: E402
-from medicsynth.params import load_params, section  # noqa: E402
+from medicsynth.io import write_json
+from medicsynth.manifest import read_manifest, write_manifest, write_tsv
+from medicsynth.params import load_params, section
 
 
 def main(argv: list[str] | None = None) -> None:

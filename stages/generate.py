@@ -13,18 +13,15 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
 # Never reach the network for models: a hub id must already be in the local cache.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from accelerate import PartialState
 
-from accelerate import PartialState  # noqa: E402
-
-from medicsynth.diffusion.generate import GenerateOptions, generate_plan  # noqa: E402
-from medicsynth.io import write_json  # noqa: E402
-from medicsynth.params import load_params, section  # noqa: E402
+from medicsynth.diffusion.generate import GenerateOptions, generate_plan
+from medicsynth.io import write_json
+from medicsynth.params import load_params, section
 
 
 def main() -> None:

@@ -7,18 +7,15 @@ share, per-class synthetic share, a pool_too_small flag).
 
 from __future__ import annotations
 
-import sys
 import warnings
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import pandas as pd
 
-import pandas as pd  # noqa: E402
-
-from medicsynth.io import write_json  # noqa: E402
-from medicsynth.manifest import read_manifest, write_manifest  # noqa: E402
-from medicsynth.merge import merge_training_set  # noqa: E402
-from medicsynth.params import load_params  # noqa: E402
+from medicsynth.io import write_json
+from medicsynth.manifest import read_manifest, write_manifest
+from medicsynth.merge import merge_training_set
+from medicsynth.params import load_params
 
 OUT = Path("data/variants/augmented")
 

@@ -6,19 +6,16 @@ quarantine.tsv), data/variants/original/{train,dev}.tsv, metrics/prepare.json.
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import pandas as pd
 
-import pandas as pd  # noqa: E402
-
-from medicsynth.demo_data import DemoConfig, generate_demo  # noqa: E402
-from medicsynth.io import write_json  # noqa: E402
-from medicsynth.labels import CLASSES, TASKS  # noqa: E402
-from medicsynth.manifest import write_manifest, write_tsv  # noqa: E402
-from medicsynth.medic import QUARANTINE_COLUMNS, ingest_medic  # noqa: E402
-from medicsynth.params import load_params, section  # noqa: E402
+from medicsynth.demo_data import DemoConfig, generate_demo
+from medicsynth.io import write_json
+from medicsynth.labels import CLASSES, TASKS
+from medicsynth.manifest import write_manifest, write_tsv
+from medicsynth.medic import QUARANTINE_COLUMNS, ingest_medic
+from medicsynth.params import load_params, section
 
 PREPARED = Path("data/prepared")
 ORIGINAL = Path("data/variants/original")

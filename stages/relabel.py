@@ -8,26 +8,23 @@ precision/recall of the changes against the clean labels), plots/relabel_changes
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-import matplotlib  # noqa: E402
+import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+import pandas as pd
 
-from medicsynth.io import write_json  # noqa: E402
-from medicsynth.labels import CLASSES, TASKS  # noqa: E402
-from medicsynth.manifest import label_matrix, read_manifest, write_manifest, write_tsv  # noqa: E402
-from medicsynth.params import load_params, section  # noqa: E402
-from medicsynth.relabel import (  # noqa: E402
+from medicsynth.io import write_json
+from medicsynth.labels import CLASSES, TASKS
+from medicsynth.manifest import label_matrix, read_manifest, write_manifest, write_tsv
+from medicsynth.params import load_params, section
+from medicsynth.relabel import (
     consensus, flag_confident_learning, flag_disagreement, model_votes, out_of_fold_probs, score_corrections,
 )
-from medicsynth.training import TrainConfig  # noqa: E402
+from medicsynth.training import TrainConfig
 
 SPLIT_FILES = {"train": "data/variants/original/train.tsv", "dev": "data/variants/original/dev.tsv",
                "test": "data/prepared/test.tsv"}

@@ -12,19 +12,16 @@ rank 0 writes them; the other ranks train and exit.
 from __future__ import annotations
 
 import argparse
-import sys
 from contextlib import nullcontext
 from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from dvclive import Live
 
-from dvclive import Live  # noqa: E402
-
-from medicsynth.io import write_json  # noqa: E402
-from medicsynth.manifest import label_matrix, read_manifest  # noqa: E402
-from medicsynth.models import save_classifier  # noqa: E402
-from medicsynth.params import load_params, section  # noqa: E402
-from medicsynth.training import TrainConfig, config_dict, dist_info, train_classifier  # noqa: E402
+from medicsynth.io import write_json
+from medicsynth.manifest import label_matrix, read_manifest
+from medicsynth.models import save_classifier
+from medicsynth.params import load_params, section
+from medicsynth.training import TrainConfig, config_dict, dist_info, train_classifier
 
 
 def main() -> None:

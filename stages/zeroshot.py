@@ -21,20 +21,17 @@ from __future__ import annotations
 import argparse
 import hashlib
 import os
-import sys
 from collections import Counter
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+import pandas as pd
 
-import pandas as pd  # noqa: E402
-
-from medicsynth.io import write_json  # noqa: E402
-from medicsynth.labels import TASKS  # noqa: E402
-from medicsynth.manifest import read_manifest, write_tsv  # noqa: E402
-from medicsynth.params import load_params, section  # noqa: E402
+from medicsynth.io import write_json
+from medicsynth.labels import TASKS
+from medicsynth.manifest import read_manifest, write_tsv
+from medicsynth.params import load_params, section
 
 #: Keys of the ``zeroshot`` section that are the stage's own; all others configure the client.
 STAGE_KEYS = ("provider", "max_images", "seed", "tasks")

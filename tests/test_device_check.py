@@ -14,10 +14,7 @@ from pathlib import Path
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(REPO / "bench"))
-
-import device_check  # noqa: E402
-import performance_report  # noqa: E402
+from bench import device_check, performance_report
 
 
 def _alive(pid: int) -> bool:

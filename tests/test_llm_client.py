@@ -566,7 +566,6 @@ def test_usage_accounting_and_order_under_concurrency(tmp_path):
 CHILD = textwrap.dedent(
     """
     import json, logging, sys
-    sys.path.insert(0, sys.argv[1])
     logging.basicConfig(level=logging.DEBUG)  # SDK debug logs too: they must not leak the key
     from medicsynth.llm import LLMClient, LLMConfig, classify_request
     repo, provider, base_url, cache_dir, *images = sys.argv[1:]
