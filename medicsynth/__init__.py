@@ -1,6 +1,13 @@
 """medicsynth: fight class imbalance in MEDIC disaster images with relabelling and synthetic images.
 
 The package holds the domain logic; the DVC stages in ``stages/`` are thin scripts around it.
+
+Importing the package pins the CPU instruction set that PyTorch's CPU libraries may use (see
+:mod:`medicsynth.numerics`), so that a stage computes the same bytes on any x86-64 machine.
 """
+
+from medicsynth.numerics import pin_cpu_isa
+
+pin_cpu_isa()
 
 __version__ = "0.1.0"
