@@ -408,6 +408,66 @@ def test_agreement_cli_accept_then_status(repo):
         check=False,
     )  # fmt: skip
     assert no.returncode == 1 and "without --yes" in no.stderr
+    # Fields missing and no terminal to ask on: an error naming them and the rules.
+    missing = repo.run(sys.executable, "-m", "medicsynth.agreement", "accept", "--name", "B", check=False)
+    assert missing.returncode == 2
+    assert "--contact, --purpose not given and no terminal" in missing.stderr
+    assert "at least 10 characters" in missing.stderr
+
+
+def test_agreement_cli_asks_on_a_terminal(repo):
+    """`make accept-agreement` without arguments, as a person at a terminal answers it."""
+    import pty
+    import threading
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "medicsynth.agreement", "accept"],
+        cwd=repo.root, env=repo.env, stdin=slave, stdout=slave, stderr=slave, close_fds=True,
+    )  # fmt: skip
+    os.close(slave)
+    chunks: list[bytes] = []
+
+    def drain() -> None:
+        while True:
+            try:
+                data = os.read(master, 4096)
+            except OSError:  # EIO: the child closed the terminal
+                return
+            if not data:
+                return
+            chunks.append(data)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    # Name, contact, a too-short purpose (asked again), the purpose, the confirmation.
+    for line in ("Ada L.", "ada@example.org", "test", "flood damage research", "I agree"):
+        os.write(master, f"{line}\n".encode())
+    assert proc.wait(timeout=60) == 0
+    reader.join(timeout=10)
+    os.close(master)
+    shown = b"".join(chunks).decode("utf-8", "replace")
+    assert "at least 10 characters" in shown and "is too short" in shown
+    assert "Type \"I agree\"" in shown
+    record = json.loads((repo.root / agreement.ACCEPTANCE_FILE).read_text())
+    assert (record["name"], record["contact"], record["purpose"]) == (
+        "Ada L.", "ada@example.org", "flood damage research",
+    )  # fmt: skip
+
+
+def test_ask_fields_asks_only_for_missing_fields_until_valid():
+    answers = iter(["", "ada@example.org", "short", "non-commercial flood research"])
+    asked: list[str] = []
+    said: list[str] = []
+
+    def ask(prompt: str) -> str:
+        asked.append(prompt)
+        return next(answers)
+
+    fields = agreement.ask_fields("Ada", None, None, ask=ask, say=said.append)
+    assert fields == ("Ada", "ada@example.org", "non-commercial flood research")
+    assert [p.split(" ")[0] for p in asked] == ["Contact", "Contact", "Purpose", "Purpose"]
+    assert "contact must not be empty" in said[0] and "at least 10 characters" in said[1]
 
 
 def test_wrong_credentials_refused_when_auth_is_enforced(routed, s3):
