@@ -20,6 +20,7 @@ import sys
 from pathlib import Path
 
 import pytest
+import yaml
 
 from medicsynth import agreement
 from tests.e2e_helpers import make_repo_copy, run
@@ -77,8 +78,17 @@ def test_after_demo_then_tests_status_is_clean_and_exp_run_reruns_only_downstrea
 
     # The tiny pool holds ~24 images, so a small ratio is what changes the augmented set here
     # (the demo's mix_ratio=0.5 plays the same role on its 247-image pool).
+    committed = yaml.safe_load((ws / "params.yaml").read_text())["mix_ratio"]
     out = run(["dvc", "exp", "run", "-S", "mix_ratio=0.02"], ws).stdout
     assert set(_ran(out)) == MIX_RATIO_DOWNSTREAM
+
+    # Back to the committed value: all four come from the run-cache, compare included (with
+    # its markdown report as a `cache: false` out, DVC never stored compare there).
+    back = run(["dvc", "exp", "run", "-S", f"mix_ratio={committed}"], ws).stdout
+    assert _ran(back) == []
+    assert {f"Stage '{s}' is cached" for s in MIX_RATIO_DOWNSTREAM} <= {
+        line.split(" - ")[0] for line in back.splitlines()
+    }
 
 
 def test_fresh_clone_refused_without_agreement_then_reproduces_nothing_pushed(
