@@ -2,8 +2,9 @@
 
 Synthetic images, captions grounded on real photographs and trained models are derived from
 MEDIC (CC BY-NC-SA 4.0) and describe real people, so they live on an S3 remote that is not
-public. In ``dvc.yaml`` such outputs carry ``remote: private``; everything else uses the
-default remote. This module is the front door to that remote:
+public. In ``dvc.yaml`` every cached output carries ``remote: private`` (no default remote is
+configured, so an output without one would be moved by nobody: :func:`outputs_without_remote`).
+This module is the front door to that remote:
 
 - it refuses unless ``AGREEMENT.md`` is accepted on this machine for its current text
   (:mod:`medicsynth.agreement`) and S3 credentials are available;
@@ -497,7 +498,8 @@ def reproduce(root: str | Path, *, remote: str = REMOTE, jobs: int | None = None
             stages = list(dict.fromkeys(stage for _, stage in missing))
             if stages:
                 print(
-                    "not on the remote, reproducing: " + ", ".join(report.not_on_remote),
+                    "not restored from the remote (missing there, or changed here), reproducing: "
+                    + ", ".join(report.not_on_remote),
                     file=sys.stderr,
                 )
                 done = repo.reproduce(targets=stages)
@@ -505,8 +507,10 @@ def reproduce(root: str | Path, *, remote: str = REMOTE, jobs: int | None = None
             # Step 4: the whole pipeline, run-cache restores pulled from `remote`.
             done = repo.reproduce(pull=True)
             report.reproduced += [s.addressing for s in done if s.addressing not in report.reproduced]
-    except DvcException as exc:
+    except BaseException as exc:  # a stage's failure, or Ctrl-C while it runs
         report.restored = _restore_deleted(root, tracked)
+        if not isinstance(exc, DvcException):
+            raise
         restored = (
             f" Restored from git what the failed stage had deleted: {', '.join(report.restored)}."
             if report.restored
