@@ -40,19 +40,32 @@ repro: venv
 clean-venv:
 	rm -rf $(VENV)
 
-.PHONY: accept-agreement pull-private push-private private-status
-## Accept AGREEMENT.md: make accept-agreement NAME="..." CONTACT=... PURPOSE="..."
+.PHONY: accept-agreement pull-private push-private private-status reproduce-private
+# The private targets check a *recorded acceptance* of AGREEMENT.md (.dvc/agreement.local.json)
+# before any byte of a private output moves. That is not access control: access is the S3 key
+# the maintainers issue after it. See docs/PRIVATE_REMOTE.md.
+
+## Accept AGREEMENT.md. On a terminal, `make accept-agreement` asks for name, contact and purpose,
+## shows the text and asks you to type "I agree". In scripts: NAME="..." CONTACT=... PURPOSE="..."
+## YES=1 (after reading it). Rules: single non-empty lines; PURPOSE >= 10 characters.
 accept-agreement: venv
-	@test -n "$(NAME)" -a -n "$(CONTACT)" -a -n "$(PURPOSE)" || { echo 'usage: make accept-agreement NAME="Your Name" CONTACT=you@example.org PURPOSE="what you will use the data for"'; exit 2; }
-	$(BIN)/python -m medicsynth.agreement accept --name "$(NAME)" --contact "$(CONTACT)" --purpose "$(PURPOSE)"
+	$(BIN)/python -m medicsynth.agreement accept \
+	  $(if $(NAME),--name "$(NAME)") $(if $(CONTACT),--contact "$(CONTACT)") \
+	  $(if $(PURPOSE),--purpose "$(PURPOSE)") $(if $(YES),--yes)
+
+## Collaborators, on a fresh clone: check the acceptance, pull every private output and the
+## run-cache, reproduce what cannot be pulled (the one documented command).
+reproduce-private: venv
+	$(BIN)/python -m medicsynth.private_remote reproduce
 
 ## Pull private artifacts (needs the accepted agreement and S3 credentials); TARGETS="train" limits it.
 pull-private: venv
 	$(BIN)/python -m medicsynth.private_remote pull $(TARGETS)
 
-## Push private outputs and the run-cache (maintainers).
+## Push private outputs and the run-cache (maintainers; instead of the `dvc push` DVC suggests).
 push-private: venv
 	$(BIN)/python -m medicsynth.private_remote push --run-cache $(TARGETS)
 
+## Agreement, credentials, the outputs routed to the private remote, and outputs routed nowhere.
 private-status: venv
 	$(BIN)/python -m medicsynth.private_remote status

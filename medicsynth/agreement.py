@@ -10,9 +10,14 @@ access control: access control is the S3 credentials.
 
 CLI::
 
+    python -m medicsynth.agreement accept          # on a terminal: asks name, contact, purpose
     python -m medicsynth.agreement accept --name "Ada L." --contact ada@example.org \\
         --purpose "non-commercial research on disaster image classification"
     python -m medicsynth.agreement status
+
+Rules of an acceptance (:data:`RULES`): name, contact and purpose are single non-empty lines,
+the purpose says what the data is for in at least ``MIN_PURPOSE_CHARS`` (10) characters, and
+the text is confirmed by typing ``I agree`` (``--yes`` in scripts, after reading it).
 """
 
 from __future__ import annotations
@@ -33,6 +38,15 @@ ACCEPTANCE_FILE = ".dvc/agreement.local.json"
 RECORD_VERSION = 1
 # Below this, a "purpose" is a placeholder ("x", "test"), not a statement.
 MIN_PURPOSE_CHARS = 10
+
+
+# Shown by `accept --help`, `make accept-agreement` and the interactive prompt.
+RULES = (
+    "name, contact (e-mail or another way to reach you) and purpose are single, non-empty "
+    f"lines; the purpose states what you will use the data for, at least {MIN_PURPOSE_CHARS} "
+    'characters; you confirm by typing "I agree" after the text is shown (--yes in scripts, '
+    "after reading AGREEMENT.md)"
+)
 
 
 class AgreementError(RuntimeError):
@@ -175,11 +189,52 @@ def require(root: str | Path) -> Acceptance:
     status = check(root)
     if not status.accepted:
         raise AgreementError(
-            f"{status.reason}. Read {AGREEMENT_FILE}, then run `make accept-agreement` "
-            '(or `python -m medicsynth.agreement accept --name ... --contact ... --purpose "..."`).'
+            f"{status.reason}. Read {AGREEMENT_FILE}, then run `make accept-agreement` (on a "
+            "terminal it asks for your name, contact and purpose; in scripts pass "
+            'NAME="..." CONTACT=... PURPOSE="..."). This is a recorded acceptance, not access '
+            "control: access is the S3 key the maintainers issue after it."
         )
     assert status.acceptance is not None
     return status.acceptance
+
+
+def ask_fields(
+    name: str | None,
+    contact: str | None,
+    purpose: str | None,
+    *,
+    ask=input,
+    say=print,
+) -> tuple[str, str, str]:
+    """Fill in the fields not given by asking for them, re-asking until each one is valid.
+
+    ``ask(prompt) -> str`` reads one answer (``input`` on a terminal; a scripted function in
+    tests), ``say(message)`` reports a rejected answer. Given fields are returned as they are
+    (:func:`accept` validates them). The same rules as :func:`accept` apply to answers.
+    """
+
+    def valid(field: str, value: str) -> str:
+        value = _clean(field, value)
+        if field == "purpose" and len(value) < MIN_PURPOSE_CHARS:
+            raise AgreementError(
+                f"purpose {value!r} is too short: say what you will use the data for "
+                f"(at least {MIN_PURPOSE_CHARS} characters)"
+            )
+        return value
+
+    prompts = {
+        "name": "Your name: ",
+        "contact": "Contact (e-mail or another way to reach you): ",
+        "purpose": f"Purpose (what you will use the data for, at least {MIN_PURPOSE_CHARS} characters): ",
+    }
+    given = {"name": name, "contact": contact, "purpose": purpose}
+    for field, prompt in prompts.items():
+        while not given[field]:
+            try:
+                given[field] = valid(field, ask(prompt))
+            except AgreementError as exc:
+                say(f"  {exc}")
+    return given["name"], given["contact"], given["purpose"]  # type: ignore[return-value]
 
 
 def _confirm(root: Path, assume_yes: bool) -> bool:
@@ -202,10 +257,19 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--root", help="repository root (default: nearest directory with .dvc/)")
     sub = parser.add_subparsers(dest="command", required=True)
-    acc = sub.add_parser("accept", help="record acceptance of the current AGREEMENT.md")
-    acc.add_argument("--name", required=True)
-    acc.add_argument("--contact", required=True, help="e-mail or other way to reach you")
-    acc.add_argument("--purpose", required=True, help="what you will use the private artifacts for")
+    acc = sub.add_parser(
+        "accept",
+        help="record acceptance of the current AGREEMENT.md",
+        description="Record acceptance of the current AGREEMENT.md. On a terminal, fields not "
+        f"given as options are asked for. Rules: {RULES}.",
+    )
+    acc.add_argument("--name", help="your name (asked on a terminal if omitted)")
+    acc.add_argument("--contact", help="e-mail or other way to reach you (asked if omitted)")
+    acc.add_argument(
+        "--purpose",
+        help=f"what you will use the private artifacts for, at least {MIN_PURPOSE_CHARS} "
+        "characters (asked if omitted)",
+    )
     acc.add_argument("--yes", action="store_true", help="do not show the text and ask; you have read it")
     sub.add_parser("status", help="exit 0 if the current AGREEMENT.md is accepted, 1 otherwise")
     args = parser.parse_args(argv)
@@ -214,10 +278,20 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(args.root) if args.root else find_root()
         if args.command == "accept":
             agreement_sha256(root)  # fail before prompting if the text is missing
+            missing = [f"--{f}" for f in ("name", "contact", "purpose") if not getattr(args, f)]
+            if missing and not sys.stdin.isatty():
+                raise AgreementError(
+                    f"{', '.join(missing)} not given and no terminal to ask on; pass them "
+                    '(make accept-agreement NAME="..." CONTACT=... PURPOSE="..."). '
+                    f"Rules: {RULES}"
+                )
+            if missing:
+                print(f"Accepting {AGREEMENT_FILE}. Rules: {RULES}.\n")
+            name, contact, purpose = ask_fields(args.name, args.contact, args.purpose)
             if not _confirm(root, args.yes):
                 print("not accepted", file=sys.stderr)
                 return 1
-            record = accept(root, name=args.name, contact=args.contact, purpose=args.purpose)
+            record = accept(root, name=name, contact=contact, purpose=purpose)
             print(
                 f"accepted {AGREEMENT_FILE} (sha256 {record.agreement_sha256}) for {record.name} "
                 f"<{record.contact}> on {record.date}; recorded in {ACCEPTANCE_FILE} (git-ignored)"

@@ -2,8 +2,9 @@
 
 Synthetic images, captions grounded on real photographs and trained models are derived from
 MEDIC (CC BY-NC-SA 4.0) and describe real people, so they live on an S3 remote that is not
-public. In ``dvc.yaml`` such outputs carry ``remote: private``; everything else uses the
-default remote. This module is the front door to that remote:
+public. In ``dvc.yaml`` every cached output carries ``remote: private`` (no default remote is
+configured, so an output without one would be moved by nobody: :func:`outputs_without_remote`).
+This module is the front door to that remote:
 
 - it refuses unless ``AGREEMENT.md`` is accepted on this machine for its current text
   (:mod:`medicsynth.agreement`) and S3 credentials are available;
@@ -16,11 +17,17 @@ default remote. This module is the front door to that remote:
 Credentials are only checked for presence, never printed, copied or stored; DVC and
 botocore read them again from ``.dvc/config.local`` or the environment.
 
+The gate is a *recorded acceptance* of the agreement, not access control: access is the S3
+credentials a maintainer issues after it. Plain ``dvc pull``/``dvc repro --pull`` honour
+``remote: private`` too and do not look at the acceptance; the commands here are the ones the
+documentation gives.
+
 CLI::
 
     python -m medicsynth.private_remote status
     python -m medicsynth.private_remote pull [targets...] [-j N] [--run-cache]
     python -m medicsynth.private_remote push [targets...] [-j N] [--run-cache]
+    python -m medicsynth.private_remote reproduce [-j N]     # collaborators: pull, then repro
 
 Exit codes: 0 done (or ``status`` all green); 1 DVC itself failed (or ``status`` found a
 problem); 2 refused before any data moved (agreement, credentials, targets, config).
@@ -243,6 +250,32 @@ def private_outputs(root: str | Path, remote: str = REMOTE) -> list[PrivateOutpu
     return sorted(found.values(), key=lambda o: o.path)
 
 
+def outputs_without_remote(root: str | Path) -> list[PrivateOutput]:
+    """Cached outputs that name no ``remote:`` while no default remote is configured.
+
+    Such an output is pushed by nobody and pulled by nobody: ``make pull-private`` and
+    ``make reproduce-private`` only move outputs routed to ``private``, and plain
+    ``dvc pull`` has no default remote to use. Every cached output here should be routed
+    deliberately; ``make private-status`` lists offenders and a test keeps the list empty.
+    """
+    from dvc.exceptions import DvcException
+    from dvc.repo import Repo
+
+    root = Path(root).resolve()
+    found: dict[str, PrivateOutput] = {}
+    try:
+        with Repo(str(root)) as repo:
+            if repo.config["core"].get("remote"):
+                return []
+            for out in repo.index.outs:
+                if out.use_cache and not out.remote and out.is_in_repo:
+                    rel = Path(os.path.relpath(out.fs_path, root)).as_posix()
+                    found.setdefault(rel, PrivateOutput(rel, _stage_address(out.stage, root)))
+    except DvcException as exc:
+        raise PrivateRemoteError(f"cannot read the DVC pipeline under {root}: {exc}") from None
+    return sorted(found.values(), key=lambda o: o.path)
+
+
 def _stage_address(stage, root: Path) -> str:
     # DVC's own ``stage.addressing`` is relative to the current directory; ours to the root, so
     # the same stage reads the same wherever the CLI is started.
@@ -307,6 +340,21 @@ def select_targets(
 # --------------------------------------------------------------------------- running dvc
 
 
+def gate(root: str | Path, remote: str = REMOTE) -> str:
+    """Check, without any network access, that this machine may use ``remote``.
+
+    First the recorded acceptance of the current ``AGREEMENT.md``
+    (:func:`medicsynth.agreement.require`): someone who has not accepted should not be nudged
+    towards getting keys. Then that S3 credentials are configured (:func:`find_credentials`).
+    Returns where the credentials come from. Raises :class:`medicsynth.agreement.AgreementError`
+    or :class:`PrivateRemoteError`; nothing has been sent to or requested from the remote when
+    it raises.
+    """
+    root = Path(root).resolve()
+    agreement.require(root)
+    return find_credentials(root, remote)
+
+
 def _run_dvc(args: Sequence[str], root: Path) -> tuple[int, str]:
     """Run ``python -m dvc ARGS`` in ``root``, echoing its output and keeping its tail."""
     cmd = [sys.executable, "-m", "dvc", *args]
@@ -340,9 +388,7 @@ def transfer(
     if command not in ("pull", "push"):
         raise ValueError(f"command must be 'pull' or 'push', got {command!r}")
     root = Path(root).resolve()
-    # Agreement first: someone who has not accepted should not be nudged towards getting keys.
-    agreement.require(root)
-    source = find_credentials(root, remote)
+    source = gate(root, remote)
     outputs = private_outputs(root, remote)
     if not outputs:
         print(
@@ -376,6 +422,146 @@ def transfer(
             file=sys.stderr,
         )
     return 0
+
+
+@dataclass
+class ReproduceReport:
+    """What :func:`reproduce` did.
+
+    - ``not_on_remote``: private outputs the remote could not provide (never pushed, or
+      deleted); their stages were reproduced here instead.
+    - ``reproduced``: addresses of the stages DVC ran or restored from the run-cache, in order.
+    - ``restored``: git-tracked files (metrics, plots) that a failed stage deleted and that
+      were put back from git, so a failure never leaves tracked results missing.
+    """
+
+    not_on_remote: list[str]
+    reproduced: list[str]
+    restored: list[str]
+
+
+def reproduce(root: str | Path, *, remote: str = REMOTE, jobs: int | None = None) -> ReproduceReport:
+    """The collaborator's command: gate, pull every private output, reproduce the rest.
+
+    Works on a fresh clone with nothing pulled. Steps:
+
+    1. **gate** (:func:`gate`): the recorded acceptance of the current ``AGREEMENT.md`` and S3
+       credentials, checked before DVC opens any connection, so a refusal requests nothing
+       from the remote.
+    2. **pull** every output routed to ``remote`` as a whole (directory outputs with all
+       their files, the run-cache entries too), tolerating objects the remote lacks. Whole
+       outputs matter: a stage's directory dependency that holds only part of its files (or
+       only DVC's ``.gitignore``) is "modified", not "missing", to DVC, and the stage would
+       run on it and fail.
+    3. **reproduce what could not be pulled**: the stages whose outputs the remote lacked,
+       with their upstream as needed (``dvc repro`` of those stages, no pulling).
+    4. **reproduce the pipeline** with ``remote`` as the default remote *in memory only*
+       (``Repo(remote=...)``; ``.dvc/config*`` are not touched): stages whose inputs changed
+       are restored from the run-cache when someone already ran them (their outputs are
+       pulled from ``remote``), else run. Nothing that was pushed for the current
+       ``dvc.lock`` is recomputed.
+
+    If a stage fails, git-tracked files it deleted (DVC removes a stage's outputs, including
+    ``cache: false`` metrics, before running it) are restored from git before
+    :class:`DvcCommandError` is raised. Refusals raise :class:`PrivateRemoteError` or
+    :class:`medicsynth.agreement.AgreementError`.
+
+    Parameters: ``root`` the repository root; ``remote`` the DVC remote name; ``jobs``
+    parallel transfers (DVC's default if ``None``).
+    """
+    from dvc.exceptions import CheckoutError, DownloadError, DvcException
+    from dvc.repo import Repo
+
+    root = Path(root).resolve()
+    # Step 1: gate. Everything above this line is local; nothing below runs without it.
+    source = gate(root, remote)
+    paths = [o.path for o in private_outputs(root, remote)]
+    print(f"reproduce via remote {remote!r}; credentials: {source}", file=sys.stderr)
+    tracked = _tracked_outputs_present(root)
+    report = ReproduceReport(not_on_remote=[], reproduced=[], restored=[])
+    try:
+        with Repo(str(root), remote=remote) as repo:
+            # Step 2: pull whole outputs; a missing object is not an error yet.
+            if paths:
+                try:
+                    repo.fetch(targets=paths, remote=remote, jobs=jobs, run_cache=True)
+                except DownloadError as exc:
+                    print(f"{exc}; what is missing is reproduced below", file=sys.stderr)
+                try:
+                    repo.checkout(targets=paths)
+                except CheckoutError:
+                    pass  # listed below from the workspace itself
+            missing = _missing_outputs(repo, root, paths)
+            report.not_on_remote = [path for path, _ in missing]
+            # Step 3: what the remote lacks is reproduced from its inputs (no pulling: the
+            # remote has been asked already, and `repro --pull` fails on a missing object).
+            stages = list(dict.fromkeys(stage for _, stage in missing))
+            if stages:
+                print(
+                    "not restored from the remote (missing there, or changed here), reproducing: "
+                    + ", ".join(report.not_on_remote),
+                    file=sys.stderr,
+                )
+                done = repo.reproduce(targets=stages)
+                report.reproduced += [s.addressing for s in done]
+            # Step 4: the whole pipeline, run-cache restores pulled from `remote`.
+            done = repo.reproduce(pull=True)
+            report.reproduced += [s.addressing for s in done if s.addressing not in report.reproduced]
+    except BaseException as exc:  # a stage's failure, or Ctrl-C while it runs
+        report.restored = _restore_deleted(root, tracked)
+        if not isinstance(exc, DvcException):
+            raise
+        restored = (
+            f" Restored from git what the failed stage had deleted: {', '.join(report.restored)}."
+            if report.restored
+            else ""
+        )
+        causes, cause = [], exc.__cause__
+        while cause is not None:  # DVC wraps the stage's own error ("failed to reproduce 'x'")
+            causes.append(str(cause))
+            cause = cause.__cause__
+        message = ": ".join([str(exc), *causes])
+        raise DvcCommandError(f"reproducing failed: {message}.{restored}{_auth_hint(message, source)}") from None
+    return report
+
+
+def _missing_outputs(repo, root: Path, paths: Sequence[str]) -> list[tuple[str, str]]:
+    """(path, stage address) of the private outputs not in the workspace as ``dvc.lock`` says."""
+    wanted = set(paths)
+    missing = []
+    for out in repo.index.outs:
+        rel = Path(os.path.relpath(out.fs_path, root)).as_posix()
+        if rel in wanted and out.use_cache and out.status():
+            missing.append((rel, out.stage.addressing))
+    return sorted(missing)
+
+
+def _git_tracked(root: Path) -> list[str]:
+    proc = subprocess.run(
+        ["git", "ls-files", "-z"], cwd=root, capture_output=True, check=False
+    )
+    if proc.returncode != 0:
+        return []  # not a git checkout: nothing tracked to protect
+    return [p for p in proc.stdout.decode("utf-8", "replace").split("\0") if p]
+
+
+def _tracked_outputs_present(root: Path) -> list[str]:
+    """Git-tracked files that are (inside) outputs of pipeline stages and exist now."""
+    from dvc.repo import Repo
+
+    with Repo(str(root)) as repo:
+        outs = [Path(os.path.relpath(o.fs_path, root)).as_posix() for o in repo.index.outs]
+    def is_output(rel: str) -> bool:
+        return any(rel == o or rel.startswith(o.rstrip("/") + "/") for o in outs)
+    return [rel for rel in _git_tracked(root) if is_output(rel) and (root / rel).is_file()]
+
+
+def _restore_deleted(root: Path, present_before: Sequence[str]) -> list[str]:
+    """``git checkout`` the files of ``present_before`` that are gone; returns them."""
+    gone = [rel for rel in present_before if not (root / rel).exists()]
+    if gone:
+        subprocess.run(["git", "checkout", "--", *gone], cwd=root, check=False)
+    return [rel for rel in gone if (root / rel).exists()]
 
 
 def _auth_hint(text: str, source: str) -> str:
@@ -432,6 +618,12 @@ def main(argv: list[str] | None = None) -> int:
         p.add_argument("targets", nargs="*", help="private output paths or stage names (default: all)")
         p.add_argument("-j", "--jobs", type=int, help="parallel transfers (DVC's default if omitted)")
         p.add_argument("--run-cache", action="store_true", help=f"also {name} the run-cache")
+    rep = sub.add_parser(
+        "reproduce",
+        help="collaborators: check the agreement, pull every private output (and the "
+        "run-cache), reproduce what cannot be pulled",
+    )
+    rep.add_argument("-j", "--jobs", type=int, help="parallel transfers (DVC's default if omitted)")
     sub.add_parser("status", help="agreement, credentials and the list of private outputs")
     args = parser.parse_args(argv)
 
@@ -439,6 +631,23 @@ def main(argv: list[str] | None = None) -> int:
         root = Path(args.root).resolve() if args.root else agreement.find_root()
         if args.command == "status":
             return _status(root)
+        if args.command == "reproduce":
+            import logging
+
+            from dvc.logger import setup
+
+            # DVC's own console logging, as its CLI shows it ("Running stage ..."); importing
+            # some DVC modules already installs it, and twice would print every line twice.
+            if not logging.getLogger("dvc").handlers:
+                setup()
+            report = reproduce(root, jobs=args.jobs)
+            print(
+                f"done: {len(report.reproduced)} stage(s) reproduced or restored from the "
+                f"run-cache ({', '.join(report.reproduced) or 'none'}); "
+                f"{len(report.not_on_remote)} output(s) were not on the remote",
+                file=sys.stderr,
+            )
+            return 0
         return transfer(args.command, root, args.targets, jobs=args.jobs, run_cache=args.run_cache)
     except DvcCommandError as exc:
         print(f"failed: {exc}", file=sys.stderr)
@@ -470,6 +679,12 @@ def _status(root: Path) -> int:
     print(f"private outputs ({len(outputs)}):")
     for out in outputs:
         print(f"  {out.path}  (stage {out.stage})")
+    unrouted = outputs_without_remote(root)
+    if unrouted:
+        ok = False
+        print(f"cached outputs with no remote ({len(unrouted)}; add `remote: {REMOTE}` in dvc.yaml):")
+        for out in unrouted:
+            print(f"  {out.path}  (stage {out.stage})")
     return 0 if ok else 1
 
 

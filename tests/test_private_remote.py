@@ -11,6 +11,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -407,6 +408,66 @@ def test_agreement_cli_accept_then_status(repo):
         check=False,
     )  # fmt: skip
     assert no.returncode == 1 and "without --yes" in no.stderr
+    # Fields missing and no terminal to ask on: an error naming them and the rules.
+    missing = repo.run(sys.executable, "-m", "medicsynth.agreement", "accept", "--name", "B", check=False)
+    assert missing.returncode == 2
+    assert "--contact, --purpose not given and no terminal" in missing.stderr
+    assert "at least 10 characters" in missing.stderr
+
+
+def test_agreement_cli_asks_on_a_terminal(repo):
+    """`make accept-agreement` without arguments, as a person at a terminal answers it."""
+    import pty
+    import threading
+
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "medicsynth.agreement", "accept"],
+        cwd=repo.root, env=repo.env, stdin=slave, stdout=slave, stderr=slave, close_fds=True,
+    )  # fmt: skip
+    os.close(slave)
+    chunks: list[bytes] = []
+
+    def drain() -> None:
+        while True:
+            try:
+                data = os.read(master, 4096)
+            except OSError:  # EIO: the child closed the terminal
+                return
+            if not data:
+                return
+            chunks.append(data)
+
+    reader = threading.Thread(target=drain, daemon=True)
+    reader.start()
+    # Name, contact, a too-short purpose (asked again), the purpose, the confirmation.
+    for line in ("Ada L.", "ada@example.org", "test", "flood damage research", "I agree"):
+        os.write(master, f"{line}\n".encode())
+    assert proc.wait(timeout=60) == 0
+    reader.join(timeout=10)
+    os.close(master)
+    shown = b"".join(chunks).decode("utf-8", "replace")
+    assert "at least 10 characters" in shown and "is too short" in shown
+    assert "Type \"I agree\"" in shown
+    record = json.loads((repo.root / agreement.ACCEPTANCE_FILE).read_text())
+    assert (record["name"], record["contact"], record["purpose"]) == (
+        "Ada L.", "ada@example.org", "flood damage research",
+    )  # fmt: skip
+
+
+def test_ask_fields_asks_only_for_missing_fields_until_valid():
+    answers = iter(["", "ada@example.org", "short", "non-commercial flood research"])
+    asked: list[str] = []
+    said: list[str] = []
+
+    def ask(prompt: str) -> str:
+        asked.append(prompt)
+        return next(answers)
+
+    fields = agreement.ask_fields("Ada", None, None, ask=ask, say=said.append)
+    assert fields == ("Ada", "ada@example.org", "non-commercial flood research")
+    assert [p.split(" ")[0] for p in asked] == ["Contact", "Contact", "Purpose", "Purpose"]
+    assert "contact must not be empty" in said[0] and "at least 10 characters" in said[1]
 
 
 def test_wrong_credentials_refused_when_auth_is_enforced(routed, s3):
@@ -466,8 +527,8 @@ def test_wrong_credentials_refused_when_auth_is_enforced(routed, s3):
 
 
 # The collaborator workflow of README/docs/PRIVATE_REMOTE.md §4: whoever has a GPU runs the
-# GPU stage and pushes outputs + run-cache; a collaborator without one reproduces with
-# `dvc repro --pull --allow-missing` and never runs that stage.
+# GPU stage and pushes outputs + run-cache (`make push-private`); a collaborator without one runs
+# `make reproduce-private` on a fresh clone and never runs that stage.
 COLLAB_PIPELINE = """\
 stages:
   gpu:
@@ -498,23 +559,64 @@ for i in range(n):
     pathlib.Path(f"gen/{i}.txt").write_text(f"synthetic {i}\\n")
 """
 FIT_PY = """\
-import json, pathlib, yaml
+import json, pathlib, sys, yaml
 k = yaml.safe_load(open("params.yaml"))["fit"]["k"]
+with open("fit_runs.log", "a") as fh:  # untracked: counts real executions of this stage
+    fh.write(f"k={k}\\n")
+if k < 0:
+    sys.exit("fit refuses a negative k")
 images = sorted(p.read_text() for p in pathlib.Path("gen").glob("*.txt"))
 pathlib.Path("model.bin").write_text(f"model k={k} on {len(images)} images\\n")
 json.dump({"k": k, "images": len(images)}, open("metrics.json", "w"))
-with open("fit_runs.log", "a") as fh:  # untracked: counts real executions of this stage
-    fh.write(f"k={k}\\n")
 """
 
 
-def test_collaborator_skips_gpu_stage_with_pull_allow_missing(remotes, s3, tmp_path):
+@pytest.fixture
+def requests_seen(s3) -> Iterator[list[str]]:
+    """Request lines ("GET /bucket/key HTTP/1.1") the moto server answers while the test runs.
+
+    The server runs in this process and logs every request through werkzeug's logger.
+    """
+    seen: list[str] = []
+
+    class Collect(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            message = re.sub(r"\x1b\[[0-9;]*m", "", record.getMessage())  # werkzeug colours
+            if '"' in message:
+                seen.append(message.split('"')[1])
+
+    log = logging.getLogger("werkzeug")
+    handler, level = Collect(level=logging.INFO), log.level
+    log.addHandler(handler)
+    log.setLevel(logging.INFO)
+    try:
+        yield seen
+    finally:
+        log.removeHandler(handler)
+        log.setLevel(level)
+
+
+def _object_requests(seen: list[str], bucket: str) -> list[str]:
+    """GET/HEAD requests of object keys under the remote prefix (not bucket listings)."""
+    return [
+        line
+        for line in seen
+        if line.split(" ")[0] in ("GET", "HEAD")
+        and line.split(" ")[1].split("?")[0].startswith(f"/{bucket}/dvcstore/")
+    ]
+
+
+@pytest.fixture
+def gpu_pushed(remotes, s3, tmp_path) -> tuple[Repo, Repo, str]:
+    """The maintainer ran the GPU stage and pushed (`make push-private`); a collaborator has a
+    fresh clone (no cache, no outputs) with endpoint and key in config.local, no default remote."""
     maintainer, _, private = remotes
     maintainer.write("dvc.yaml", COLLAB_PIPELINE)
     maintainer.write("params.yaml", "gen:\n  n: 3\nfit:\n  k: 1\n")
     maintainer.write("gpu.py", GPU_PY)
     maintainer.write("fit.py", FIT_PY)
-    maintainer.write(".gitignore", "fit_runs.log\n")
+    # As in the project's .gitignore: the acceptance is personal and never committed.
+    maintainer.write(".gitignore", "fit_runs.log\n/.dvc/agreement.local.json\n")
     maintainer.dvc("repro", "-q", env={**maintainer.env, "HAVE_GPU": "1"})
     _local_credentials(maintainer, "private")
     _accept(maintainer.root)
@@ -527,7 +629,6 @@ def test_collaborator_skips_gpu_stage_with_pull_allow_missing(remotes, s3, tmp_p
     maintainer.run("git", "add", "-A")
     maintainer.run("git", "-c", "user.name=M", "-c", "user.email=m@example.org", "commit", "-qm", "gpu run")
 
-    # A collaborator: a clone (no DVC cache, no outputs, no config.local), no GPU.
     collab = Repo(tmp_path / "collab", maintainer.env)
     maintainer.run("git", "clone", "-q", str(maintainer.root), str(collab.root))
     assert not (collab.root / "gen").exists() and not (collab.root / "model.bin").exists()
@@ -535,30 +636,95 @@ def test_collaborator_skips_gpu_stage_with_pull_allow_missing(remotes, s3, tmp_p
     for name in ("public", "private"):
         _set_config(local, f'remote "{name}"', endpointurl=s3.endpoint)
     _local_credentials(collab, "private")
-    collab.dvc("remote", "default", "--local", "private")  # as §4 says, for run-cache hits
+    return maintainer, collab, private
 
-    # Nothing changed: nothing runs (the GPU stage would fail), nothing is needed on disk.
-    collab.dvc("repro", "--pull", "--allow-missing")
-    assert not (collab.root / "fit_runs.log").exists()
 
-    # A downstream parameter changes: fit runs on the GPU stage's pulled outputs, gpu does not.
-    collab.write("params.yaml", "gen:\n  n: 3\nfit:\n  k: 2\n")
-    collab.dvc("repro", "--pull", "--allow-missing")
-    assert (collab.root / "fit_runs.log").read_text() == "k=2\n"
-    assert json.loads((collab.root / "metrics.json").read_text()) == {"k": 2, "images": 3}
+def _ran(proc: subprocess.CompletedProcess) -> list[str]:
+    return re.findall(r"Running stage '([^']+)'", proc.stdout + proc.stderr)
+
+
+def _clean(repo: Repo) -> bool:
+    return "Data and pipelines are up to date" in repo.dvc("status").stdout
+
+
+def test_collaborator_reproduce_refuses_without_agreement_then_reproduces(gpu_pushed, requests_seen):
+    _, collab, private = gpu_pushed
+
+    # Without the recorded acceptance: refused before DVC opens a connection.
+    requests_seen.clear()
+    refused = collab.cli("reproduce")
+    assert refused.returncode == 2, refused.stderr
+    assert "AGREEMENT.md has not been accepted" in refused.stderr
+    assert "not access control" in refused.stderr
+    assert [line for line in requests_seen if f"/{private}" in line] == []
+    assert not (collab.root / "gen").exists() and not (collab.root / ".dvc" / "cache").exists()
+
+    # Accepted: everything pushed comes from the remote, nothing runs (the GPU stage would fail).
+    _accept(collab.root)
+    done = collab.cli("reproduce")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert _ran(done) == []
+    assert _object_requests(requests_seen, private), "the pull must have fetched objects"
     assert sorted(p.name for p in (collab.root / "gen").iterdir()) == ["0.txt", "1.txt", "2.txt"]
+    assert (collab.root / "model.bin").read_text() == "model k=1 on 3 images\n"
+    assert not (collab.root / "fit_runs.log").exists()
+    assert _clean(collab)
+    # The in-memory default remote of `reproduce` is not written anywhere.
+    assert "remote = private" not in (collab.root / ".dvc" / "config.local").read_text()
 
-    # Back to the maintainer's value: the run-cache restores fit's outputs without running it.
+    # A downstream parameter changes: fit runs on the pulled outputs, gpu does not.
+    collab.write("params.yaml", "gen:\n  n: 3\nfit:\n  k: 2\n")
+    done = collab.cli("reproduce")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert _ran(done) == ["fit"]
+    assert json.loads((collab.root / "metrics.json").read_text()) == {"k": 2, "images": 3}
+
+    # Back to the maintainer's value: the run-cache restores fit without running it.
     collab.write("params.yaml", "gen:\n  n: 3\nfit:\n  k: 1\n")
-    collab.dvc("repro", "--pull", "--allow-missing")
+    done = collab.cli("reproduce")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert _ran(done) == [] and "is cached - skipping run" in done.stdout + done.stderr
     assert (collab.root / "fit_runs.log").read_text() == "k=2\n"
     assert (collab.root / "model.bin").read_text() == "model k=1 on 3 images\n"
+    assert json.loads((collab.root / "metrics.json").read_text()) == {"k": 1, "images": 3}
 
-    # Changing the GPU stage's own parameter really needs the GPU: DVC tries to run it.
+    # A failing stage: DVC deletes its outputs before running it; the git-tracked metrics file
+    # comes back from git, and the failure is reported as such.
+    collab.write("params.yaml", "gen:\n  n: 3\nfit:\n  k: -1\n")
+    failed = collab.cli("reproduce")
+    assert failed.returncode == 1
+    assert "fit refuses a negative k" in failed.stdout + failed.stderr
+    assert "Restored from git" in failed.stderr and "metrics.json" in failed.stderr
+    assert json.loads((collab.root / "metrics.json").read_text()) == {"k": 1, "images": 3}
+
+    # Changing the GPU stage's own parameter really needs the GPU: it is tried and fails.
     collab.write("params.yaml", "gen:\n  n: 4\nfit:\n  k: 1\n")
-    refused = collab.dvc("repro", "--pull", "--allow-missing", check=False)
-    assert refused.returncode != 0
+    refused = collab.cli("reproduce")
+    assert refused.returncode == 1
     assert "gpu stage ran on a machine without a GPU" in refused.stdout + refused.stderr
+
+
+def test_collaborator_reproduce_recomputes_only_what_the_remote_lacks(gpu_pushed, s3):
+    _, collab, private = gpu_pushed
+    # The model's object is gone from the bucket (deleted on request, say): fit must run again,
+    # on the pulled GPU outputs; the GPU stage must not.
+    model = _md5("model k=1 on 3 images\n")
+    client = s3.client()
+    client.delete_object(Bucket=private, Key=f"dvcstore/files/md5/{model[:2]}/{model[2:]}")
+    _accept(collab.root)
+    done = collab.cli("reproduce")
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert _ran(done) == ["fit"]
+    assert "model.bin" in done.stderr  # named as not on the remote
+    assert (collab.root / "model.bin").read_text() == "model k=1 on 3 images\n"
+    assert (collab.root / "fit_runs.log").read_text() == "k=1\n"
+    assert _clean(collab)
+
+
+def test_every_cached_output_of_the_pipeline_has_a_remote():
+    assert private_remote.outputs_without_remote(REPO_ROOT) == []
+    routed = {o.path for o in private_remote.private_outputs(REPO_ROOT)}
+    assert {"data/allocation/plan.tsv", "data/allocation/allocation.tsv", "metrics/compare.md"} <= routed
 
 
 # --------------------------------------------------------------------------- units (no DVC subprocess)
