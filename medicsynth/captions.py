@@ -50,13 +50,14 @@ import json
 import random
 import re
 import string
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import pandas as pd
 from medicsynth import caption_templates as grammar
 from medicsynth.labels import TASKS, LabelError, validate_label
+from medicsynth.params import require
 
 BACKENDS = ("template", "openai", "anthropic")
 MODES = ("template", "grounded", "hypothetical")
@@ -287,19 +288,20 @@ def negative_prompt(labels: dict[str, str], negative_prompts: dict[str, dict[str
 class CaptionConfig:
     """The ``caption`` section of ``params.yaml`` (see :meth:`from_params` for the keys)."""
 
-    backend: str = "template"
-    proportion_real: float = 0.5
-    temperature_grounded: float = 0.4
-    temperature_hypothetical: float = 0.8
-    min_words: int = 25
-    max_words: int = 50
-    max_tokens: int = 77
-    tokenizer: str | None = None
-    negative_prompts: dict[str, dict[str, str]] = field(default_factory=dict)
-    negative_prompt_common: str = ""
-    prompt_grounded: str = "prompts/caption_grounded.txt"
-    prompt_hypothetical: str = "prompts/caption_hypothetical.txt"
-    llm: dict[str, Any] = field(default_factory=dict)
+    # No defaults: params.yaml is the one source of values (build with :meth:`from_params`).
+    backend: str
+    proportion_real: float
+    temperature_grounded: float
+    temperature_hypothetical: float
+    min_words: int
+    max_words: int
+    max_tokens: int
+    tokenizer: str | None
+    negative_prompts: dict[str, dict[str, str]]
+    negative_prompt_common: str
+    prompt_grounded: str
+    prompt_hypothetical: str
+    llm: dict[str, Any]
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> "CaptionConfig":
@@ -310,15 +312,21 @@ class CaptionConfig:
         ``negative_prompts`` (``{task: {class: text}}``), ``negative_prompt_common``,
         ``prompt_grounded``, ``prompt_hypothetical``, ``llm`` (provider settings handed to
         :func:`medicsynth.llm.client_from_params`; its ``provider`` is set from ``backend``).
+        Every key is required (a missing one raises ``KeyError`` naming ``caption.<key>``);
+        ``train_manifest`` is a path the stage reads.
         """
         p = dict(params)
-        backend = str(p.get("backend", "template"))
+
+        def get(key: str) -> Any:
+            return require(p, "caption", key)
+
+        backend = str(get("backend"))
         if backend not in BACKENDS:
             raise CaptionError(f"caption.backend {backend!r} not in {BACKENDS}")
-        proportion = float(p.get("proportion_real", 0.5))
+        proportion = float(get("proportion_real"))
         if not 0.0 <= proportion <= 1.0:
             raise CaptionError(f"caption.proportion_real = {proportion}: must be in [0, 1]")
-        negatives = p.get("negative_prompts") or {}
+        negatives = get("negative_prompts") or {}
         if not isinstance(negatives, dict):
             raise CaptionError("caption.negative_prompts: expected {task: {class: text}}")
         checked: dict[str, dict[str, str]] = {}
@@ -329,23 +337,23 @@ class CaptionConfig:
                 checked[task] = {validate_label(task, cls): str(text) for cls, text in per_class.items()}
             except LabelError as exc:
                 raise CaptionError(f"caption.negative_prompts: {exc}") from None
-        min_words, max_words = int(p.get("min_words", 25)), int(p.get("max_words", 50))
+        min_words, max_words = int(get("min_words")), int(get("max_words"))
         if not 1 <= min_words <= max_words:
             raise CaptionError(f"caption.min_words = {min_words}, max_words = {max_words}: need 1 <= min <= max")
         return cls(
             backend=backend,
             proportion_real=proportion,
-            temperature_grounded=float(p.get("temperature_grounded", 0.4)),
-            temperature_hypothetical=float(p.get("temperature_hypothetical", 0.8)),
+            temperature_grounded=float(get("temperature_grounded")),
+            temperature_hypothetical=float(get("temperature_hypothetical")),
             min_words=min_words,
             max_words=max_words,
-            max_tokens=int(p.get("max_tokens", 77)),
-            tokenizer=p.get("tokenizer") or None,
+            max_tokens=int(get("max_tokens")),
+            tokenizer=get("tokenizer") or None,
             negative_prompts=checked,
-            negative_prompt_common=str(p.get("negative_prompt_common") or ""),
-            prompt_grounded=str(p.get("prompt_grounded", "prompts/caption_grounded.txt")),
-            prompt_hypothetical=str(p.get("prompt_hypothetical", "prompts/caption_hypothetical.txt")),
-            llm=dict(p.get("llm") or {}),
+            negative_prompt_common=str(get("negative_prompt_common") or ""),
+            prompt_grounded=str(get("prompt_grounded")),
+            prompt_hypothetical=str(get("prompt_hypothetical")),
+            llm=dict(get("llm") or {}),
         )
 
 
