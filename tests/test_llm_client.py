@@ -44,7 +44,6 @@ from tests.api_server import (
     broken_body,
     error,
     hang,
-    llm_server,  # noqa: F401 - pytest fixture
     malformed,
     refusal,
     slow,
