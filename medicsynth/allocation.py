@@ -96,10 +96,12 @@ class CombinationBonus:
     name: str = ""
 
     def matches(self, combination: Combination) -> bool:
+        """True when every task listed in ``match`` has one of its accepted labels."""
         labels = dict(zip(TASKS, combination))
         return all(labels[task] in accepted for task, accepted in self.match.items())
 
     def describe(self) -> str:
+        """``name``, or ``task=a|b & ...`` when the bonus has none (for tables and logs)."""
         if self.name:
             return self.name
         return " & ".join(f"{task}={'|'.join(accepted)}" for task, accepted in self.match.items())

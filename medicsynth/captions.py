@@ -165,6 +165,7 @@ class LengthLimit:
     note: str = ""
 
     def fits(self, text: str) -> bool:
+        """True when ``text`` is within the limit (``count(text) <= limit``)."""
         return self.count(text) <= self.limit
 
 
@@ -380,6 +381,7 @@ class PromptTemplate:
 
     @classmethod
     def load(cls, path: str | Path) -> "PromptTemplate":
+        """Parse the prompt file at ``path`` into its sections; ``sha256`` fingerprints its text."""
         text = Path(path).read_text(encoding="utf-8")
         sections: dict[str, list[str]] = {}
         current = None

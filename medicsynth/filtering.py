@@ -151,6 +151,7 @@ class ImageStats:
 
     @property
     def ok(self) -> bool:
+        """True when the image decoded (no ``error``)."""
         return not self.error
 
 
