@@ -284,6 +284,7 @@ def test_bad_prediction_files_name_file_row_and_value(tmp_path, project):
     assert read_predictions(tmp_path / "f.tsv", "original").y_true["damage_severity"][0] == 2
 
 
+@pytest.mark.e2e
 def test_stage_script_runs_from_params(project):
     root = project["root"]
     (root / "params.yaml").write_text(

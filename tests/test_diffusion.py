@@ -272,6 +272,7 @@ def test_hub_id_not_in_local_cache_is_a_clear_error(tmp_path, monkeypatch):
         gen.resolve_model("demo", tmp_path / "no-model")
 
 
+@pytest.mark.e2e
 def test_two_processes_render_every_id_exactly_once(tmp_path, model_dir):
     write_plan(tmp_path / "captions.tsv", 9)
     (tmp_path / "params.yaml").write_text(json.dumps({"generate": {
@@ -366,6 +367,7 @@ def test_lora_trains_two_steps_and_changes_outputs(tmp_path, model_dir):
     assert m["stale_rerendered"] == 2
 
 
+@pytest.mark.e2e
 def test_adapt_stage_demo_writes_model_metrics_and_plot(tmp_path):
     files = _tiny_images(tmp_path, 6)
     rows = [{"image_id": "demo", "event_name": f"e{i}", "image_path": f, **_labels(i), "split": "train",

@@ -244,6 +244,7 @@ def _md5(text: str) -> str:
 # --------------------------------------------------------------------------- end to end
 
 
+@pytest.mark.e2e
 def test_push_wipe_pull_roundtrip_restores_identical_files(repo, s3):
     bucket = s3.make_bucket("store")
     repo.add_remote("store", f"s3://{bucket}/dvcstore", s3.endpoint, default=True)
@@ -306,6 +307,7 @@ def routed(remotes) -> tuple[Repo, str, str]:
     return repo, public, private
 
 
+@pytest.mark.e2e
 def test_per_output_remote_routes_push_and_pull_to_the_right_bucket(routed, s3):
     repo, public, private = routed
     outs = private_remote.private_outputs(repo.root)
@@ -354,6 +356,7 @@ def test_per_output_remote_routes_push_and_pull_to_the_right_bucket(routed, s3):
     assert "not an output routed to remote 'private'" in refused.stderr
 
 
+@pytest.mark.e2e
 def test_pull_refused_without_agreement(remotes, s3):
     repo, _, private = remotes
     _local_credentials(repo, "private")
@@ -371,6 +374,7 @@ def test_pull_refused_without_agreement(remotes, s3):
     assert s3.md5s(private) == set()
 
 
+@pytest.mark.e2e
 def test_pull_refused_without_credentials(remotes, s3):
     repo, _, private = remotes
     _accept(repo.root)
@@ -386,6 +390,7 @@ def test_pull_refused_without_credentials(remotes, s3):
     assert s3.md5s(private) == set()
 
 
+@pytest.mark.e2e
 def test_agreement_cli_accept_then_status(repo):
     accepted = repo.run(
         sys.executable, "-m", "medicsynth.agreement", "accept", "--yes",
@@ -409,6 +414,7 @@ def test_agreement_cli_accept_then_status(repo):
     assert no.returncode == 1 and "without --yes" in no.stderr
 
 
+@pytest.mark.e2e
 def test_wrong_credentials_refused_when_auth_is_enforced(routed, s3):
     repo, _, private = routed
     _accept(repo.root)
@@ -508,6 +514,7 @@ with open("fit_runs.log", "a") as fh:  # untracked: counts real executions of th
 """
 
 
+@pytest.mark.e2e
 def test_collaborator_skips_gpu_stage_with_pull_allow_missing(remotes, s3, tmp_path):
     maintainer, _, private = remotes
     maintainer.write("dvc.yaml", COLLAB_PIPELINE)
