@@ -40,7 +40,7 @@ from typing import Any, Iterable, Sequence
 
 import pandas as pd
 
-from medicsynth.io import atomic_path, read_json
+from medicsynth.io import read_json
 from medicsynth.labels import CLASSES, TASKS, LabelError, validate_label
 from medicsynth.manifest import class_counts
 from medicsynth.params import require
