@@ -273,6 +273,7 @@ def _responder(refuse_always: set[str]):
     return respond
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("provider", ["openai", "anthropic"])
 def test_llm_backend_refusal_fallback_cache_and_reuse(tmp_path, monkeypatch, provider):
     monkeypatch.setenv("OPENAI_API_KEY", "test-key")

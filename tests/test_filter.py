@@ -429,6 +429,7 @@ def test_vlm_method_with_a_judge_callable(pool, tmp_path):
 # Grid and the stage end to end
 
 
+@pytest.mark.slow
 def test_grid_png_is_written(pool, tmp_path):
     synthetic, real, intended, _ = pool
     fake = FakePredictor(intended, favour={"wrong_label": {"disaster_types": "not_disaster"}})
@@ -494,6 +495,7 @@ def test_stage_writes_all_outputs(pool, tmp_path, monkeypatch):
     assert list(Path(".filter_cache").glob("real_phash_256.npz"))
 
 
+@pytest.mark.slow
 def test_vlm_judge_through_the_api_server(pool, tmp_path, monkeypatch):
     """The stage with ``method: vlm`` against the fake OpenAI API: agree, disagree, refuse, garble."""
     import hashlib
@@ -572,6 +574,7 @@ def test_vlm_judge_through_the_api_server(pool, tmp_path, monkeypatch):
     )
 
 
+@pytest.mark.slow
 def test_with_the_real_predictor(pool, tmp_path):
     """The gate through ``medicsynth.inference.predict_proba`` on a saved (untrained) small CNN."""
     from medicsynth.inference import predict_proba

@@ -578,6 +578,7 @@ CHILD = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_resume_after_sigkill_repeats_no_answered_call(tmp_path, provider):
     n, k = 6, 3
