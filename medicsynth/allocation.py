@@ -34,14 +34,16 @@ from __future__ import annotations
 import hashlib
 import heapq
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Iterable, Sequence
 
 import pandas as pd
 
-from medicsynth.io import atomic_path, read_json
+from medicsynth.io import read_json
 from medicsynth.labels import CLASSES, TASKS, LabelError, validate_label
+from medicsynth.manifest import class_counts
+from medicsynth.params import require
 
 Combination = tuple[str, str, str, str]
 
@@ -94,10 +96,12 @@ class CombinationBonus:
     name: str = ""
 
     def matches(self, combination: Combination) -> bool:
+        """True when every task listed in ``match`` has one of its accepted labels."""
         labels = dict(zip(TASKS, combination))
         return all(labels[task] in accepted for task, accepted in self.match.items())
 
     def describe(self) -> str:
+        """``name``, or ``task=a|b & ...`` when the bonus has none (for tables and logs)."""
         if self.name:
             return self.name
         return " & ".join(f"{task}={'|'.join(accepted)}" for task, accepted in self.match.items())
@@ -107,18 +111,17 @@ class CombinationBonus:
 class AllocateConfig:
     """The ``allocate`` section of ``params.yaml`` (see :meth:`from_params` for the keys)."""
 
-    mode: str = "weakness"
-    total: int = 280
-    base_per_combination: int = 10
+    # No defaults: params.yaml is the one source of values (build with :meth:`from_params`).
+    mode: str
+    total: int
+    base_per_combination: int
     # (threshold, bonus) pairs; a label takes the bonus of the smallest threshold its F1 is below.
-    f1_bonuses: tuple[tuple[float, int], ...] = ((0.40, 80), (0.60, 40), (0.75, 20))
-    combination_bonuses: tuple[CombinationBonus, ...] = ()
-    rounding: str = "webster"
-    balance_target_share: dict[str, float] = field(
-        default_factory=lambda: {task: 0.10 for task in TASKS}
-    )
-    include_unseen: bool = False
-    seed: int = 0
+    f1_bonuses: tuple[tuple[float, int], ...]
+    combination_bonuses: tuple[CombinationBonus, ...]
+    rounding: str
+    balance_target_share: dict[str, float]
+    include_unseen: bool
+    seed: int
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> "AllocateConfig":
@@ -129,19 +132,24 @@ class AllocateConfig:
         ``{match: {task: label | [labels]}, bonus: int, name: str?}``), ``rounding``,
         ``balance_target_share`` (a float for every task or ``{task: float}``),
         ``include_unseen``, ``seed``. ``train_manifest``/``dev_report`` are paths the stage reads.
+        Every key is required (a missing one raises ``KeyError`` naming ``allocate.<key>``).
         """
         p = dict(params)
-        mode = str(p.get("mode", "weakness"))
+
+        def get(key: str) -> Any:
+            return require(p, "allocate", key)
+
+        mode = str(get("mode"))
         if mode not in MODES:
             raise AllocationError(f"allocate.mode {mode!r} not in {MODES}")
-        rounding = str(p.get("rounding", "webster"))
+        rounding = str(get("rounding"))
         if rounding not in ROUNDINGS:
             raise AllocationError(f"allocate.rounding {rounding!r} not in {ROUNDINGS}")
-        total = _int(p.get("total", 280), "allocate.total", minimum=0)
-        base = _int(p.get("base_per_combination", 10), "allocate.base_per_combination", minimum=0)
+        total = _int(get("total"), "allocate.total", minimum=0)
+        base = _int(get("base_per_combination"), "allocate.base_per_combination", minimum=0)
 
-        thresholds = list(p.get("f1_thresholds", [0.40, 0.60, 0.75]))
-        bonuses = list(p.get("f1_bonuses", [80, 40, 20]))
+        thresholds = list(get("f1_thresholds"))
+        bonuses = list(get("f1_bonuses"))
         if len(thresholds) != len(bonuses):
             raise AllocationError(
                 f"allocate.f1_thresholds ({len(thresholds)} values) and allocate.f1_bonuses "
@@ -159,10 +167,10 @@ class AllocateConfig:
         pairs.sort()
 
         combo_bonuses = tuple(
-            _combination_bonus(item, i) for i, item in enumerate(p.get("combination_bonuses") or [])
+            _combination_bonus(item, i) for i, item in enumerate(get("combination_bonuses") or [])
         )
 
-        share = p.get("balance_target_share", 0.10)
+        share = get("balance_target_share")
         if isinstance(share, dict):
             unknown = set(share) - set(TASKS)
             if unknown:
@@ -182,8 +190,8 @@ class AllocateConfig:
             combination_bonuses=combo_bonuses,
             rounding=rounding,
             balance_target_share=shares,
-            include_unseen=bool(p.get("include_unseen", False)),
-            seed=_int(p.get("seed", 0), "allocate.seed", minimum=0),
+            include_unseen=bool(get("include_unseen")),
+            seed=_int(get("seed"), "allocate.seed", minimum=0),
         )
 
 
@@ -468,14 +476,6 @@ class Allocation:
     metrics: dict[str, Any]
 
 
-def class_counts_of(df: pd.DataFrame) -> dict[str, dict[str, int]]:
-    """``{task: {class: rows}}`` with every class present (zeros included)."""
-    return {
-        task: {cls: int((df[task] == cls).sum()) if len(df) else 0 for cls in CLASSES[task]}
-        for task in TASKS
-    }
-
-
 def allocate(
     train: pd.DataFrame,
     config: AllocateConfig,
@@ -511,7 +511,7 @@ def allocate(
         smoothing = 1.0 if config.include_unseen else 0.0
         frequency = [r + smoothing for r in real]
         counts, picked_for = balance_counts(
-            combos, frequency, class_counts_of(train), config.total, config.balance_target_share
+            combos, frequency, class_counts(train), config.total, config.balance_target_share
         )
         extra_columns = {
             "weight": frequency,
@@ -537,8 +537,8 @@ def allocation_metrics(
     train: pd.DataFrame, plan: pd.DataFrame, table: pd.DataFrame, config: AllocateConfig
 ) -> dict[str, Any]:
     """Totals per class per task: real, planned, and shares before / after adding the plan."""
-    before = class_counts_of(train)
-    planned = class_counts_of(plan)
+    before = class_counts(train)
+    planned = class_counts(plan)
     n_real, n_plan = len(train), len(plan)
     per_task = {}
     for task in TASKS:
@@ -563,44 +563,3 @@ def allocation_metrics(
         "combinations_planned": int((table["count"] > 0).sum()),
         "per_class": per_task,
     }
-
-
-def plot_allocation(metrics: dict[str, Any], path: str | Path) -> None:
-    """Per-task bar chart of class shares, real train vs real + planned, counts on the bars."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    fig, axes = plt.subplots(2, 2, figsize=(13, 8.5))
-    for ax, task in zip(axes.ravel(), TASKS):
-        stats = metrics["per_class"][task]
-        names = list(CLASSES[task])
-        x = range(len(names))
-        before = [100 * stats[c]["share_before"] for c in names]
-        after = [100 * stats[c]["share_after"] for c in names]
-        bars_b = ax.bar([i - 0.2 for i in x], before, 0.4, label="real train", color="#8c8c8c")
-        bars_a = ax.bar([i + 0.2 for i in x], after, 0.4, label="real + planned", color="#d95f02")
-        for bar, c in zip(bars_b, names):
-            ax.annotate(str(stats[c]["real"]), (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                        ha="center", va="bottom", fontsize=7)
-        for bar, c in zip(bars_a, names):
-            ax.annotate(f"+{stats[c]['planned']}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
-                        ha="center", va="bottom", fontsize=7, color="#d95f02")
-        ax.set_xticks(list(x))
-        ax.set_xticklabels([n.replace("_", " ") for n in names], rotation=25, ha="right", fontsize=8)
-        ax.set_ylabel("share of task (%)")
-        ax.set_title(task)
-        # Headroom so the legend and the count labels never cover the tallest bars.
-        ax.set_ylim(0, 1.3 * max(before + after + [1.0]))
-        ax.legend(fontsize=8, loc="upper center", ncol=2)
-    fig.suptitle(
-        f"allocate ({metrics['mode']}): {metrics['total']} planned images over "
-        f"{metrics['combinations_planned']} combinations, {metrics['real_train']} real"
-    )
-    fig.tight_layout()
-    try:
-        with atomic_path(path) as tmp:
-            fig.savefig(tmp, format="png", dpi=110)
-    finally:
-        plt.close(fig)

@@ -50,13 +50,14 @@ import json
 import random
 import re
 import string
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 import pandas as pd
 from medicsynth import caption_templates as grammar
 from medicsynth.labels import TASKS, LabelError, validate_label
+from medicsynth.params import require
 
 BACKENDS = ("template", "openai", "anthropic")
 MODES = ("template", "grounded", "hypothetical")
@@ -164,6 +165,7 @@ class LengthLimit:
     note: str = ""
 
     def fits(self, text: str) -> bool:
+        """True when ``text`` is within the limit (``count(text) <= limit``)."""
         return self.count(text) <= self.limit
 
 
@@ -287,19 +289,20 @@ def negative_prompt(labels: dict[str, str], negative_prompts: dict[str, dict[str
 class CaptionConfig:
     """The ``caption`` section of ``params.yaml`` (see :meth:`from_params` for the keys)."""
 
-    backend: str = "template"
-    proportion_real: float = 0.5
-    temperature_grounded: float = 0.4
-    temperature_hypothetical: float = 0.8
-    min_words: int = 25
-    max_words: int = 50
-    max_tokens: int = 77
-    tokenizer: str | None = None
-    negative_prompts: dict[str, dict[str, str]] = field(default_factory=dict)
-    negative_prompt_common: str = ""
-    prompt_grounded: str = "prompts/caption_grounded.txt"
-    prompt_hypothetical: str = "prompts/caption_hypothetical.txt"
-    llm: dict[str, Any] = field(default_factory=dict)
+    # No defaults: params.yaml is the one source of values (build with :meth:`from_params`).
+    backend: str
+    proportion_real: float
+    temperature_grounded: float
+    temperature_hypothetical: float
+    min_words: int
+    max_words: int
+    max_tokens: int
+    tokenizer: str | None
+    negative_prompts: dict[str, dict[str, str]]
+    negative_prompt_common: str
+    prompt_grounded: str
+    prompt_hypothetical: str
+    llm: dict[str, Any]
 
     @classmethod
     def from_params(cls, params: dict[str, Any]) -> "CaptionConfig":
@@ -310,15 +313,21 @@ class CaptionConfig:
         ``negative_prompts`` (``{task: {class: text}}``), ``negative_prompt_common``,
         ``prompt_grounded``, ``prompt_hypothetical``, ``llm`` (provider settings handed to
         :func:`medicsynth.llm.client_from_params`; its ``provider`` is set from ``backend``).
+        Every key is required (a missing one raises ``KeyError`` naming ``caption.<key>``);
+        ``train_manifest`` is a path the stage reads.
         """
         p = dict(params)
-        backend = str(p.get("backend", "template"))
+
+        def get(key: str) -> Any:
+            return require(p, "caption", key)
+
+        backend = str(get("backend"))
         if backend not in BACKENDS:
             raise CaptionError(f"caption.backend {backend!r} not in {BACKENDS}")
-        proportion = float(p.get("proportion_real", 0.5))
+        proportion = float(get("proportion_real"))
         if not 0.0 <= proportion <= 1.0:
             raise CaptionError(f"caption.proportion_real = {proportion}: must be in [0, 1]")
-        negatives = p.get("negative_prompts") or {}
+        negatives = get("negative_prompts") or {}
         if not isinstance(negatives, dict):
             raise CaptionError("caption.negative_prompts: expected {task: {class: text}}")
         checked: dict[str, dict[str, str]] = {}
@@ -329,23 +338,23 @@ class CaptionConfig:
                 checked[task] = {validate_label(task, cls): str(text) for cls, text in per_class.items()}
             except LabelError as exc:
                 raise CaptionError(f"caption.negative_prompts: {exc}") from None
-        min_words, max_words = int(p.get("min_words", 25)), int(p.get("max_words", 50))
+        min_words, max_words = int(get("min_words")), int(get("max_words"))
         if not 1 <= min_words <= max_words:
             raise CaptionError(f"caption.min_words = {min_words}, max_words = {max_words}: need 1 <= min <= max")
         return cls(
             backend=backend,
             proportion_real=proportion,
-            temperature_grounded=float(p.get("temperature_grounded", 0.4)),
-            temperature_hypothetical=float(p.get("temperature_hypothetical", 0.8)),
+            temperature_grounded=float(get("temperature_grounded")),
+            temperature_hypothetical=float(get("temperature_hypothetical")),
             min_words=min_words,
             max_words=max_words,
-            max_tokens=int(p.get("max_tokens", 77)),
-            tokenizer=p.get("tokenizer") or None,
+            max_tokens=int(get("max_tokens")),
+            tokenizer=get("tokenizer") or None,
             negative_prompts=checked,
-            negative_prompt_common=str(p.get("negative_prompt_common") or ""),
-            prompt_grounded=str(p.get("prompt_grounded", "prompts/caption_grounded.txt")),
-            prompt_hypothetical=str(p.get("prompt_hypothetical", "prompts/caption_hypothetical.txt")),
-            llm=dict(p.get("llm") or {}),
+            negative_prompt_common=str(get("negative_prompt_common") or ""),
+            prompt_grounded=str(get("prompt_grounded")),
+            prompt_hypothetical=str(get("prompt_hypothetical")),
+            llm=dict(get("llm") or {}),
         )
 
 
@@ -372,6 +381,7 @@ class PromptTemplate:
 
     @classmethod
     def load(cls, path: str | Path) -> "PromptTemplate":
+        """Parse the prompt file at ``path`` into its sections; ``sha256`` fingerprints its text."""
         text = Path(path).read_text(encoding="utf-8")
         sections: dict[str, list[str]] = {}
         current = None
@@ -550,22 +560,62 @@ def caption_plan(
             :func:`make_clients`.
         prompts: ``{"grounded": ..., "hypothetical": ...}`` prompt templates (default: the
             files named in ``config``).
+
+    Guarantees: one row per plan row, in plan order, with :data:`CAPTION_COLUMNS` and a non-empty
+    caption within ``limit``; a row of ``previous`` with the same id, labels, mode and fingerprint
+    (backend, model, prompt, limit...) is reused verbatim; a failed LLM call falls back to the
+    template caption, recorded in ``provenance`` and counted in the metrics.
     """
     plan = validate_plan(plan)
     limit = limit or load_length_limit(config.tokenizer, config.max_tokens, config.max_words)
     llm = config.backend != "template"
     if llm:
-        if clients is None:
-            raise CaptionError(f"caption.backend {config.backend!r} needs LLM clients (see make_clients)")
-        if prompts is None:
-            prompts = {
-                "grounded": PromptTemplate.load(config.prompt_grounded),
-                "hypothetical": PromptTemplate.load(config.prompt_hypothetical),
-            }
+        prompts = _llm_prompts(config, clients, prompts)
     index = grounding_index(train) if llm else {}
+    fingerprints = caption_fingerprints(config, limit, clients if llm else None, prompts)
+    reusable, previous_note = reusable_captions(previous)
+    rows, pending, counts = _plan_rows(plan, config, limit, index, fingerprints, reusable)
+    failures: dict[str, int] = {}
+    llm_usage: dict[str, Any] = {}
+    if pending:
+        failures, llm_usage = _llm_captions(rows, pending, config, clients, prompts, limit, counts, progress)
+    table = pd.DataFrame(rows, columns=list(CAPTION_COLUMNS))
+    assert (table["caption"].str.strip() != "").all(), "every row must have a caption"
+    metrics = _caption_metrics(table, rows, config, limit, counts, failures, len(pending), llm_usage)
+    if previous_note:
+        metrics["previous_note"] = previous_note
+    return CaptionResult(table=table, metrics=metrics)
 
+
+def _llm_prompts(
+    config: CaptionConfig, clients: dict[str, Any] | None, prompts: dict[str, PromptTemplate] | None
+) -> dict[str, PromptTemplate]:
+    # Phase 0 (LLM backends): the clients must be given; the prompts default to the files in config.
+    if clients is None:
+        raise CaptionError(f"caption.backend {config.backend!r} needs LLM clients (see make_clients)")
+    if prompts is None:
+        prompts = {
+            "grounded": PromptTemplate.load(config.prompt_grounded),
+            "hypothetical": PromptTemplate.load(config.prompt_hypothetical),
+        }
+    return prompts
+
+
+def caption_fingerprints(
+    config: CaptionConfig,
+    limit: LengthLimit,
+    clients: dict[str, Any] | None,
+    prompts: dict[str, PromptTemplate] | None,
+) -> dict[str, str]:
+    """Phase 1: a hash per mode of everything that shapes its captions (``{mode: sha}``).
+
+    ``template`` covers the grammar and the length limit; with ``clients`` (LLM backends) the
+    ``grounded``/``hypothetical`` entries cover backend, model, temperature actually sent,
+    max_tokens, image size, prompt file, word range and limit. A row is reused only if its
+    fingerprint is unchanged.
+    """
     fingerprints = {"template": _hash({"backend": "template", "grammar": grammar_hash(), "limit": limit.description})}
-    if llm:
+    if clients is not None:
         for mode in ("grounded", "hypothetical"):
             client = clients[mode]
             fingerprints[mode] = _hash(
@@ -580,19 +630,37 @@ def caption_plan(
                     "limit": limit.description,
                 }
             )
+    return fingerprints
 
+
+def reusable_captions(previous: pd.DataFrame | None) -> tuple[dict[str, dict[str, Any]], str]:
+    """Phase 2: rows of the previous ``captions.tsv`` that may be reused, by id, and a note.
+
+    Template fallbacks and empty captions are never reused (asked again; a cached refusal costs
+    nothing). A previous table lacking a column is ignored entirely, and the note says so.
+    """
     reusable: dict[str, dict[str, Any]] = {}
-    previous_note = ""
-    if previous is not None and len(previous):
-        missing = [c for c in CAPTION_COLUMNS if c not in previous.columns]
-        if missing:
-            previous_note = f"previous captions ignored: missing column(s) {', '.join(missing)}"
-        else:
-            for row in previous.to_dict("records"):
-                if str(row["provenance"]).startswith(FALLBACK_PROVENANCE) or not str(row["caption"]).strip():
-                    continue  # failed before: ask again (a cached refusal costs nothing)
-                reusable[str(row["id"])] = row
+    if previous is None or not len(previous):
+        return reusable, ""
+    missing = [c for c in CAPTION_COLUMNS if c not in previous.columns]
+    if missing:
+        return reusable, f"previous captions ignored: missing column(s) {', '.join(missing)}"
+    for row in previous.to_dict("records"):
+        if str(row["provenance"]).startswith(FALLBACK_PROVENANCE) or not str(row["caption"]).strip():
+            continue  # failed before: ask again (a cached refusal costs nothing)
+        reusable[str(row["id"])] = row
+    return reusable, ""
 
+
+def _plan_rows(
+    plan: pd.DataFrame,
+    config: CaptionConfig,
+    limit: LengthLimit,
+    index: dict[tuple[str, ...], list[tuple[str, str]]],
+    fingerprints: dict[str, str],
+    reusable: dict[str, dict[str, Any]],
+) -> tuple[list[dict[str, Any]], list[int], dict[str, int]]:
+    # Phase 3: one row per plan row: reused, template-captioned now, or pending an LLM caption.
     rows: list[dict[str, Any]] = []
     pending: list[int] = []  # indices of rows that need an LLM caption
     counts = {"reused": 0, "template_calls": 0}
@@ -628,59 +696,77 @@ def caption_plan(
         else:
             pending.append(len(rows))
         rows.append(row)
+    return rows, pending, counts
 
+
+def _llm_captions(
+    rows: list[dict[str, Any]],
+    pending: list[int],
+    config: CaptionConfig,
+    clients: dict[str, Any],
+    prompts: dict[str, PromptTemplate],
+    limit: LengthLimit,
+    counts: dict[str, int],
+    progress: bool,
+) -> tuple[dict[str, int], dict[str, Any]]:
+    # Phase 4: ask the LLM for the pending rows, mode by mode; a failure falls back to the template.
+    # Fills rows in place; returns failure counts by reason and each client's usage.
     failures: dict[str, int] = {}
-    llm_usage: dict[str, Any] = {}
-    if pending:
-        requests = [_request(rows[i], config, prompts[rows[i]["mode"]]) for i in pending]
-        for mode in ("grounded", "hypothetical"):
-            chosen = [(i, req) for i, req in zip(pending, requests) if rows[i]["mode"] == mode]
-            if not chosen:
-                continue
-            client = clients[mode]
-            results = client.run([req for _, req in chosen], desc=f"caption {mode}", progress=progress)
-            for (i, _), result in zip(chosen, results):
-                row = rows[i]
-                model = f"{config.backend}:{client.config.model}"
-                if result.ok:
-                    text, cut = shorten(result.value, limit)
-                    source = "cached" if result.cached else "api"
-                    fallback = " after refusal fallback" if result.used_fallback else ""
-                    row.update(caption=text, provenance=f"{model} {mode} ({source}{fallback})", shortened=int(cut))
-                else:
-                    failures[result.failure] = failures.get(result.failure, 0) + 1
-                    text, cut = shorten(template_caption({t: row[t] for t in TASKS}, row["seed"]), limit)
-                    counts["template_calls"] += 1
-                    detail = f": {result.detail}" if result.detail else ""
-                    row.update(
-                        caption=text,
-                        provenance=f"{FALLBACK_PROVENANCE} ({model} {mode} failed: {result.failure}{detail})"[:300],
-                        shortened=int(cut),
-                    )
-        for mode in ("grounded", "hypothetical"):
-            llm_usage[mode] = clients[mode].usage.as_dict()
+    requests = [_request(rows[i], config, prompts[rows[i]["mode"]]) for i in pending]
+    for mode in ("grounded", "hypothetical"):
+        chosen = [(i, req) for i, req in zip(pending, requests) if rows[i]["mode"] == mode]
+        if not chosen:
+            continue
+        client = clients[mode]
+        results = client.run([req for _, req in chosen], desc=f"caption {mode}", progress=progress)
+        for (i, _), result in zip(chosen, results):
+            row = rows[i]
+            model = f"{config.backend}:{client.config.model}"
+            if result.ok:
+                text, cut = shorten(result.value, limit)
+                source = "cached" if result.cached else "api"
+                fallback = " after refusal fallback" if result.used_fallback else ""
+                row.update(caption=text, provenance=f"{model} {mode} ({source}{fallback})", shortened=int(cut))
+            else:
+                failures[result.failure] = failures.get(result.failure, 0) + 1
+                text, cut = shorten(template_caption({t: row[t] for t in TASKS}, row["seed"]), limit)
+                counts["template_calls"] += 1
+                detail = f": {result.detail}" if result.detail else ""
+                row.update(
+                    caption=text,
+                    provenance=f"{FALLBACK_PROVENANCE} ({model} {mode} failed: {result.failure}{detail})"[:300],
+                    shortened=int(cut),
+                )
+    llm_usage = {mode: clients[mode].usage.as_dict() for mode in ("grounded", "hypothetical")}
+    return failures, llm_usage
 
-    table = pd.DataFrame(rows, columns=list(CAPTION_COLUMNS))
-    assert (table["caption"].str.strip() != "").all(), "every row must have a caption"
-    new_rows = len(table) - counts["reused"]
-    metrics = {
+
+def _caption_metrics(
+    table: pd.DataFrame,
+    rows: list[dict[str, Any]],
+    config: CaptionConfig,
+    limit: LengthLimit,
+    counts: dict[str, int],
+    failures: dict[str, int],
+    llm_requests: int,
+    llm_usage: dict[str, Any],
+) -> dict[str, Any]:
+    # Phase 5: metrics/caption.json.
+    return {
         "backend": config.backend,
         "rows": len(table),
-        "new": new_rows,
+        "new": len(table) - counts["reused"],
         "reused": counts["reused"],
         "failed": sum(failures.values()),
         "failures": failures,
         "shortened": int(table["shortened"].sum()),
         "shortened_new": int(sum(r["shortened"] for r in rows if not r["_reused"])),
         "template_calls": counts["template_calls"],
-        "llm_requests": len(pending),
+        "llm_requests": llm_requests,
         "by_mode": {m: int((table["mode"] == m).sum()) for m in MODES},
         "length": {"unit": limit.unit, "limit": limit.limit, "note": limit.note},
         "llm_usage": llm_usage,
     }
-    if previous_note:
-        metrics["previous_note"] = previous_note
-    return CaptionResult(table=table, metrics=metrics)
 
 
 def _same(old: dict[str, Any], row: dict[str, Any]) -> bool:

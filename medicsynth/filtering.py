@@ -38,7 +38,7 @@ import os
 from collections import Counter
 from collections.abc import Callable, Mapping, Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass, field, fields, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -47,9 +47,10 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
-from medicsynth.io import atomic_path
+from medicsynth.io import atomic_path, write_json
 from medicsynth.labels import CLASSES, NUM_CLASSES, TASKS, label_index, validate_label
-from medicsynth.manifest import COLUMNS, canonical_labels
+from medicsynth.manifest import COLUMNS, canonical_labels, read_manifest, resolve_file, write_manifest, write_tsv
+from medicsynth.params import from_section
 from medicsynth.phash import HASH_KINDS, greedy_duplicates, hash_size_for_bits, image_hash, nearest, words_for_bits
 
 METHODS: tuple[str, ...] = ("classifier", "vlm", "none")
@@ -79,23 +80,24 @@ DOMINANT_COLOUR_BITS = 4
 class FilterConfig:
     """Settings of the quality gate (params.yaml section ``filter``; see :meth:`from_params`)."""
 
-    method: str = "classifier"
-    threshold: float | dict[str, float] = 0.5
-    tasks: tuple[str, ...] = TASKS
-    blank_std: float = 8.0
-    blank_dominant_share: float = 0.95
-    hash: str = "phash"
-    phash_bits: int = 256
-    phash_threshold: int = 24
-    check_real_duplicates: bool = True
-    classifier_model: str | None = "models/original-small_cnn"
-    batch_size: int = 64
-    device: str = "cpu"
-    loader: str = "auto"
-    workers: int = 0
-    cache_dir: str | None = ".filter_cache"
-    grid_per_class: int = 4
-    vlm: dict[str, Any] = field(default_factory=dict)
+    # No defaults: params.yaml is the one source of values (build with :meth:`from_params`).
+    method: str
+    threshold: float | dict[str, float]
+    tasks: tuple[str, ...]
+    blank_std: float
+    blank_dominant_share: float
+    hash: str
+    phash_bits: int
+    phash_threshold: int
+    check_real_duplicates: bool
+    classifier_model: str | None
+    batch_size: int
+    device: str
+    loader: str
+    workers: int
+    cache_dir: str | None
+    grid_per_class: int
+    vlm: dict[str, Any]
 
     def __post_init__(self) -> None:
         if self.method not in METHODS:
@@ -126,14 +128,12 @@ class FilterConfig:
 
     @classmethod
     def from_params(cls, params: Mapping[str, Any]) -> FilterConfig:
-        """Build from the ``filter`` section; an unknown key is an error (a typo must not pass)."""
-        known = {f.name for f in fields(cls)}
-        unknown = sorted(set(params) - known)
-        if unknown:
-            raise ValueError(
-                f"params.yaml filter: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
-            )
-        return cls(**dict(params))
+        """Build from the ``filter`` section (``params`` is that section).
+
+        Every field is a required key (a missing one raises ``KeyError`` naming ``filter.<key>``);
+        an unknown key raises ``ValueError`` (a typo must not pass).
+        """
+        return from_section(cls, {"filter": params}, "filter")
 
 
 # ---------------------------------------------------------------------------------------------
@@ -151,6 +151,7 @@ class ImageStats:
 
     @property
     def ok(self) -> bool:
+        """True when the image decoded (no ``error``)."""
         return not self.error
 
 
@@ -312,14 +313,6 @@ class JudgeVerdict:
 Judge = Callable[[Sequence[str]], list[JudgeVerdict]]
 
 
-def load_prompt(path: str | Path) -> str:
-    """A prompt file's text, without surrounding whitespace; a clear error if it is missing."""
-    path = Path(path)
-    if not path.is_file():
-        raise FileNotFoundError(f"prompt file {path} not found")
-    return path.read_text(encoding="utf-8").strip()
-
-
 def llm_judge(
     client: Any, system: str, user: str, *, fallback_prompt: str | None = None, desc: str = "judge"
 ) -> Judge:
@@ -383,12 +376,6 @@ class FilterResult:
     metrics: dict[str, Any]
 
 
-def resolve_file(file: str, root: str | Path) -> str:
-    """A manifest ``file`` as a path to open: absolute paths as they are, others under ``root``."""
-    p = Path(file)
-    return str(p if p.is_absolute() else Path(root) / p)
-
-
 def _truthy(value: Any) -> bool:
     return str(value).strip().lower() in {"1", "true", "yes", "y", "t"}
 
@@ -421,20 +408,63 @@ def filter_synthetic(
 ) -> FilterResult:
     """Run the gate over the ``synthetic`` manifest; see the module docstring for the rules.
 
-    ``real`` is the real training manifest (its ``file`` column) for the ``duplicate_real`` rule;
-    ``None`` or ``config.check_real_duplicates=False`` skips that rule. ``predictor`` replaces
+    Parameters: ``synthetic`` has ``image_path``, ``file`` and the four task columns (plus
+    optional ``plan_id``, ``seed``, ``blank_flag``); ``real`` is the real training manifest (its
+    ``file`` column) for the ``duplicate_real`` rule, ``None`` or
+    ``config.check_real_duplicates=False`` skips that rule; ``predictor`` replaces
     :func:`medicsynth.inference.predict_proba`; ``judge`` is required with ``method='vlm'``.
+
+    Guarantees: ``decisions`` has one row per input row, in input order, with every rule's
+    outcome (``rule_<name>`` pass/fail/skip), its measurements and ``reason`` (the first failing
+    rule, or ``kept``); ``kept`` holds the kept rows; the judge is asked only about images that
+    passed every cheaper rule. The result depends only on the images, the manifests and ``config``.
     """
+    df, files = _gate_inputs(synthetic, config, judge, root)
+    decoded, blank, hashes = decode_and_blank_rule(df, files, config)
+    dup_real, check_real, real_hash_errors = duplicate_real_rule(df, hashes, decoded, real, config, root)
+    dup_syn, pool = duplicate_synthetic_rule(df, hashes, decoded & ~blank & ~dup_real, config)
+    cheap_pass = decoded & ~blank & ~dup_real & ~dup_syn
+    label = classifier_label_rule(df, files, decoded, config, root, predictor)
+    judge_stats = None
+    if config.method == "vlm":
+        label, judge_stats = judge_label_rule(df, files, cheap_pass, config, judge)
+    elif config.method == "none":
+        label = LabelOutcome(
+            passed=np.ones(len(df), dtype=bool),
+            reason=label.reason,
+            rule=np.where(decoded, PASS, SKIP).astype(object),
+        )
+    _record_outcomes(df, decoded, blank, dup_real, check_real, pool, dup_syn, label)
+    kept = df[df["kept"]].drop(columns=["kept", "reason"]).reset_index(drop=True)
+    metrics = filter_metrics(df, config, judge_stats=judge_stats, real_checked=int(len(real)) if check_real else 0,
+                             real_hash_errors=real_hash_errors)
+    return FilterResult(decisions=df, kept=kept, metrics=metrics)
+
+
+def _gate_inputs(
+    synthetic: pd.DataFrame, config: FilterConfig, judge: Judge | None, root: str | Path
+) -> tuple[pd.DataFrame, list[str]]:
+    # Step 0: check the inputs; the decisions table starts as the canonical synthetic manifest.
     if config.method == "vlm" and judge is None:
         raise ValueError("filter.method is 'vlm' but no judge was given")
     missing = [c for c in ("image_path", "file", *TASKS) if c not in synthetic.columns]
     if missing:
         raise ValueError(f"synthetic manifest lacks column(s) {', '.join(missing)}")
     df = canonical_labels(synthetic.reset_index(drop=True), "synthetic manifest", key="image_path")
-    n = len(df)
-    files = [resolve_file(f, root) for f in df["file"]]
+    return df, [resolve_file(f, root) for f in df["file"]]
 
-    # 1–2. decode and blank, one decode per image.
+
+def decode_and_blank_rule(
+    df: pd.DataFrame, files: Sequence[str], config: FilterConfig
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Rules 1–2, one decode per image: returns ``(decoded (n,), blank (n,), hashes (n, words))``.
+
+    Adds ``decode_error``, ``pixel_std``, ``dominant_share`` and ``blank_cause`` to ``df``. An
+    image is blank when the generator flagged it, its largest per-channel std is below
+    ``blank_std``, or one quantised colour covers ``blank_dominant_share``; only decoded images
+    can be blank. Undecodable images get an all-zero hash row (never used).
+    """
+    n = len(df)
     stats = measure_images(files, config.hash, config.phash_bits, workers=config.workers, desc="inspect synthetic")
     decoded = np.array([s.ok for s in stats], dtype=bool)
     df["decode_error"] = [s.error for s in stats]
@@ -449,150 +479,218 @@ def filter_synthetic(
         ",".join(name for name, hit in (("generator_flag", f), ("low_std", s), ("dominant_colour", c)) if hit)
         for f, s, c in zip(flagged, low_std, dominant)
     ]
-    words = words_for_bits(config.phash_bits)
-    hashes = np.zeros((n, words), dtype=np.uint64)
+    hashes = np.zeros((n, words_for_bits(config.phash_bits)), dtype=np.uint64)
     for i, s in enumerate(stats):
         if s.ok:
             hashes[i] = s.hash
+    return decoded, blank, hashes
 
-    # 3. near-copies of real training images.
+
+def duplicate_real_rule(
+    df: pd.DataFrame,
+    hashes: np.ndarray,
+    decoded: np.ndarray,
+    real: pd.DataFrame | None,
+    config: FilterConfig,
+    root: str | Path,
+) -> tuple[np.ndarray, bool, int]:
+    """Rule 3, near-copies of real training images: returns ``(dup_real (n,), checked, real_hash_errors)``.
+
+    Adds ``dup_real_of`` (the real ``image_path`` within ``phash_threshold`` bits, else "") and
+    ``dup_real_dist`` (distance to the nearest real image, -1 when not checked). Not checked
+    (``checked`` False, nothing flagged) without ``real`` or with ``check_real_duplicates`` off.
+    """
+    n = len(df)
     dup_real = np.zeros(n, dtype=bool)
     df["dup_real_of"] = ""
     df["dup_real_dist"] = -1
     check_real = config.check_real_duplicates and real is not None
-    real_hash_errors = 0
-    if check_real:
-        if "file" not in real.columns:
-            raise ValueError("real training manifest lacks the 'file' column")
-        real_files = [resolve_file(f, root) for f in real["file"]]
-        real_hashes, real_ok = real_image_hashes(
-            real_files, config.hash, config.phash_bits, workers=config.workers, cache_dir=config.cache_dir
-        )
-        real_hash_errors = int((~real_ok).sum())
-        real_paths = real["image_path"].to_numpy()[real_ok] if "image_path" in real else np.array(real_files)[real_ok]
-        rows = np.nonzero(decoded)[0]
-        idx, dist = nearest(hashes[rows], real_hashes)
-        has = idx >= 0
-        df.loc[rows[has], "dup_real_dist"] = dist[has]
-        df.loc[rows[has], "dup_real_of"] = np.where(dist[has] <= config.phash_threshold, real_paths[idx[has]], "")
-        dup_real[rows[has]] = dist[has] <= config.phash_threshold
+    if not check_real:
+        return dup_real, False, 0
+    if "file" not in real.columns:
+        raise ValueError("real training manifest lacks the 'file' column")
+    real_files = [resolve_file(f, root) for f in real["file"]]
+    real_hashes, real_ok = real_image_hashes(
+        real_files, config.hash, config.phash_bits, workers=config.workers, cache_dir=config.cache_dir
+    )
+    real_paths = real["image_path"].to_numpy()[real_ok] if "image_path" in real else np.array(real_files)[real_ok]
+    rows = np.nonzero(decoded)[0]
+    idx, dist = nearest(hashes[rows], real_hashes)
+    has = idx >= 0
+    df.loc[rows[has], "dup_real_dist"] = dist[has]
+    df.loc[rows[has], "dup_real_of"] = np.where(dist[has] <= config.phash_threshold, real_paths[idx[has]], "")
+    dup_real[rows[has]] = dist[has] <= config.phash_threshold
+    return dup_real, True, int((~real_ok).sum())
 
-    # 4. near-copies within the pool, first by plan id kept. Images already rejected (undecodable,
-    # blank, copies of real photos) take no part: they must not make a good image a "duplicate".
-    dup_syn = np.zeros(n, dtype=bool)
+
+def duplicate_synthetic_rule(
+    df: pd.DataFrame, hashes: np.ndarray, eligible: np.ndarray, config: FilterConfig
+) -> tuple[np.ndarray, np.ndarray]:
+    """Rule 4, near-copies within the pool: returns ``(dup_synthetic (n,), pool positions)``.
+
+    Only ``eligible`` images (decoded, not blank, not copies of real photos) take part: a rejected
+    image must not make a good one a "duplicate". In :func:`pool_order` (plan id, seed, path) the
+    first image of a group of near-copies stays. Adds ``dup_synthetic_of``/``dup_synthetic_dist``.
+    """
+    dup_syn = np.zeros(len(df), dtype=bool)
     df["dup_synthetic_of"] = ""
     df["dup_synthetic_dist"] = -1
     order = pool_order(df)
-    pool = order[(decoded & ~blank & ~dup_real)[order]]
+    pool = order[eligible[order]]
     if len(pool):
         dup_of, dist = greedy_duplicates(hashes[pool], config.phash_threshold)
         df.loc[pool, "dup_synthetic_dist"] = dist
         is_dup = dup_of >= 0
         df.loc[pool[is_dup], "dup_synthetic_of"] = df["image_path"].to_numpy()[pool[dup_of[is_dup]]]
         dup_syn[pool[is_dup]] = True
+    return dup_syn, pool
 
-    cheap_pass = decoded & ~blank & ~dup_real & ~dup_syn
 
-    # 5. label consistency. The classifier (cheap, unpaid) sees every decodable image so that
-    # agreement measures the generator, not the filter.
-    label_pass = np.ones(n, dtype=bool)
-    label_reason = np.full(n, "", dtype=object)
-    label_rule = np.where(decoded, PASS, SKIP).astype(object)
-    if config.classifier_model:
-        rows = np.nonzero(decoded)[0]
-        scores = classifier_scores(
-            [files[i] for i in rows],
-            df.loc[rows, list(TASKS)],
-            resolve_file(config.classifier_model, root),
-            predictor=predictor,
-            batch_size=config.batch_size,
-            device=config.device,
-            loader=config.loader,
-        )
-        for column in scores.columns:
-            values = np.full(n, np.nan) if column.startswith("p_") else np.full(n, None, dtype=object)
-            values[rows] = scores[column].to_numpy()
-            df[column] = values
-        if config.method == "classifier":
-            ok = np.ones(len(rows), dtype=bool)
-            for task in config.tasks:
-                ok &= scores[f"p_intended_{task}"].to_numpy(dtype=float) >= config.threshold_for(task)
-            label_pass[rows] = ok
-            label_reason[rows[~ok]] = "label_mismatch"
-            label_rule[rows] = np.where(ok, PASS, FAIL)
-    judge_stats = None
-    if config.method == "vlm":
-        rows = np.nonzero(cheap_pass)[0]
-        label_rule = np.full(n, SKIP, dtype=object)
-        df["judge_status"] = "not_run"
-        df["judge_failure"] = ""
-        df["judge_detail"] = ""
+@dataclass
+class LabelOutcome:
+    """Rule 5 per image: ``passed`` (bool), ``reason`` (failure reason or ""), ``rule`` (pass/fail/skip)."""
+
+    passed: np.ndarray
+    reason: np.ndarray
+    rule: np.ndarray
+
+
+def classifier_label_rule(
+    df: pd.DataFrame,
+    files: Sequence[str],
+    decoded: np.ndarray,
+    config: FilterConfig,
+    root: str | Path,
+    predictor: Predictor | None,
+) -> LabelOutcome:
+    """Rule 5 with ``method='classifier'``, and the classifier's view whatever the method.
+
+    The classifier (cheap, unpaid) sees every decodable image so that agreement measures the
+    generator, not the filter: its columns (:func:`classifier_scores`) are added whenever
+    ``classifier_model`` is set. Only with ``method='classifier'`` can an image fail here
+    (``label_mismatch``: p(intended) below the task's threshold on a checked task).
+    """
+    n = len(df)
+    outcome = LabelOutcome(
+        passed=np.ones(n, dtype=bool),
+        reason=np.full(n, "", dtype=object),
+        rule=np.where(decoded, PASS, SKIP).astype(object),
+    )
+    if not config.classifier_model:
+        return outcome
+    rows = np.nonzero(decoded)[0]
+    scores = classifier_scores(
+        [files[i] for i in rows],
+        df.loc[rows, list(TASKS)],
+        resolve_file(config.classifier_model, root),
+        predictor=predictor,
+        batch_size=config.batch_size,
+        device=config.device,
+        loader=config.loader,
+    )
+    for column in scores.columns:
+        values = np.full(n, np.nan) if column.startswith("p_") else np.full(n, None, dtype=object)
+        values[rows] = scores[column].to_numpy()
+        df[column] = values
+    if config.method == "classifier":
+        ok = np.ones(len(rows), dtype=bool)
+        for task in config.tasks:
+            ok &= scores[f"p_intended_{task}"].to_numpy(dtype=float) >= config.threshold_for(task)
+        outcome.passed[rows] = ok
+        outcome.reason[rows[~ok]] = "label_mismatch"
+        outcome.rule[rows] = np.where(ok, PASS, FAIL)
+    return outcome
+
+
+def judge_label_rule(
+    df: pd.DataFrame, files: Sequence[str], candidates: np.ndarray, config: FilterConfig, judge: Judge
+) -> tuple[LabelOutcome, dict[str, Any]]:
+    """Rule 5 with ``method='vlm'``: the judge is asked (paid) only about ``candidates``.
+
+    Adds ``judge_status`` (ok/failed/not_run), ``judge_failure``, ``judge_detail``,
+    ``judge_<task>`` and ``judge_agree_<task>`` to ``df``. A failed call rejects the image
+    (``judge_failed``); a label differing on a checked task rejects it (``judge_disagrees``).
+    Returns the outcome and the call statistics for ``metrics['judge']``.
+    """
+    n = len(df)
+    outcome = LabelOutcome(
+        passed=np.ones(n, dtype=bool), reason=np.full(n, "", dtype=object), rule=np.full(n, SKIP, dtype=object)
+    )
+    rows = np.nonzero(candidates)[0]
+    df["judge_status"] = "not_run"
+    df["judge_failure"] = ""
+    df["judge_detail"] = ""
+    for task in TASKS:
+        df[f"judge_{task}"] = ""
+        # object, not str: holds True/False for judged images and None for the others.
+        df[f"judge_agree_{task}"] = pd.Series([None] * n, dtype=object)
+    verdicts = judge([files[i] for i in rows]) if len(rows) else []
+    if len(verdicts) != len(rows):
+        raise RuntimeError(f"judge returned {len(verdicts)} verdicts for {len(rows)} images")
+    verdicts = [_checked_verdict(v) for v in verdicts]
+    for i, v in zip(rows, verdicts):
+        if v.labels is None:
+            df.at[i, "judge_status"] = "failed"
+            df.at[i, "judge_failure"] = v.failure
+            df.at[i, "judge_detail"] = v.detail
+            outcome.passed[i] = False
+            outcome.reason[i] = "judge_failed"
+            outcome.rule[i] = FAIL
+            continue
+        df.at[i, "judge_status"] = "ok"
+        agree_all = True
         for task in TASKS:
-            df[f"judge_{task}"] = ""
-            # object, not str: holds True/False for judged images and None for the others.
-            df[f"judge_agree_{task}"] = pd.Series([None] * n, dtype=object)
-        verdicts = judge([files[i] for i in rows]) if len(rows) else []
-        if len(verdicts) != len(rows):
-            raise RuntimeError(f"judge returned {len(verdicts)} verdicts for {len(rows)} images")
-        verdicts = [_checked_verdict(v) for v in verdicts]
-        for i, v in zip(rows, verdicts):
-            if v.labels is None:
-                df.at[i, "judge_status"] = "failed"
-                df.at[i, "judge_failure"] = v.failure
-                df.at[i, "judge_detail"] = v.detail
-                label_pass[i] = False
-                label_reason[i] = "judge_failed"
-                label_rule[i] = FAIL
-                continue
-            df.at[i, "judge_status"] = "ok"
-            agree_all = True
-            for task in TASKS:
-                agree = v.labels[task] == df.at[i, task]
-                df.at[i, f"judge_{task}"] = v.labels[task]
-                df.at[i, f"judge_agree_{task}"] = agree
-                if task in config.tasks:
-                    agree_all &= agree
-            label_pass[i] = agree_all
-            label_reason[i] = "" if agree_all else "judge_disagrees"
-            label_rule[i] = PASS if agree_all else FAIL
-        judge_stats = {
-            "requests": len(rows),
-            "ok": int(sum(v.labels is not None for v in verdicts)),
-            "failed": int(sum(v.labels is None for v in verdicts)),
-            "cached": int(sum(v.cached for v in verdicts)),
-            "input_tokens": int(sum(v.input_tokens for v in verdicts)),
-            "output_tokens": int(sum(v.output_tokens for v in verdicts)),
-            "failures": dict(sorted(Counter(v.failure for v in verdicts if v.labels is None).items())),
-        }
-    elif config.method == "none":
-        label_rule = np.where(decoded, PASS, SKIP).astype(object)
-        label_pass[:] = True
+            agree = v.labels[task] == df.at[i, task]
+            df.at[i, f"judge_{task}"] = v.labels[task]
+            df.at[i, f"judge_agree_{task}"] = agree
+            if task in config.tasks:
+                agree_all &= agree
+        outcome.passed[i] = agree_all
+        outcome.reason[i] = "" if agree_all else "judge_disagrees"
+        outcome.rule[i] = PASS if agree_all else FAIL
+    stats = {
+        "requests": len(rows),
+        "ok": int(sum(v.labels is not None for v in verdicts)),
+        "failed": int(sum(v.labels is None for v in verdicts)),
+        "cached": int(sum(v.cached for v in verdicts)),
+        "input_tokens": int(sum(v.input_tokens for v in verdicts)),
+        "output_tokens": int(sum(v.output_tokens for v in verdicts)),
+        "failures": dict(sorted(Counter(v.failure for v in verdicts if v.labels is None).items())),
+    }
+    return outcome, stats
 
-    # Rule outcomes and the first failing rule.
+
+def _record_outcomes(
+    df: pd.DataFrame,
+    decoded: np.ndarray,
+    blank: np.ndarray,
+    dup_real: np.ndarray,
+    check_real: bool,
+    pool: np.ndarray,
+    dup_syn: np.ndarray,
+    label: LabelOutcome,
+) -> None:
+    # Last step: every rule's outcome, the first failing rule (``reason``) and ``kept``.
+    n = len(df)
     df["rule_decode"] = np.where(decoded, PASS, FAIL)
     df["rule_blank"] = np.where(decoded, np.where(blank, FAIL, PASS), SKIP)
     df["rule_duplicate_real"] = np.where(decoded & check_real, np.where(dup_real, FAIL, PASS), SKIP)
     in_pool = np.zeros(n, dtype=bool)
     in_pool[pool] = True
     df["rule_duplicate_synthetic"] = np.where(in_pool, np.where(dup_syn, FAIL, PASS), SKIP)
-    df["rule_label"] = label_rule
+    df["rule_label"] = label.rule
     reason = np.full(n, KEPT, dtype=object)
     for mask, name in (
-        (~label_pass, None),
+        (~label.passed, None),
         (dup_syn, "duplicate_synthetic"),
         (dup_real, "duplicate_real"),
         (blank, "blank"),
         (~decoded, "decode_error"),
     ):
         # Later rules first, earlier rules overwrite: what remains is the first failing rule.
-        reason[mask] = label_reason[mask] if name is None else name
+        reason[mask] = label.reason[mask] if name is None else name
     df["reason"] = reason
     df["kept"] = reason == KEPT
-
-    kept = df[df["kept"]].drop(columns=["kept", "reason"]).reset_index(drop=True)
-    metrics = filter_metrics(df, config, judge_stats=judge_stats, real_checked=int(len(real)) if check_real else 0,
-                             real_hash_errors=real_hash_errors)
-    return FilterResult(decisions=df, kept=kept, metrics=metrics)
 
 
 def _checked_verdict(verdict: JudgeVerdict) -> JudgeVerdict:
@@ -683,135 +781,55 @@ def kept_manifest(kept: pd.DataFrame) -> pd.DataFrame:
 
 
 # ---------------------------------------------------------------------------------------------
-# The grid plot.
+# The stage: read the manifests, build the judge, run the gate, write the outputs.
 
 
-_SHORT_TASK = {"damage_severity": "damage", "informative": "inform.", "humanitarian": "human.", "disaster_types": "disaster"}
+@dataclass(frozen=True)
+class FilterPaths:
+    """Where the filter stage reads and writes (dvc.yaml's deps and outs), relative to the cwd."""
+
+    synthetic: str = "data/synthetic/manifest.tsv"
+    real: str = "data/variants/relabelled/train.tsv"
+    out_dir: str = "data/filtered"
+    metrics: str = "metrics/filter.json"
+    plot: str = "plots/filter_grid.png"
+    judge_system: str = "prompts/judge_system.txt"
+    judge_user: str = "prompts/judge_user.txt"
+    prompt_dir: str = "prompts"  # holds refusal_fallback.txt
 
 
-def _caption(row: pd.Series) -> str:
-    reason = row["reason"]
-    p = row.get("p_intended_disaster_types")
-    p_txt = f" p={float(p):.2f}" if p is not None and pd.notna(p) and p != "" else ""
-    if reason == KEPT:
-        return f"kept{p_txt}"
-    if reason == "duplicate_synthetic":
-        return f"dup synth d={int(row['dup_synthetic_dist'])}"
-    if reason == "duplicate_real":
-        return f"dup real d={int(row['dup_real_dist'])}"
-    if reason == "blank":
-        cause = str(row.get("blank_cause", ""))
-        if "low_std" in cause:
-            return f"blank std={float(row['pixel_std']):.1f}"
-        if "dominant_colour" in cause:
-            return f"blank 1 colour {float(row['dominant_share']):.0%}"
-        return "blank (gen. flag)"
-    if reason == "label_mismatch":
-        worst = min(
-            (t for t in TASKS if f"p_intended_{t}" in row and pd.notna(row[f"p_intended_{t}"])),
-            key=lambda t: float(row[f"p_intended_{t}"]),
-            default=None,
-        )
-        if worst is None:
-            return "label mismatch"
-        return f"label {_SHORT_TASK[worst]} p={float(row[f'p_intended_{worst}']):.2f}"
-    if reason == "judge_disagrees":
-        wrong = [t for t in TASKS if row.get(f"judge_agree_{t}") is False]
-        return "judge: " + (str(row[f"judge_{wrong[0]}"])[:14] if wrong else "disagrees")
-    if reason == "judge_failed":
-        return "judge failed"
-    return reason.replace("_", " ")
+def run_filter(config: FilterConfig, paths: FilterPaths, *, predictor: Predictor | None = None) -> FilterResult:
+    """Read the stage's inputs, run :func:`filter_synthetic`, return its result (nothing written).
 
-
-def _spread(rows: pd.DataFrame, k: int) -> pd.DataFrame:
-    # Rejected samples round-robin over reasons, so one frequent reason does not hide the others.
-    groups = [g for _, g in rows.groupby("reason", sort=True)]
-    picked = []
-    depth = 0
-    while len(picked) < k and any(depth < len(g) for g in groups):
-        for g in groups:
-            if depth < len(g) and len(picked) < k:
-                picked.append(g.index[depth])
-        depth += 1
-    return rows.loc[picked]
-
-
-def _thumbnail(path: str, cell: int) -> np.ndarray:
-    try:
-        with Image.open(path) as im:
-            im.draft("RGB", (cell, cell))
-            rgb = im.convert("RGB")
-    except Exception:
-        return np.full((cell, cell, 3), 128, dtype=np.uint8)
-    if max(rgb.size) > cell:
-        rgb.thumbnail((cell, cell), Image.Resampling.LANCZOS)
-    # Small images (64 px demo renders) are enlarged with nearest so pixels stay honest.
-    scale = cell / max(rgb.size)
-    size = (max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale)))
-    return np.asarray(rgb.resize(size, Image.Resampling.NEAREST))
-
-
-def plot_filter_grid(
-    decisions: pd.DataFrame,
-    path: str | Path,
-    *,
-    root: str | Path = ".",
-    per_class: int = 4,
-    cell: int = 96,
-    seed: int = 0,
-) -> None:
-    """PNG grid: one row per disaster type, ``per_class`` kept then ``per_class`` rejected samples.
-
-    Captions give the decision (``kept`` with the intended-label probability, or the rejection
-    reason with its measurement). Written atomically.
+    With ``method='vlm'`` the judge is an LLM client built from ``config.vlm`` (keys from the
+    environment) with the judge prompts of ``paths``, retried once after a refusal with the
+    project's academic-research preface; ``metrics['judge']['usage']`` then records the calls
+    paid now vs answered from the cache. ``predictor`` replaces the classifier (tests).
     """
-    import matplotlib
+    synthetic = read_manifest(paths.synthetic)
+    real = read_manifest(paths.real, validate=False) if config.check_real_duplicates else None
+    client = judge = None
+    if config.method == "vlm":
+        from medicsynth.llm import client_from_params, load_prompt, with_refusal_preface
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+        client = client_from_params(config.vlm)
+        user = load_prompt(Path(paths.judge_user).name, Path(paths.judge_user).parent)
+        system = load_prompt(Path(paths.judge_system).name, Path(paths.judge_system).parent)
+        # Graphic disaster images are refused often: one retry with the preface (as caption and relabel do).
+        judge = llm_judge(client, system, user, fallback_prompt=with_refusal_preface(user, paths.prompt_dir),
+                          desc="filter judge")
+    result = filter_synthetic(synthetic, config, real=real, predictor=predictor, judge=judge)
+    if client is not None:
+        result.metrics["judge"]["usage"] = client.usage.as_dict()
+    return result
 
-    classes = CLASSES["disaster_types"]
-    cols = 2 * per_class
-    fig, axes = plt.subplots(
-        len(classes), cols, figsize=(cols * 1.15 + 1.2, len(classes) * 1.3), squeeze=False
-    )
-    rng = np.random.default_rng(seed)
-    for r, cls in enumerate(classes):
-        rows = decisions[decisions["disaster_types"] == cls]
-        kept = rows[rows["kept"].astype(bool)]
-        rejected = rows[~rows["kept"].astype(bool)]
-        if len(kept) > per_class:
-            kept = kept.loc[np.sort(rng.choice(kept.index.to_numpy(), per_class, replace=False))]
-        rejected = _spread(rejected.sample(frac=1.0, random_state=seed), per_class) if len(rejected) else rejected
-        samples = [("kept", row) for _, row in kept.iterrows()] + [("rej", row) for _, row in rejected.iterrows()]
-        slots = list(range(len(kept))) + [per_class + j for j in range(len(rejected))]
-        for c in range(cols):
-            ax = axes[r, c]
-            ax.set_xticks([])
-            ax.set_yticks([])
-            for spine in ax.spines.values():
-                spine.set_visible(False)
-        for slot, (kind, row) in zip(slots, samples):
-            ax = axes[r, slot]
-            ax.imshow(_thumbnail(resolve_file(row["file"], root), cell), interpolation="nearest")
-            colour = "#1a7f37" if kind == "kept" else "#b42318"
-            for spine in ax.spines.values():
-                spine.set_visible(True)
-                spine.set_color(colour)
-                spine.set_linewidth(2)
-            ax.set_title(_caption(row), fontsize=6.5, color=colour, pad=2)
-        if not len(kept):
-            axes[r, 0].text(0.5, 0.5, "none kept", ha="center", va="center", fontsize=7, transform=axes[r, 0].transAxes)
-        if not len(rejected):
-            axes[r, per_class].text(0.5, 0.5, "none rejected", ha="center", va="center", fontsize=7,
-                                    transform=axes[r, per_class].transAxes)
-        n_kept = int(rows["kept"].astype(bool).sum())
-        axes[r, 0].set_ylabel(f"{cls}\n{n_kept}/{len(rows)} kept", fontsize=7.5, rotation=0, ha="right", va="center",
-                              labelpad=6)
-    fig.suptitle("filter: kept (green, left) vs rejected (red, right) per disaster type", fontsize=9)
-    fig.tight_layout(rect=(0, 0, 1, 0.97))
-    try:
-        with atomic_path(path, suffix=".tmp.png") as tmp:
-            fig.savefig(tmp, format="png", dpi=110)
-    finally:
-        plt.close(fig)
+
+def write_filter_outputs(result: FilterResult, config: FilterConfig, paths: FilterPaths) -> None:
+    """Write the stage's declared outputs atomically: decisions, kept manifest, metrics, grid plot."""
+    from medicsynth.plots import plot_filter_grid
+
+    out_dir = Path(paths.out_dir)
+    write_tsv(result.decisions, out_dir / "decisions.tsv")
+    write_manifest(kept_manifest(result.kept), out_dir / "manifest.tsv")
+    write_json(result.metrics, paths.metrics)
+    plot_filter_grid(result.decisions, paths.plot, per_class=config.grid_per_class)

@@ -43,6 +43,7 @@ def write_json(obj: Any, path: str | Path) -> None:
 
 
 def read_json(path: str | Path) -> Any:
+    """The JSON document at ``path`` (UTF-8)."""
     with open(path, encoding="utf-8") as fh:
         return json.load(fh)
 

@@ -20,7 +20,7 @@ from pathlib import Path
 import pandas as pd
 
 from medicsynth.io import atomic_path
-from medicsynth.labels import TASKS, LabelError, validate_label
+from medicsynth.labels import CLASSES, TASKS, LabelError, validate_label
 
 MEDIC_COLUMNS: tuple[str, ...] = ("image_id", "event_name", "image_path", *TASKS)
 EXTRA_COLUMNS: tuple[str, ...] = ("split", "source", "provenance", "file")
@@ -112,3 +112,22 @@ def label_matrix(df: pd.DataFrame):
         lookup = {name: k for k, name in enumerate(CLASSES[task])}
         out[:, j] = df[task].map(lookup).to_numpy()
     return out
+
+
+def class_counts(df: pd.DataFrame) -> dict[str, dict[str, int]]:
+    """Rows per class ``{task: {class: n}}`` of a manifest-like frame (one label column per task).
+
+    Every class of every task is listed, in schema order, zeros included; an empty frame (even one
+    without label columns) gives all zeros. The one class counter of the package: prepare,
+    ingestion and allocation all use it.
+    """
+    return {
+        task: {cls: int((df[task] == cls).sum()) if len(df) else 0 for cls in CLASSES[task]}
+        for task in TASKS
+    }
+
+
+def resolve_file(file: str, root: str | Path) -> str:
+    """A manifest ``file`` as a path to open: absolute paths as they are, others under ``root``."""
+    p = Path(file)
+    return str(p if p.is_absolute() else Path(root) / p)

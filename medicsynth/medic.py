@@ -33,7 +33,7 @@ from tqdm import tqdm
 
 from medicsynth.images import OK, REENCODE, REJECT, ImageCheck, inspect_image, reencode_to_jpeg
 from medicsynth.labels import CLASSES, TASKS, LabelError, validate_label
-from medicsynth.manifest import COLUMNS, MEDIC_COLUMNS, SPLITS, write_manifest, write_tsv
+from medicsynth.manifest import COLUMNS, MEDIC_COLUMNS, SPLITS, class_counts, write_manifest, write_tsv
 
 RELEASE_FILES: dict[str, str] = {split: f"MEDIC_{split}.tsv" for split in SPLITS}
 # Which copy of an image_path survives when it appears in several splits: the test set must stay
@@ -318,13 +318,6 @@ def ingest_medic(
     if out_dir is not None:
         write_ingest_outputs(result, out_dir)
     return result
-
-
-def class_counts(df: pd.DataFrame) -> dict[str, dict[str, int]]:
-    """Rows per class for each task, every class listed (zeros included), schema order."""
-    return {
-        task: {name: int((df[task] == name).sum()) for name in CLASSES[task]} for task in TASKS
-    }
 
 
 def write_ingest_outputs(result: IngestResult, out_dir: str | Path) -> dict[str, Any]:

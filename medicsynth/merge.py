@@ -23,6 +23,8 @@ from medicsynth.labels import CLASSES, TASKS
 
 @dataclass
 class MergeResult:
+    """The augmented ``train`` manifest, synthetic rows requested/selected/available, and metrics."""
+
     train: pd.DataFrame
     requested: int
     selected: int

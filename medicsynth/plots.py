@@ -1,4 +1,4 @@
-"""PNG plots of evaluation reports and variant comparisons.
+"""All PNG plots of the pipeline: allocation, the filter grid, evaluation reports, comparisons.
 
 Figures are built with :class:`matplotlib.figure.Figure` directly rather than ``pyplot``: no
 global figure registry to leak, no interactive backend to select, and PNGs render with Agg on
@@ -15,10 +15,13 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import pandas as pd
 from matplotlib.figure import Figure
+from PIL import Image
 
 from medicsynth.io import atomic_path
-from medicsynth.labels import TASKS
+from medicsynth.labels import CLASSES, TASKS
+from medicsynth.manifest import resolve_file
 
 MINORITY_COLOUR = "#e67e22"
 MAJORITY_COLOUR = "#3b75af"
@@ -208,3 +211,171 @@ def plot_compare(
     if title:
         fig.suptitle(title, fontsize=11)
     return _save(fig, path)
+
+
+# ---------------------------------------------------------------------------------------------
+# allocate: class shares before / after the planned synthetic images.
+
+
+def plot_allocation(metrics: dict[str, Any], path: str | Path) -> None:
+    """Per-task bar chart of class shares, real train vs real + planned, counts on the bars.
+
+    ``metrics`` is :func:`medicsynth.allocation.allocate`'s ``metrics`` (``per_class`` with
+    ``share_before``/``share_after``/``real``/``planned`` per class). Written atomically.
+    """
+    fig = Figure(figsize=(13, 8.5))
+    axes = fig.subplots(2, 2)
+    for ax, task in zip(axes.ravel(), TASKS):
+        stats = metrics["per_class"][task]
+        names = list(CLASSES[task])
+        x = range(len(names))
+        before = [100 * stats[c]["share_before"] for c in names]
+        after = [100 * stats[c]["share_after"] for c in names]
+        bars_b = ax.bar([i - 0.2 for i in x], before, 0.4, label="real train", color="#8c8c8c")
+        bars_a = ax.bar([i + 0.2 for i in x], after, 0.4, label="real + planned", color="#d95f02")
+        for bar, c in zip(bars_b, names):
+            ax.annotate(str(stats[c]["real"]), (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                        ha="center", va="bottom", fontsize=7)
+        for bar, c in zip(bars_a, names):
+            ax.annotate(f"+{stats[c]['planned']}", (bar.get_x() + bar.get_width() / 2, bar.get_height()),
+                        ha="center", va="bottom", fontsize=7, color="#d95f02")
+        ax.set_xticks(list(x))
+        ax.set_xticklabels([n.replace("_", " ") for n in names], rotation=25, ha="right", fontsize=8)
+        ax.set_ylabel("share of task (%)")
+        ax.set_title(task)
+        # Headroom so the legend and the count labels never cover the tallest bars.
+        ax.set_ylim(0, 1.3 * max(before + after + [1.0]))
+        ax.legend(fontsize=8, loc="upper center", ncol=2)
+    fig.suptitle(
+        f"allocate ({metrics['mode']}): {metrics['total']} planned images over "
+        f"{metrics['combinations_planned']} combinations, {metrics['real_train']} real"
+    )
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+
+
+# ---------------------------------------------------------------------------------------------
+# filter: kept vs rejected synthetic images per disaster type (the grid shows images: a private output).
+
+
+_SHORT_TASK = {"damage_severity": "damage", "informative": "inform.", "humanitarian": "human.", "disaster_types": "disaster"}
+
+
+def _filter_caption(row: pd.Series) -> str:
+    reason = row["reason"]
+    p = row.get("p_intended_disaster_types")
+    p_txt = f" p={float(p):.2f}" if p is not None and pd.notna(p) and p != "" else ""
+    if reason == "kept":
+        return f"kept{p_txt}"
+    if reason == "duplicate_synthetic":
+        return f"dup synth d={int(row['dup_synthetic_dist'])}"
+    if reason == "duplicate_real":
+        return f"dup real d={int(row['dup_real_dist'])}"
+    if reason == "blank":
+        cause = str(row.get("blank_cause", ""))
+        if "low_std" in cause:
+            return f"blank std={float(row['pixel_std']):.1f}"
+        if "dominant_colour" in cause:
+            return f"blank 1 colour {float(row['dominant_share']):.0%}"
+        return "blank (gen. flag)"
+    if reason == "label_mismatch":
+        worst = min(
+            (t for t in TASKS if f"p_intended_{t}" in row and pd.notna(row[f"p_intended_{t}"])),
+            key=lambda t: float(row[f"p_intended_{t}"]),
+            default=None,
+        )
+        if worst is None:
+            return "label mismatch"
+        return f"label {_SHORT_TASK[worst]} p={float(row[f'p_intended_{worst}']):.2f}"
+    if reason == "judge_disagrees":
+        wrong = [t for t in TASKS if row.get(f"judge_agree_{t}") is False]
+        return "judge: " + (str(row[f"judge_{wrong[0]}"])[:14] if wrong else "disagrees")
+    if reason == "judge_failed":
+        return "judge failed"
+    return reason.replace("_", " ")
+
+
+def _spread_reasons(rows: pd.DataFrame, k: int) -> pd.DataFrame:
+    # Rejected samples round-robin over reasons, so one frequent reason does not hide the others.
+    groups = [g for _, g in rows.groupby("reason", sort=True)]
+    picked = []
+    depth = 0
+    while len(picked) < k and any(depth < len(g) for g in groups):
+        for g in groups:
+            if depth < len(g) and len(picked) < k:
+                picked.append(g.index[depth])
+        depth += 1
+    return rows.loc[picked]
+
+
+def _thumbnail(path: str, cell: int) -> np.ndarray:
+    try:
+        with Image.open(path) as im:
+            im.draft("RGB", (cell, cell))
+            rgb = im.convert("RGB")
+    except Exception:
+        return np.full((cell, cell, 3), 128, dtype=np.uint8)
+    if max(rgb.size) > cell:
+        rgb.thumbnail((cell, cell), Image.Resampling.LANCZOS)
+    # Small images (64 px demo renders) are enlarged with nearest so pixels stay honest.
+    scale = cell / max(rgb.size)
+    size = (max(1, round(rgb.width * scale)), max(1, round(rgb.height * scale)))
+    return np.asarray(rgb.resize(size, Image.Resampling.NEAREST))
+
+
+def plot_filter_grid(
+    decisions: pd.DataFrame,
+    path: str | Path,
+    *,
+    root: str | Path = ".",
+    per_class: int = 4,
+    cell: int = 96,
+    seed: int = 0,
+) -> None:
+    """PNG grid: one row per disaster type, ``per_class`` kept then ``per_class`` rejected samples.
+
+    Captions give the decision (``kept`` with the intended-label probability, or the rejection
+    reason with its measurement). Written atomically.
+    """
+    classes = CLASSES["disaster_types"]
+    cols = 2 * per_class
+    fig = Figure(figsize=(cols * 1.15 + 1.2, len(classes) * 1.3))
+    axes = fig.subplots(len(classes), cols, squeeze=False)
+    rng = np.random.default_rng(seed)
+    for r, cls in enumerate(classes):
+        rows = decisions[decisions["disaster_types"] == cls]
+        kept = rows[rows["kept"].astype(bool)]
+        rejected = rows[~rows["kept"].astype(bool)]
+        if len(kept) > per_class:
+            kept = kept.loc[np.sort(rng.choice(kept.index.to_numpy(), per_class, replace=False))]
+        rejected = _spread_reasons(rejected.sample(frac=1.0, random_state=seed), per_class) if len(rejected) else rejected
+        samples = [("kept", row) for _, row in kept.iterrows()] + [("rej", row) for _, row in rejected.iterrows()]
+        slots = list(range(len(kept))) + [per_class + j for j in range(len(rejected))]
+        for c in range(cols):
+            ax = axes[r, c]
+            ax.set_xticks([])
+            ax.set_yticks([])
+            for spine in ax.spines.values():
+                spine.set_visible(False)
+        for slot, (kind, row) in zip(slots, samples):
+            ax = axes[r, slot]
+            ax.imshow(_thumbnail(resolve_file(row["file"], root), cell), interpolation="nearest")
+            colour = "#1a7f37" if kind == "kept" else "#b42318"
+            for spine in ax.spines.values():
+                spine.set_visible(True)
+                spine.set_color(colour)
+                spine.set_linewidth(2)
+            ax.set_title(_filter_caption(row), fontsize=6.5, color=colour, pad=2)
+        if not len(kept):
+            axes[r, 0].text(0.5, 0.5, "none kept", ha="center", va="center", fontsize=7, transform=axes[r, 0].transAxes)
+        if not len(rejected):
+            axes[r, per_class].text(0.5, 0.5, "none rejected", ha="center", va="center", fontsize=7,
+                                    transform=axes[r, per_class].transAxes)
+        n_kept = int(rows["kept"].astype(bool).sum())
+        axes[r, 0].set_ylabel(f"{cls}\n{n_kept}/{len(rows)} kept", fontsize=7.5, rotation=0, ha="right", va="center",
+                              labelpad=6)
+    fig.suptitle("filter: kept (green, left) vs rejected (red, right) per disaster type", fontsize=9)
+    fig.tight_layout(rect=(0, 0, 1, 0.97))
+    with atomic_path(path, suffix=".tmp.png") as tmp:
+        fig.savefig(tmp, format="png", dpi=110)

@@ -12,12 +12,11 @@ mode, the ``original`` model's per-class F1 on the dev split. Writes:
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
-
-from medicsynth.allocation import AllocateConfig, allocate, load_dev_f1, plot_allocation
+from medicsynth.allocation import AllocateConfig, allocate, load_dev_f1
 from medicsynth.io import write_json
 from medicsynth.manifest import read_manifest, write_tsv
-from medicsynth.params import load_params, section
+from medicsynth.params import load_params, require, section
+from medicsynth.plots import plot_allocation
 
 ALLOCATION_TSV = "data/allocation/allocation.tsv"
 PLAN_TSV = "data/allocation/plan.tsv"
@@ -32,7 +31,7 @@ def main() -> None:
 
     params = section(load_params(args.params), "allocate")
     config = AllocateConfig.from_params(params)
-    manifest_path = params.get("train_manifest", "data/variants/relabelled/train.tsv")
+    manifest_path = require(params, "allocate", "train_manifest")
     manifest = read_manifest(manifest_path)
     # Only real training rows define what is "seen" and the "before" distribution.
     train = manifest[(manifest["split"] == "train") & (manifest["source"] == "real")]
@@ -41,7 +40,7 @@ def main() -> None:
 
     f1 = None
     if config.mode == "weakness":
-        f1 = load_dev_f1(params.get("dev_report", "metrics/dev/original-small_cnn.json"))
+        f1 = load_dev_f1(require(params, "allocate", "dev_report"))
 
     result = allocate(train, config, f1)
     write_tsv(result.table, ALLOCATION_TSV)

@@ -19,7 +19,7 @@ import pandas as pd
 from medicsynth.captions import CaptionConfig, caption_plan, load_length_limit, make_clients
 from medicsynth.io import write_json
 from medicsynth.manifest import read_manifest, write_tsv
-from medicsynth.params import load_params, section
+from medicsynth.params import load_params, require, section
 
 PLAN_TSV = "data/allocation/plan.tsv"
 CAPTIONS_TSV = "data/captions/captions.tsv"
@@ -43,7 +43,7 @@ def main() -> None:
 
     train = clients = None
     if config.backend != "template":
-        manifest = read_manifest(params.get("train_manifest", "data/variants/relabelled/train.tsv"))
+        manifest = read_manifest(require(params, "caption", "train_manifest"))
         train = manifest[(manifest["split"] == "train") & (manifest["source"] == "real")]
         clients = make_clients(config, config.llm.get("cache_dir"))
 

@@ -13,35 +13,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import pandas as pd
-
+from medicsynth.evaluation import EvaluateConfig, for_metrics, predictions_table, score
 from medicsynth.io import write_json
 from medicsynth.labels import CLASSES, TASKS
-from medicsynth.manifest import label_matrix, read_manifest, write_tsv
-from medicsynth.metrics import classification_report
+from medicsynth.manifest import read_manifest, write_tsv
 from medicsynth.models import load_classifier
-from medicsynth.params import load_params, section
+from medicsynth.params import from_section, load_params
 from medicsynth.plots import plot_confusion, plot_per_class_f1
-from medicsynth.training import predict_files
-
-
-def score(model, meta, df: pd.DataFrame, params: dict):
-    probs = predict_files(model, meta, df["file"].tolist(), batch_size=params.get("batch_size", 128),
-                          loader=params.get("loader", "auto"))
-    labels = label_matrix(df)
-    y_true = {t: labels[:, j] for j, t in enumerate(TASKS)}
-    y_pred = {t: probs[t].argmax(1) for t in TASKS}
-    report = classification_report(y_true, y_pred, probs, n_bins=params.get("ece_bins", 15))
-    return report, probs
-
-
-def for_metrics(report: dict) -> dict:
-    """The report without matrices/lists, so `dvc metrics show/diff` lists only numbers."""
-    return {
-        key: ({t: {k: v for k, v in r.items() if k not in ("confusion", "classes")} for t, r in value.items()}
-              if key == "tasks" else value)
-        for key, value in report.items()
-    }
 
 
 def main() -> None:
@@ -49,28 +27,21 @@ def main() -> None:
     parser.add_argument("--variant", required=True)
     parser.add_argument("--arch", required=True)
     args = parser.parse_args()
-    params = section(load_params(), "evaluate")
+    config = from_section(EvaluateConfig, load_params(), "evaluate")
     name = f"{args.variant}-{args.arch}"
     model, meta = load_classifier(Path("models") / name / "model.pt")
 
     test_df = read_manifest("data/prepared/test.tsv")
-    report, probs = score(model, meta, test_df, params)
+    report, probs = score(model, meta, test_df, config)
     metrics = {"test": for_metrics(report)}
     relabelled_test = Path("data/variants") / args.variant / "test.tsv"
     if relabelled_test.exists():
-        metrics["test_relabelled"] = for_metrics(score(model, meta, read_manifest(relabelled_test), params)[0])
+        metrics["test_relabelled"] = for_metrics(score(model, meta, read_manifest(relabelled_test), config)[0])
     write_json(metrics, Path("metrics/evaluate") / f"{name}.json")
 
     dev_df = read_manifest(Path("data/variants") / args.variant / "dev.tsv")
-    write_json(for_metrics(score(model, meta, dev_df, params)[0]), Path("metrics/dev") / f"{name}.json")
-
-    predictions = pd.DataFrame({"image_path": test_df["image_path"]})
-    for t in TASKS:
-        predictions[f"{t}_true"] = test_df[t].to_numpy()
-        predictions[f"{t}_pred"] = [CLASSES[t][i] for i in probs[t].argmax(1)]
-        for k, c in enumerate(CLASSES[t]):
-            predictions[f"{t}_prob_{c}"] = probs[t][:, k].round(5)
-    write_tsv(predictions, Path("data/predictions") / name / "test.tsv")
+    write_json(for_metrics(score(model, meta, dev_df, config)[0]), Path("metrics/dev") / f"{name}.json")
+    write_tsv(predictions_table(test_df, probs), Path("data/predictions") / name / "test.tsv")
 
     plot_dir = Path("plots/evaluate") / name
     plot_dir.mkdir(parents=True, exist_ok=True)

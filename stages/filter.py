@@ -10,60 +10,19 @@ from __future__ import annotations
 
 import argparse
 import os
-from pathlib import Path
 
-from medicsynth.filtering import (
-    FilterConfig,
-    filter_synthetic,
-    kept_manifest,
-    llm_judge,
-    load_prompt,
-    plot_filter_grid,
-)
-from medicsynth.io import write_json
-from medicsynth.manifest import read_manifest, write_manifest, write_tsv
+from medicsynth.filtering import FilterConfig, FilterPaths, run_filter, write_filter_outputs
 from medicsynth.params import load_params, section
 
 
-def main(argv: list[str] | None = None) -> None:
+def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--params", default="params.yaml")
-    ap.add_argument("--synthetic", default="data/synthetic/manifest.tsv")
-    ap.add_argument("--real", default="data/variants/relabelled/train.tsv")
-    ap.add_argument("--out-dir", default="data/filtered")
-    ap.add_argument("--metrics", default="metrics/filter.json")
-    ap.add_argument("--plot", default="plots/filter_grid.png")
-    ap.add_argument("--judge-system", default="prompts/judge_system.txt")
-    ap.add_argument("--judge-user", default="prompts/judge_user.txt")
-    ap.add_argument("--prompt-dir", default="prompts", help="holds refusal_fallback.txt")
-    args = ap.parse_args(argv)
+    args = ap.parse_args()
 
-    params = load_params(args.params)
-    config = FilterConfig.from_params(section(params, "filter"))
-    synthetic = read_manifest(args.synthetic)
-    real = read_manifest(args.real, validate=False) if config.check_real_duplicates else None
-
-    judge = None
-    if config.method == "vlm":
-        from medicsynth.llm import client_from_params, with_refusal_preface
-
-        client = client_from_params(config.vlm)
-        user = load_prompt(args.judge_user)
-        # One retry after a refusal, with the project's academic-research preface (as caption
-        # and relabel do); graphic disaster images are refused often.
-        judge = llm_judge(client, load_prompt(args.judge_system), user,
-                          fallback_prompt=with_refusal_preface(user, args.prompt_dir), desc="filter judge")
-
-    result = filter_synthetic(synthetic, config, real=real, judge=judge)
-    if config.method == "vlm":
-        # Calls actually paid now vs answered from the cache, retries, latency.
-        result.metrics["judge"]["usage"] = client.usage.as_dict()
-
-    out_dir = Path(args.out_dir)
-    write_tsv(result.decisions, out_dir / "decisions.tsv")
-    write_manifest(kept_manifest(result.kept), out_dir / "manifest.tsv")
-    write_json(result.metrics, args.metrics)
-    plot_filter_grid(result.decisions, args.plot, per_class=config.grid_per_class)
+    config = FilterConfig.from_params(section(load_params(args.params), "filter"))
+    result = run_filter(config, FilterPaths())
+    write_filter_outputs(result, config, FilterPaths())
 
     m = result.metrics
     rejected = ", ".join(f"{k} {v}" for k, v in m["rejected"].items() if v)

@@ -49,8 +49,8 @@ died before the answer was delivered is received but not completed).
 
 Pytest
 ------
-Use the ``llm_server`` fixture (import it into your test module: ``from tests.api_server import
-llm_server  # noqa: F401``), or ``with FakeLLMServer(responder) as server:`` directly.
+Use the ``llm_server`` fixture (tests/conftest.py makes it available to every test module), or
+``with FakeLLMServer(responder) as server:`` directly.
 Run pytest as ``python -m pytest`` from the repository root so ``tests.api_server`` imports.
 """
 

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 
 from medicsynth.allocation import (
     AllocateConfig,
@@ -23,6 +24,7 @@ from medicsynth.allocation import (
 )
 from medicsynth.labels import CLASSES, TASKS
 from medicsynth.manifest import write_manifest
+from tests.sections import section
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -119,7 +121,7 @@ def test_weakness_weights_and_rescale_hand_computed(tmp_path):
     # F1: mild 0.28 (+80), flood 0.55 (+40), affected 0.70 (+20), everything else 0.9 (+0).
     f1 = f1_all(mild=0.28, flood=0.55, affected_injured_or_dead_people=0.70)
     train = rows((A, 50), (B, 3), (C, 7))
-    config = AllocateConfig.from_params({"total": 60, "combination_bonuses": STUDY_BONUSES})
+    config = AllocateConfig.from_params(section("allocate", total=60, combination_bonuses=STUDY_BONUSES))
     result = allocate(train, config, f1)
     table = result.table.set_index("slug")
     # A: base 10. B: 10 + 80 (mild) + 40 (flood) + 32 (mild & flood) = 162.
@@ -160,7 +162,7 @@ def test_weakness_reproduces_study_structure_on_medic_like_data():
         other_disaster=0.16, mild=0.28, affected_injured_or_dead_people=0.48,
         rescue_volunteering_or_donation_effort=0.53, hurricane=0.68, landslide=0.69,
     )
-    config = AllocateConfig.from_params({"total": 9988, "combination_bonuses": STUDY_BONUSES})
+    config = AllocateConfig.from_params(section("allocate", total=9988, combination_bonuses=STUDY_BONUSES))
     result = allocate(train, config, f1)
     planned = {t: {c: v["planned"] for c, v in result.metrics["per_class"][t].items()} for t in TASKS}
     assert result.metrics["total"] == 9988
@@ -181,10 +183,10 @@ def test_weakness_reproduces_study_structure_on_medic_like_data():
 def test_unseen_combinations_dropped_unless_included():
     f1 = f1_all(landslide=0.2)
     train = rows((A, 5), (B, 5))
-    seen_only = allocate(train, AllocateConfig.from_params({"total": 100}), f1)
+    seen_only = allocate(train, AllocateConfig.from_params(section("allocate", total=100)), f1)
     assert len(seen_only.table) == 2
     assert set(seen_only.plan["disaster_types"]) <= {"not_disaster", "flood"}
-    everything = allocate(train, AllocateConfig.from_params({"total": 1000, "include_unseen": True}), f1)
+    everything = allocate(train, AllocateConfig.from_params(section("allocate", total=1000, include_unseen=True)), f1)
     assert len(everything.table) == 168 == len(all_combinations())
     assert (everything.plan["disaster_types"] == "landslide").sum() > 0
     assert everything.metrics["combinations_seen"] == 2
@@ -207,11 +209,11 @@ def test_dev_report_validation(tmp_path):
 
 def test_bad_params_named():
     with pytest.raises(AllocationError, match="f1_thresholds"):
-        AllocateConfig.from_params({"f1_thresholds": [40, 60, 75]})
+        AllocateConfig.from_params(section("allocate", f1_thresholds=[40, 60, 75]))
     with pytest.raises(AllocationError, match=r"combination_bonuses\[0\].*mildd"):
-        AllocateConfig.from_params({"combination_bonuses": [{"match": {"damage_severity": "mildd"}, "bonus": 3}]})
+        AllocateConfig.from_params(section("allocate", combination_bonuses=[{"match": {"damage_severity": "mildd"}, "bonus": 3}]))
     with pytest.raises(AllocationError, match="allocate.mode"):
-        AllocateConfig.from_params({"mode": "uniform"})
+        AllocateConfig.from_params(section("allocate", mode="uniform"))
 
 
 # -- balance mode ---------------------------------------------------------------------------
@@ -220,7 +222,7 @@ def test_bad_params_named():
 def test_balance_tops_up_minority_classes():
     D = ("little_or_none", "informative", "rescue_volunteering_or_donation_effort", "fire")
     train = rows((A, 80), (B, 10), (C, 6), (D, 4))
-    config = AllocateConfig.from_params({"mode": "balance", "total": 60, "balance_target_share": 0.2})
+    config = AllocateConfig.from_params(section("allocate", mode="balance", total=60, balance_target_share=0.2))
     result = allocate(train, config)
     stats = result.metrics["per_class"]
     # Every class present in train and below 20% before is raised toward 20% (capped at 1/K).
@@ -240,7 +242,7 @@ def test_balance_tops_up_minority_classes():
         assert after[cls] in (26, 27), (cls, after[cls])
     # With enough budget every class that has combinations reaches its target share (capped
     # at 1/K per task).
-    ample = allocate(train, AllocateConfig.from_params({"mode": "balance", "total": 200, "balance_target_share": 0.2}))
+    ample = allocate(train, AllocateConfig.from_params(section("allocate", mode="balance", total=200, balance_target_share=0.2)))
     for task in TASKS:
         for cls, s in ample.metrics["per_class"][task].items():
             if s["real"]:
@@ -253,7 +255,7 @@ def test_balance_spreads_a_class_over_its_combinations_by_real_frequency():
     R2 = ("little_or_none", "not_informative", "rescue_volunteering_or_donation_effort", "not_disaster")
     train = rows((A, 960), (R1, 30), (R2, 10))
     target = {"humanitarian": 0.25, "damage_severity": 0.0, "informative": 0.0, "disaster_types": 0.0}
-    config = AllocateConfig.from_params({"mode": "balance", "total": 200, "balance_target_share": target})
+    config = AllocateConfig.from_params(section("allocate", mode="balance", total=200, balance_target_share=target))
     table = allocate(train, config).table.set_index("slug")
     n1, n2 = table.loc[combination_slug(R1), "count"], table.loc[combination_slug(R2), "count"]
     assert n1 + n2 == 200
@@ -267,8 +269,8 @@ def test_balance_spreads_a_class_over_its_combinations_by_real_frequency():
 def test_raising_total_only_adds_plan_rows(mode):
     f1 = f1_all(mild=0.3, flood=0.5, affected_injured_or_dead_people=0.7)
     train = rows((A, 40), (B, 7), (C, 3))
-    small = allocate(train, AllocateConfig.from_params({"mode": mode, "total": 100, "combination_bonuses": STUDY_BONUSES}), f1).plan
-    big = allocate(train, AllocateConfig.from_params({"mode": mode, "total": 110, "combination_bonuses": STUDY_BONUSES}), f1).plan
+    small = allocate(train, AllocateConfig.from_params(section("allocate", mode=mode, total=100, combination_bonuses=STUDY_BONUSES)), f1).plan
+    big = allocate(train, AllocateConfig.from_params(section("allocate", mode=mode, total=110, combination_bonuses=STUDY_BONUSES)), f1).plan
     assert len(big) == 110
     merged = small.merge(big, on="id", how="left", suffixes=("", "_big"), indicator=True)
     assert (merged["_merge"] == "both").all()
@@ -288,6 +290,7 @@ def test_seed_depends_on_id_and_salt_only():
 # -- stage ----------------------------------------------------------------------------------
 
 
+@pytest.mark.e2e
 def test_stage_writes_declared_outputs(tmp_path):
     train = rows((A, 30), (B, 5), (C, 5))
     train.insert(0, "image_path", [f"data/demo/train/{i}.jpg" for i in range(len(train))])
@@ -299,10 +302,11 @@ def test_stage_writes_declared_outputs(tmp_path):
     report["tasks"]["damage_severity"]["per_class"]["mild"]["f1"] = 0.3
     (tmp_path / "metrics/dev").mkdir(parents=True)
     (tmp_path / "metrics/dev/original-resnet50.json").write_text(json.dumps(report))
-    (tmp_path / "params.yaml").write_text(
-        "allocate:\n  total: 50\n  train_manifest: data/variants/relabelled/train.tsv\n"
-        "  dev_report: metrics/dev/original-resnet50.json\n"
-    )
+    allocate_params = section("allocate", total=50) | {
+        "train_manifest": "data/variants/relabelled/train.tsv",
+        "dev_report": "metrics/dev/original-resnet50.json",
+    }
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"allocate": allocate_params}))
     subprocess.run(
         [sys.executable, str(REPO / "stages/allocate.py")], cwd=tmp_path, check=True,
         env={"PYTHONPATH": str(REPO), "PATH": "/usr/bin:/bin"}, capture_output=True,

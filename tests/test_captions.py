@@ -11,6 +11,7 @@ from pathlib import Path
 
 import pandas as pd
 import pytest
+import yaml
 from PIL import Image
 
 import medicsynth.captions as captions
@@ -31,6 +32,7 @@ from medicsynth.captions import (
 from medicsynth.labels import CLASSES, TASKS
 from medicsynth.manifest import write_manifest
 from tests.api_server import FakeLLMServer, answer, refusal
+from tests.sections import section
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -174,7 +176,7 @@ def test_negative_prompts_joined_without_duplicates():
     assert negative_prompt(LABELS, negatives, "text, watermark") == "text, watermark, collapsed buildings, rubble, fire"
     assert negative_prompt({**LABELS, "damage_severity": "severe"}, negatives) == "fire, rubble"
     with pytest.raises(CaptionError, match="negative_prompts.*mildd"):
-        CaptionConfig.from_params({"negative_prompts": {"damage_severity": {"mildd": "x"}}})
+        CaptionConfig.from_params(section("caption", negative_prompts={"damage_severity": {"mildd": "x"}}))
 
 
 # -- incremental template captions ----------------------------------------------------------
@@ -200,7 +202,7 @@ def _train(n_per_combo=None) -> pd.DataFrame:
 def _plan(total: int) -> pd.DataFrame:
     f1 = {t: {c: 0.9 for c in CLASSES[t]} for t in TASKS}
     f1["damage_severity"]["mild"] = 0.3
-    return allocate(_train(), AllocateConfig.from_params({"total": total}), f1).plan
+    return allocate(_train(), AllocateConfig.from_params(section("allocate", total=total)), f1).plan
 
 
 def _roundtrip(df: pd.DataFrame, tmp_path: Path) -> pd.DataFrame:
@@ -213,7 +215,7 @@ def test_raising_total_by_10_percent_captions_only_new_rows(tmp_path, monkeypatc
     calls = []
     real = captions.template_caption
     monkeypatch.setattr(captions, "template_caption", lambda labels, seed: calls.append(seed) or real(labels, seed))
-    config = CaptionConfig()
+    config = CaptionConfig.from_params(section("caption"))
     first = caption_plan(_plan(200), config, progress=False)
     assert len(calls) == 200 and first.metrics["new"] == 200
     calls.clear()
@@ -227,7 +229,8 @@ def test_raising_total_by_10_percent_captions_only_new_rows(tmp_path, monkeypatc
     calls.clear()
     third = caption_plan(_plan(220), config, previous=_roundtrip(second.table, tmp_path), progress=False)
     assert len(calls) == 0 and third.metrics["reused"] == 220
-    fourth = caption_plan(_plan(220), CaptionConfig(max_words=45), previous=_roundtrip(third.table, tmp_path), progress=False)
+    shorter = CaptionConfig.from_params(section("caption", max_words=45))
+    fourth = caption_plan(_plan(220), shorter, previous=_roundtrip(third.table, tmp_path), progress=False)
     assert fourth.metrics["new"] == 220
 
 
@@ -235,7 +238,7 @@ def test_bad_plan_row_is_named():
     plan = _plan(20)
     plan.loc[3, "humanitarian"] = "rescuers"
     with pytest.raises(CaptionError, match=r"row 5: .*humanitarian.*rescuers"):
-        caption_plan(plan, CaptionConfig(), progress=False)
+        caption_plan(plan, CaptionConfig.from_params(section("caption")), progress=False)
 
 
 # -- LLM backends through the fake API ------------------------------------------------------
@@ -270,6 +273,7 @@ def _responder(refuse_always: set[str]):
     return respond
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("provider", ["openai", "anthropic"])
 def test_llm_backend_refusal_fallback_cache_and_reuse(tmp_path, monkeypatch, provider):
     monkeypatch.setenv("OPENAI_API_KEY", "test-key")
@@ -278,12 +282,9 @@ def test_llm_backend_refusal_fallback_cache_and_reuse(tmp_path, monkeypatch, pro
     plan = _plan(60)
     with FakeLLMServer(_responder(refuse_always={"hurricane"})) as server:
         config = CaptionConfig.from_params(
-            {
-                "backend": provider,
-                "proportion_real": 0.5,
-                "llm": {"model": "fake-model", "base_url": server.base_url(provider), "concurrency": 4,
-                        "max_retries": 0},
-            }
+            section("caption", backend=provider, proportion_real=0.5,
+                    llm={"model": "fake-model", "base_url": server.base_url(provider), "concurrency": 4,
+                         "max_retries": 0})
         )
         cache = tmp_path / "cache"
         result = caption_plan(plan, config, train=train, clients=make_clients(config, cache), progress=False)
@@ -343,8 +344,8 @@ def test_llm_budget_exhausted_falls_back_without_empty_captions(tmp_path, monkey
     train = _grounding_images(tmp_path)
     with FakeLLMServer(_responder(refuse_always=set())) as server:
         config = CaptionConfig.from_params(
-            {"backend": "openai", "proportion_real": 0.0,
-             "llm": {"model": "m", "base_url": server.openai_base_url, "max_calls": 3, "concurrency": 1}}
+            section("caption", backend="openai", proportion_real=0.0,
+                    llm={"model": "m", "base_url": server.openai_base_url, "max_calls": 3, "concurrency": 1})
         )
         result = caption_plan(_plan(20), config, train=train, clients=make_clients(config, tmp_path / "c"), progress=False)
     assert (result.table["caption"].str.strip() != "").all()
@@ -355,6 +356,16 @@ def test_llm_budget_exhausted_falls_back_without_empty_captions(tmp_path, monkey
 # -- stage ----------------------------------------------------------------------------------
 
 
+def _write_params(root: Path, total: int, caption: dict) -> None:
+    paths = {"train_manifest": "data/variants/relabelled/train.tsv"}
+    params = {
+        "allocate": section("allocate", total=total) | paths | {"dev_report": "metrics/dev/original.json"},
+        "caption": caption | paths,
+    }
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+
+
+@pytest.mark.e2e
 def test_stages_allocate_then_caption_incrementally(tmp_path):
     write_manifest(_train(), tmp_path / "data/variants/relabelled/train.tsv")
     report = {"tasks": {t: {"per_class": {c: {"f1": 0.8} for c in CLASSES[t]}} for t in TASKS}}
@@ -363,10 +374,7 @@ def test_stages_allocate_then_caption_incrementally(tmp_path):
     env = {"PYTHONPATH": str(REPO), "PATH": os.environ.get("PATH", "/usr/bin:/bin"), "HF_HUB_OFFLINE": "1"}
 
     def run(total):
-        (tmp_path / "params.yaml").write_text(
-            f"allocate:\n  total: {total}\n  dev_report: metrics/dev/original.json\n"
-            "caption:\n  backend: template\n  negative_prompts:\n    damage_severity:\n      mild: rubble\n"
-        )
+        _write_params(tmp_path, total, section("caption", negative_prompts={"damage_severity": {"mild": "rubble"}}))
         for stage in ("allocate", "caption"):
             subprocess.run([sys.executable, str(REPO / f"stages/{stage}.py")], cwd=tmp_path, env=env,
                            check=True, capture_output=True)
@@ -381,6 +389,7 @@ def test_stages_allocate_then_caption_incrementally(tmp_path):
     assert (table["mode"] == "template").all() and (table["grounded_on"] == "").all()
 
 
+@pytest.mark.e2e
 def test_caption_stage_llm_backend_asks_only_for_new_rows(tmp_path):
     train = _grounding_images(tmp_path)
     write_manifest(train, tmp_path / "data/variants/relabelled/train.tsv")
@@ -396,11 +405,8 @@ def test_caption_stage_llm_backend_asks_only_for_new_rows(tmp_path):
     with FakeLLMServer(_responder(refuse_always=set())) as server:
 
         def run(total):
-            (tmp_path / "params.yaml").write_text(
-                f"allocate:\n  total: {total}\n  dev_report: metrics/dev/original.json\n"
-                "caption:\n  backend: openai\n  proportion_real: 0.5\n"
-                f"  llm:\n    model: fake\n    base_url: {server.openai_base_url}\n    cache_dir: llm_cache\n"
-            )
+            llm = {"model": "fake", "base_url": server.openai_base_url, "cache_dir": "llm_cache"}
+            _write_params(tmp_path, total, section("caption", backend="openai", proportion_real=0.5, llm=llm))
             for stage in ("allocate", "caption"):
                 subprocess.run([sys.executable, str(REPO / f"stages/{stage}.py")], cwd=tmp_path, env=env,
                                check=True, capture_output=True)

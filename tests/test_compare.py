@@ -138,6 +138,7 @@ def test_minority_classes_from_train_shares(project):
     }
 
 
+@pytest.mark.slow
 def test_compare_end_to_end(project):
     root, y, systems = project["root"], project["y"], project["systems"]
     result = compare(root)
@@ -197,6 +198,7 @@ def test_compare_end_to_end(project):
             assert im.format == "PNG" and im.width > 400 and im.height > 300
 
 
+@pytest.mark.slow
 def test_missing_variant_is_skipped_with_a_note(project):
     root = project["root"]
     (root / f"data/predictions/augmented-{ARCH}/test.tsv").unlink()
@@ -216,6 +218,7 @@ def test_original_is_required(project):
         compare(root)
 
 
+@pytest.mark.slow
 def test_rows_are_matched_by_image_path(project):
     root, y, systems = project["root"], project["y"], project["systems"]
     first = compare(root, n_boot=100)
@@ -225,6 +228,7 @@ def test_rows_are_matched_by_image_path(project):
     assert compare(root, n_boot=100)["tasks"] == first["tasks"]
 
 
+@pytest.mark.slow
 def test_bootstrap_is_deterministic_by_seed(project):
     root = project["root"]
     a = compare(root, n_boot=100, seed=3)
@@ -284,6 +288,7 @@ def test_bad_prediction_files_name_file_row_and_value(tmp_path, project):
     assert read_predictions(tmp_path / "f.tsv", "original").y_true["damage_severity"][0] == 2
 
 
+@pytest.mark.e2e
 def test_stage_script_runs_from_params(project):
     root = project["root"]
     (root / "params.yaml").write_text(

@@ -1,6 +1,7 @@
 import hashlib
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from medicsynth.demo_data import DemoConfig, generate_demo, sample_labels
@@ -36,6 +37,7 @@ def test_noise_only_in_train_and_dev_and_clean_labels_saved(tmp_path):
             assert changed == 0
 
 
+@pytest.mark.slow
 def test_class_shares_mimic_medic_imbalance():
     labels = sample_labels(20000, np.random.default_rng(0))
     share = {t: labels[t].value_counts(normalize=True) for t in TASKS}

@@ -66,6 +66,7 @@ def test_failed_step_keeps_its_last_line_and_a_silent_success_is_a_failure(tmp_p
     assert ok.status == "ok" and ok.result == {"x": 1}
 
 
+@pytest.mark.slow
 def test_budget_skips_steps_that_cannot_fit_and_records_why(tmp_path):
     out = tmp_path / "out"
     proc = subprocess.run(

@@ -163,6 +163,7 @@ def _run(tmp_path, model_dir, o, hook=None, plan=None):
                          demo_dir=model_dir, progress=False, renderer_hook=hook)
 
 
+@pytest.mark.slow
 def test_resume_after_kill_renders_only_missing(tmp_path, model_dir):
     write_plan(tmp_path / "captions.tsv", 7)
     dying = {}
@@ -198,6 +199,7 @@ def test_resume_after_kill_renders_only_missing(tmp_path, model_dir):
     assert (m3["rendered"], m3["skipped"]) == (0, 7)
 
 
+@pytest.mark.slow
 def test_provenance_change_rerenders_and_execution_change_does_not(tmp_path, model_dir):
     write_plan(tmp_path / "captions.tsv", 4)
     _run(tmp_path, model_dir, opts())
@@ -214,6 +216,7 @@ def test_provenance_change_rerenders_and_execution_change_does_not(tmp_path, mod
     assert (m["rendered"], m["skipped"]) == (2, 4)
 
 
+@pytest.mark.slow
 def test_blank_outputs_are_flagged(tmp_path, model_dir):
     write_plan(tmp_path / "captions.tsv", 3)
 
@@ -272,6 +275,7 @@ def test_hub_id_not_in_local_cache_is_a_clear_error(tmp_path, monkeypatch):
         gen.resolve_model("demo", tmp_path / "no-model")
 
 
+@pytest.mark.e2e
 def test_two_processes_render_every_id_exactly_once(tmp_path, model_dir):
     write_plan(tmp_path / "captions.tsv", 9)
     (tmp_path / "params.yaml").write_text(json.dumps({"generate": {
@@ -341,6 +345,7 @@ def test_time_budget_stops_training(tmp_path):
     assert logs["vae"].stopped_by == "time" and 0 < logs["vae"].steps < 10_000
 
 
+@pytest.mark.slow
 def test_lora_trains_two_steps_and_changes_outputs(tmp_path, model_dir):
     files = _tiny_images(tmp_path, 4)
     prompts = [label_prompt(_labels(i)) for i in range(4)]
@@ -366,6 +371,7 @@ def test_lora_trains_two_steps_and_changes_outputs(tmp_path, model_dir):
     assert m["stale_rerendered"] == 2
 
 
+@pytest.mark.e2e
 def test_adapt_stage_demo_writes_model_metrics_and_plot(tmp_path):
     files = _tiny_images(tmp_path, 6)
     rows = [{"image_id": "demo", "event_name": f"e{i}", "image_path": f, **_labels(i), "split": "train",

@@ -243,6 +243,7 @@ def two_process_run(tmp_path_factory):
     return work, demo, ranks, proc
 
 
+@pytest.mark.e2e
 def test_two_processes_write_one_model_and_one_summary(two_process_run):
     work, demo, ranks, _ = two_process_run
     assert sorted(p.name for p in (work / "models").iterdir()) == ["tiny-small_cnn"]
@@ -261,6 +262,7 @@ def test_two_processes_write_one_model_and_one_summary(two_process_run):
     assert all(not r["group_left_initialised"] for r in ranks)  # process group destroyed
 
 
+@pytest.mark.e2e
 def test_ranks_train_disjoint_shards_of_every_epoch(two_process_run):
     work, demo, ranks, _ = two_process_run
     train_files = demo["train"]["file"].tolist()
@@ -276,6 +278,7 @@ def test_ranks_train_disjoint_shards_of_every_epoch(two_process_run):
         assert set(a) | set(b) == {train_files[i] for i in plan.order[:74]}
 
 
+@pytest.mark.e2e
 def test_ranks_stay_in_sync_and_saved_model_loads(two_process_run):
     from medicsynth.manifest import label_matrix
     from medicsynth.models import load_classifier

@@ -8,8 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import sys
-import types
 from pathlib import Path
 
 import numpy as np
@@ -19,10 +17,21 @@ from PIL import Image
 
 from medicsynth import filtering
 from medicsynth.demo_data import render_image, sample_labels
-from medicsynth.filtering import FilterConfig, JudgeVerdict, filter_synthetic, kept_manifest, plot_filter_grid
+from medicsynth.filtering import (
+    FilterConfig,
+    FilterPaths,
+    JudgeVerdict,
+    filter_synthetic,
+    kept_manifest,
+    run_filter,
+    write_filter_outputs,
+)
 from medicsynth.labels import CLASSES, TASKS
 from medicsynth.manifest import COLUMNS, read_manifest, write_manifest, write_tsv
+from medicsynth.plots import plot_filter_grid
+from medicsynth.params import load_params
 from medicsynth.phash import greedy_duplicates, hamming, hash_size_for_bits, image_hash, nearest, pack_bits
+from tests.sections import section
 
 # ---------------------------------------------------------------------------------------------
 # Fixture helpers
@@ -152,9 +161,7 @@ def pool(tmp_path):
 
 
 def _config(**kw) -> FilterConfig:
-    base = dict(method="classifier", classifier_model="models/original-small_cnn", cache_dir=None)
-    base.update(kw)
-    return FilterConfig(**base)
+    return FilterConfig.from_params(section("filter", **kw))
 
 
 def _by_name(decisions: pd.DataFrame) -> pd.DataFrame:
@@ -332,9 +339,13 @@ def test_bad_inputs_are_named(pool, tmp_path):
     with pytest.raises(ValueError, match=r"damage_severity probabilities have shape \(\d+, 2\)"):
         filter_synthetic(synthetic, _config(), real=real, root=tmp_path, predictor=wrong_shape)
     with pytest.raises(ValueError, match="unknown key"):
-        FilterConfig.from_params({"method": "classifier", "treshold": 0.5})
+        FilterConfig.from_params({**section("filter"), "treshold": 0.5})
+    missing = section("filter")
+    del missing["threshold"]
+    with pytest.raises(KeyError, match=r"params.yaml: missing key filter.threshold"):
+        FilterConfig.from_params(missing)
     with pytest.raises(ValueError, match="method"):
-        FilterConfig(method="clip")
+        _config(method="clip")
     with pytest.raises(ValueError, match="no judge"):
         filter_synthetic(synthetic, _config(method="vlm"), real=real, root=tmp_path, predictor=FakePredictor(intended))
 
@@ -418,6 +429,7 @@ def test_vlm_method_with_a_judge_callable(pool, tmp_path):
 # Grid and the stage end to end
 
 
+@pytest.mark.slow
 def test_grid_png_is_written(pool, tmp_path):
     synthetic, real, intended, _ = pool
     fake = FakePredictor(intended, favour={"wrong_label": {"disaster_types": "not_disaster"}})
@@ -453,26 +465,23 @@ def _write_stage_inputs(tmp_path: Path, synthetic: pd.DataFrame, real: pd.DataFr
         "  workers: 0\n"
         "  cache_dir: .filter_cache\n"
         "  grid_per_class: 3\n"
+        + ("" if method == "vlm" else "  vlm: {}\n")  # the vlm test appends its own section
     )
 
 
-def _load_stage():
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("stage_filter", Path(__file__).resolve().parents[1] / "stages/filter.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+def _run_stage(paths: FilterPaths | None = None, predictor=None) -> None:
+    # What stages/filter.py does, in-process: params.yaml of the cwd, the package's stage steps.
+    config = FilterConfig.from_params(load_params()["filter"])
+    paths = paths or FilterPaths()
+    write_filter_outputs(run_filter(config, paths, predictor=predictor), config, paths)
 
 
 def test_stage_writes_all_outputs(pool, tmp_path, monkeypatch):
     synthetic, real, intended, expected = pool
     _write_stage_inputs(tmp_path, synthetic, real, "classifier")
     fake = FakePredictor(intended, favour={"wrong_label": {"disaster_types": "not_disaster"}})
-    # The stage imports medicsynth.inference lazily; a stand-in module keeps torch out of the test.
-    monkeypatch.setitem(sys.modules, "medicsynth.inference", types.SimpleNamespace(predict_proba=fake))
     monkeypatch.chdir(tmp_path)
-    _load_stage().main([])
+    _run_stage(predictor=fake)
     kept = read_manifest("data/filtered/manifest.tsv")
     decisions = pd.read_csv("data/filtered/decisions.tsv", sep="\t", dtype=str, keep_default_na=False)
     metrics = json.loads(Path("metrics/filter.json").read_text())
@@ -486,6 +495,7 @@ def test_stage_writes_all_outputs(pool, tmp_path, monkeypatch):
     assert list(Path(".filter_cache").glob("real_phash_256.npz"))
 
 
+@pytest.mark.slow
 def test_vlm_judge_through_the_api_server(pool, tmp_path, monkeypatch):
     """The stage with ``method: vlm`` against the fake OpenAI API: agree, disagree, refuse, garble."""
     import hashlib
@@ -529,17 +539,16 @@ def test_vlm_judge_through_the_api_server(pool, tmp_path, monkeypatch):
             )
         text = Path("params.yaml").read_text().replace("classifier_model: models/original-small_cnn", "classifier_model: null")
         Path("params.yaml").write_text(text)
-        stage = _load_stage()
-        prompts = ["--judge-system", str(repo / "prompts/judge_system.txt"),
-                   "--judge-user", str(repo / "prompts/judge_user.txt"), "--prompt-dir", str(repo / "prompts")]
-        stage.main(prompts)
+        prompts = FilterPaths(judge_system=str(repo / "prompts/judge_system.txt"),
+                              judge_user=str(repo / "prompts/judge_user.txt"), prompt_dir=str(repo / "prompts"))
+        _run_stage(prompts)
         first_count = server.count()
         # The prompt is blind: no intended label is in what the judge sees; the schema asks for all four.
         req = server.requests[0]
         assert req.system == (repo / "prompts/judge_system.txt").read_text().strip()
         assert set(req.schema["properties"]) == set(TASKS)
         # A second run (e.g. after a kill) answers from the cache: no request is paid twice.
-        stage.main(prompts)
+        _run_stage(prompts)
         assert server.count() == first_count
 
     judged = sorted(n for n, r in expected.items() if r in ("kept", "label_mismatch"))
@@ -565,6 +574,7 @@ def test_vlm_judge_through_the_api_server(pool, tmp_path, monkeypatch):
     )
 
 
+@pytest.mark.slow
 def test_with_the_real_predictor(pool, tmp_path):
     """The gate through ``medicsynth.inference.predict_proba`` on a saved (untrained) small CNN."""
     from medicsynth.inference import predict_proba

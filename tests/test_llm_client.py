@@ -44,7 +44,6 @@ from tests.api_server import (
     broken_body,
     error,
     hang,
-    llm_server,  # noqa: F401 - pytest fixture
     malformed,
     refusal,
     slow,
@@ -579,6 +578,7 @@ CHILD = textwrap.dedent(
 )
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("provider", PROVIDERS)
 def test_resume_after_sigkill_repeats_no_answered_call(tmp_path, provider):
     n, k = 6, 3

@@ -9,11 +9,6 @@ B = {"damage_severity": "severe", "informative": "informative", "humanitarian": 
      "disaster_types": "landslide"}
 
 
-def _rows(labels, n, prefix, source):
-    return [{"image_id": "x", "event_name": "x", "image_path": f"{prefix}{i}", **labels, "split": "train",
-             "source": source, "provenance": "t", "file": f"{prefix}{i}"} for i in range(n)]
-
-
 def test_requested_synthetic():
     assert requested_synthetic(100, 0.0) == 0
     assert requested_synthetic(100, 0.5) == 100
@@ -22,8 +17,9 @@ def test_requested_synthetic():
         requested_synthetic(10, 1.0)
 
 
-def test_selection_follows_allocation_and_redistributes():
-    pool = pd.DataFrame(_rows(A, 10, "a", "synthetic") + _rows(B, 2, "b", "synthetic"))
+def test_selection_follows_allocation_and_redistributes(make_manifest):
+    pool = pd.concat([make_manifest([(A, 10)], prefix="a", source="synthetic"),
+                      make_manifest([(B, 2)], prefix="b", source="synthetic")], ignore_index=True)
     alloc = pd.DataFrame([{**A, "count": 30}, {**B, "count": 10}])
     picked = select_synthetic(pool, alloc, 8)
     # proportional 3:1 → 6 A + 2 B
@@ -35,9 +31,9 @@ def test_selection_follows_allocation_and_redistributes():
     assert picked[picked["disaster_types"] == "flood"]["image_path"].tolist() == [f"a{i}" for i in range(9)]
 
 
-def test_merge_keeps_real_rows_and_reports_short_pool():
-    real = pd.DataFrame(_rows(A, 20, "r", "real"))
-    pool = pd.DataFrame(_rows(B, 5, "s", "synthetic"))
+def test_merge_keeps_real_rows_and_reports_short_pool(make_manifest):
+    real = make_manifest([(A, 20)], prefix="r", source="real")
+    pool = make_manifest([(B, 5)], prefix="s", source="synthetic")
     alloc = pd.DataFrame([{**B, "count": 5}])
     result = merge_training_set(real, pool, alloc, 0.5)
     assert (result.train["source"] == "real").sum() == 20

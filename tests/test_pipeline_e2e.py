@@ -12,6 +12,9 @@ import pytest
 
 from tests.e2e_helpers import make_repo_copy, run
 
+# Runs the real `dvc` CLI over the whole pipeline: minutes on 2 cores (`make test-fast` skips it).
+pytestmark = pytest.mark.e2e
+
 TASKS = ("damage_severity", "informative", "humanitarian", "disaster_types")
 
 

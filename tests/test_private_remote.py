@@ -245,6 +245,7 @@ def _md5(text: str) -> str:
 # --------------------------------------------------------------------------- end to end
 
 
+@pytest.mark.e2e
 def test_push_wipe_pull_roundtrip_restores_identical_files(repo, s3):
     bucket = s3.make_bucket("store")
     repo.add_remote("store", f"s3://{bucket}/dvcstore", s3.endpoint, default=True)
@@ -307,6 +308,7 @@ def routed(remotes) -> tuple[Repo, str, str]:
     return repo, public, private
 
 
+@pytest.mark.e2e
 def test_per_output_remote_routes_push_and_pull_to_the_right_bucket(routed, s3):
     repo, public, private = routed
     outs = private_remote.private_outputs(repo.root)
@@ -355,6 +357,7 @@ def test_per_output_remote_routes_push_and_pull_to_the_right_bucket(routed, s3):
     assert "not an output routed to remote 'private'" in refused.stderr
 
 
+@pytest.mark.e2e
 def test_pull_refused_without_agreement(remotes, s3):
     repo, _, private = remotes
     _local_credentials(repo, "private")
@@ -372,6 +375,7 @@ def test_pull_refused_without_agreement(remotes, s3):
     assert s3.md5s(private) == set()
 
 
+@pytest.mark.e2e
 def test_pull_refused_without_credentials(remotes, s3):
     repo, _, private = remotes
     _accept(repo.root)
@@ -387,6 +391,7 @@ def test_pull_refused_without_credentials(remotes, s3):
     assert s3.md5s(private) == set()
 
 
+@pytest.mark.e2e
 def test_agreement_cli_accept_then_status(repo):
     accepted = repo.run(
         sys.executable, "-m", "medicsynth.agreement", "accept", "--yes",
@@ -415,6 +420,7 @@ def test_agreement_cli_accept_then_status(repo):
     assert "at least 10 characters" in missing.stderr
 
 
+@pytest.mark.e2e
 def test_agreement_cli_asks_on_a_terminal(repo):
     """`make accept-agreement` without arguments, as a person at a terminal answers it."""
     import pty
@@ -470,6 +476,7 @@ def test_ask_fields_asks_only_for_missing_fields_until_valid():
     assert "contact must not be empty" in said[0] and "at least 10 characters" in said[1]
 
 
+@pytest.mark.e2e
 def test_wrong_credentials_refused_when_auth_is_enforced(routed, s3):
     repo, _, private = routed
     _accept(repo.root)
@@ -647,6 +654,7 @@ def _clean(repo: Repo) -> bool:
     return "Data and pipelines are up to date" in repo.dvc("status").stdout
 
 
+@pytest.mark.e2e
 def test_collaborator_reproduce_refuses_without_agreement_then_reproduces(gpu_pushed, requests_seen):
     _, collab, private = gpu_pushed
 
@@ -704,6 +712,7 @@ def test_collaborator_reproduce_refuses_without_agreement_then_reproduces(gpu_pu
     assert "gpu stage ran on a machine without a GPU" in refused.stdout + refused.stderr
 
 
+@pytest.mark.e2e
 def test_collaborator_reproduce_recomputes_only_what_the_remote_lacks(gpu_pushed, s3):
     _, collab, private = gpu_pushed
     # The model's object is gone from the bucket (deleted on request, say): fit must run again,

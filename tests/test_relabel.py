@@ -421,6 +421,7 @@ def voted(prepared, tmp_path_factory):
     return {"root": root, "voters": voters, "proc": proc, "requests": requests, "test_sha": test_sha_before}
 
 
+@pytest.mark.e2e
 def test_stage_changes_labels_only_where_both_vlms_agree(voted):
     root, voters = voted["root"], voted["voters"]
     out = read_outputs(root)
@@ -460,6 +461,7 @@ def test_stage_changes_labels_only_where_both_vlms_agree(voted):
     assert metrics["changed_images"] == len(changed_images)
 
 
+@pytest.mark.e2e
 def test_stage_counts_failures_and_usage(voted):
     voters, metrics = voted["voters"], read_outputs(voted["root"])["metrics"]
     cats = list(voters.category.values())
@@ -478,6 +480,7 @@ def test_stage_counts_failures_and_usage(voted):
     assert by_path == {"openai": n, "anthropic": n + cats.count("refuse")}
 
 
+@pytest.mark.e2e
 def test_stage_leaves_test_labels_untouched_and_scores_against_clean(voted):
     root, voters = voted["root"], voted["voters"]
     assert hashlib.sha256((root / "data/prepared/test.tsv").read_bytes()).hexdigest() == voted["test_sha"]
@@ -499,12 +502,14 @@ def test_stage_leaves_test_labels_untouched_and_scores_against_clean(voted):
     assert {t: metrics["against_clean_labels"][t]["changed"] for t in TASKS} == metrics["changed_labels"]
 
 
+@pytest.mark.e2e
 def test_stage_never_writes_or_prints_the_api_key(voted):
     proc = voted["proc"]
     assert proc.stderr  # progress bars and warnings were printed (and are checked)
     assert_no_secret(voted["root"], proc.stdout, proc.stderr)
 
 
+@pytest.mark.e2e
 def test_stage_kill_and_resume_repeats_no_answered_call(prepared, tmp_path):
     """SIGKILL mid-vote, rerun: no distinct call answered twice; outputs equal an uninterrupted run."""
     params = {"flag": "disagreement", "min_disagreements": 2}
