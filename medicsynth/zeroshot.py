@@ -135,7 +135,8 @@ def run_zeroshot(
         zeroshot_params: the ``zeroshot`` params section (see the module docstring); keys other
             than :data:`STAGE_KEYS` go to :func:`medicsynth.llm.config_from_params` (an unknown
             one is an error before any call).
-        llm_params: the ``llm`` section; ``cache_dir`` is the paid-call cache.
+        llm_params: the ``llm`` section; ``cache_dir`` is the paid-call cache, ``prices`` the dated
+            price table of the cost estimate (``usage.estimate`` beside the actual ``usage``).
         prompt_dir: directory of ``classify_system.txt``, ``classify_user.txt``, ``refusal_fallback.txt``.
         root: what relative manifest ``file`` paths are relative to.
         progress: show a tqdm bar.
@@ -144,7 +145,8 @@ def run_zeroshot(
     Returns ``(metrics, predictions)``: metrics as written to ``metrics/zeroshot.json``
     (``usage`` included), predictions one row per asked image (:func:`empty_predictions` columns).
 
-    Raises :class:`medicsynth.llm.LLMAbortError` (key/account/model errors) or
+    Raises :class:`medicsynth.llm.LLMBudgetError` (estimate above ``budget_usd``, nothing sent),
+    :class:`medicsynth.llm.LLMAbortError` (key/account/model errors) or
     :class:`medicsynth.llm.LLMFailureShareError` (failed share above ``max_failure_share``).
     """
     from medicsynth.llm.labels_answer import canonical_tasks
@@ -155,13 +157,16 @@ def run_zeroshot(
     if provider == "none":
         return {"skipped": True, "reason": SKIP_REASON, "provider": "none"}, empty_predictions(tasks)
 
-    from medicsynth.llm import classify_request, client_from_params
+    from medicsynth.llm import classify_request, client_from_params, price_table_from_params
 
     # Step 1: the client (settings checked before anything is read or sent).
     settings = {k: v for k, v in params.items() if k not in STAGE_KEYS}
     settings["provider"] = provider
-    cache_dir = (llm_params or {}).get("cache_dir") or ".llm_cache"
-    client = client_from_params(settings, cache_dir, sdk_client=sdk_client)
+    llm_params = llm_params or {}
+    cache_dir = llm_params.get("cache_dir") or ".llm_cache"
+    prices = price_table_from_params(llm_params.get("prices"))
+    client = client_from_params(settings, cache_dir, sdk_client=sdk_client, prices=prices)
+    client.budget_key = "zeroshot.budget_usd"
 
     # Step 2: the capped, seeded subset of the test split and one request per image.
     test = read_manifest(manifest_path)
@@ -169,7 +174,8 @@ def run_zeroshot(
     files = [resolve_file(f, root) for f in chosen["file"]]
     requests = [classify_request(f, tasks, prompt_dir, key=key) for f, key in zip(files, chosen["image_path"])]
 
-    # Step 3: the calls (cached, budgeted; raises LLMAbortError when the key or model is wrong).
+    # Step 3: the calls: estimated first (LLMBudgetError above zeroshot.budget_usd, nothing sent),
+    # cached, budgeted; LLMAbortError when the key or model is wrong.
     # A stage whose answers mostly failed fails instead of scoring a small remainder.
     results = client.raise_if_failing(client.run(requests, desc="zeroshot", progress=progress), "zeroshot images")
 

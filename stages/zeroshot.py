@@ -2,8 +2,9 @@
 
 Reads ``data/prepared/test.tsv`` and params ``zeroshot`` and ``llm.cache_dir``; writes
 ``metrics/zeroshot.json`` and ``data/zeroshot/predictions.tsv``. Offline (``provider: none``) it
-records that it was skipped, never a score. Exits non-zero, writing nothing, when the client
-stops on key/account/model errors or more than ``zeroshot.max_failure_share`` of the images fail.
+records that it was skipped, never a score. Exits non-zero, writing nothing, when the estimated
+cost is above ``zeroshot.budget_usd`` (nothing sent), when the client stops on key/account/model
+errors, or when more than ``zeroshot.max_failure_share`` of the images fail.
 """
 
 from __future__ import annotations
@@ -13,7 +14,7 @@ import os
 import sys
 
 from medicsynth.io import write_json
-from medicsynth.llm import LLMStageError
+from medicsynth.llm import LLMBudgetError, LLMStageError
 from medicsynth.manifest import write_tsv
 from medicsynth.params import load_params, section
 from medicsynth.zeroshot import run_zeroshot, summary_line
@@ -33,7 +34,7 @@ def main(argv: list[str] | None = None) -> None:
         metrics, predictions = run_zeroshot(
             args.manifest, section(params, "zeroshot"), params.get("llm") or {}, prompt_dir=args.prompts
         )
-    except LLMStageError as exc:
+    except (LLMStageError, LLMBudgetError) as exc:
         sys.exit(f"zeroshot failed: {exc}")
     write_tsv(predictions, args.predictions)
     write_json(metrics, args.metrics)

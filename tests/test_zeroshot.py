@@ -132,13 +132,15 @@ def test_max_images_caps_the_calls(tmp_path):
     assert len(preds) == 4
 
 
-def run_stage(tmp_path: Path, manifest: Path, zeroshot_params: dict) -> subprocess.CompletedProcess:
+def run_stage(tmp_path: Path, manifest: Path, zeroshot_params: dict,
+              llm_extra: dict | None = None) -> subprocess.CompletedProcess:
     """``stages/zeroshot.py`` as DVC runs it (a subprocess) on ``tmp_path``/params.yaml; outputs go to
-    ``tmp_path``/metrics.json and ``tmp_path``/predictions.tsv."""
+    ``tmp_path``/metrics.json and ``tmp_path``/predictions.tsv. ``llm_extra``: more ``llm`` keys."""
     import yaml
 
     params = tmp_path / "params.yaml"
-    params.write_text(yaml.safe_dump({"llm": {"cache_dir": str(tmp_path / "cache")}, "zeroshot": zeroshot_params}))
+    llm = {"cache_dir": str(tmp_path / "cache"), **(llm_extra or {})}
+    params.write_text(yaml.safe_dump({"llm": llm, "zeroshot": zeroshot_params}))
     env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
     return subprocess.run(
         [sys.executable, str(REPO / "stages" / "zeroshot.py"), "--params", str(params), "--manifest", str(manifest),

@@ -6,6 +6,8 @@
 - :mod:`medicsynth.llm.providers`: OpenAI / Anthropic SDK adapters and image encoding.
 - :mod:`medicsynth.llm.transport`: the total deadline of one HTTP attempt.
 - :mod:`medicsynth.llm.redact`: credentials removed from anything written or logged.
+- :mod:`medicsynth.llm.cost`: token/dollar estimates before sending, the dated price table and
+  the ``budget_usd`` cap.
 - :mod:`medicsynth.llm.labels_answer`: MEDIC label schema/validation, :func:`classify_request`
   and :func:`load_prompt` (the project's one prompt-file reader).
 
@@ -39,11 +41,23 @@ from medicsynth.llm.labels_answer import (
     validate_labels_answer,
     with_refusal_preface,
 )
+from medicsynth.llm.cost import (
+    CostEstimate,
+    LLMBudgetError,
+    PriceTable,
+    estimate_requests,
+    price_table_from_params,
+)
 from medicsynth.llm.providers import PROVIDERS, EncodedImage, ImageError, encode_image
 from medicsynth.llm.redact import redact
 
 __all__ = [
     "CACHE_FORMAT_VERSION",
+    "CostEstimate",
+    "LLMBudgetError",
+    "PriceTable",
+    "estimate_requests",
+    "price_table_from_params",
     "DEFAULT_CACHE_DIR",
     "FAILURE_REASONS",
     "PROVIDERS",

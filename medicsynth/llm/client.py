@@ -53,6 +53,7 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from medicsynth.llm.cache import RawResponse, ResponseCache, cache_key
+from medicsynth.llm.cost import PriceTable, check_budget, estimate_requests
 from medicsynth.llm.providers import (
     API_KEY_ENV,
     PROVIDERS,
@@ -121,6 +122,8 @@ class LLMConfig:
             client stops sending; ``None`` never stops.
         max_failure_share: share of failed requests (``budget`` excluded) above which
             :func:`raise_if_failing` fails the stage.
+        budget_usd: :meth:`LLMClient.run` refuses a batch whose estimated cost
+            (:mod:`medicsynth.llm.cost`) is above this, before sending anything; ``None`` = no cap.
     """
 
     provider: str
@@ -138,6 +141,7 @@ class LLMConfig:
     jpeg_quality: int = 90
     abort_after: int | None = 3
     max_failure_share: float = 0.5
+    budget_usd: float | None = None
 
     def __post_init__(self) -> None:
         if self.provider not in PROVIDERS:
@@ -156,6 +160,7 @@ class LLMConfig:
             "jpeg_quality": 1 <= self.jpeg_quality <= 100,
             "abort_after": self.abort_after is None or self.abort_after >= 1,
             "max_failure_share": 0.0 <= self.max_failure_share <= 1.0,
+            "budget_usd": self.budget_usd is None or self.budget_usd >= 0,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
@@ -243,6 +248,9 @@ class Usage:
     failures: Counter = field(default_factory=Counter)
     retries: Counter = field(default_factory=Counter)
     latencies_s: list = field(default_factory=list)
+    estimate: dict | None = None  # the last batch's cost estimate (medicsynth.llm.cost), before sending
+    price: Any = None  # medicsynth.llm.cost.ModelPrice of the model, when the price table has it
+    price_date: str | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, **counts: int) -> None:
@@ -289,6 +297,12 @@ class Usage:
                 "output_tokens": self.output_tokens,
                 "cached_input_tokens": self.cached_input_tokens,
                 "cached_output_tokens": self.cached_output_tokens,
+                "estimate": self.estimate,
+                "cost_usd": (
+                    None if self.price is None
+                    else round(self.price.usd(self.input_tokens, self.output_tokens), 6)
+                ),
+                "price_date": self.price_date,
                 "latency_s": {
                     "count": len(lat),
                     "mean": round(sum(lat) / len(lat), 4) if lat else None,
@@ -457,6 +471,8 @@ class LLMClient:
             one built from ``config`` and the environment's API key (it should have
             ``max_retries=0``: retries are counted here).
         sleep: the function used to wait between retries (tests may pass a recorder).
+        prices: the dated price table (``llm.prices``); with it, :meth:`run` records a cost
+            estimate before sending and the actual cost in :attr:`usage`.
     """
 
     def __init__(
@@ -466,11 +482,15 @@ class LLMClient:
         *,
         sdk_client: Any | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        prices: PriceTable | None = None,
     ) -> None:
         self.config = config
+        self.prices = prices
         self.cache = ResponseCache(cache_dir)
         self.provider = make_provider(config, sdk_client)
         self.usage = Usage()
+        if prices is not None:
+            self.usage.price, self.usage.price_date = prices.price(config.model), prices.date
         self._sleep = sleep
         self._rng = random.Random()
         self._budget_lock = threading.Lock()
@@ -493,12 +513,18 @@ class LLMClient:
         """Process ``requests`` concurrently; results in request order.
 
         Raises :class:`LLMAbortError` (after the workers finish; answers received are cached)
-        when the client stopped early on key/account/model errors.
+        when the client stopped early on key/account/model errors, and
+        :class:`medicsynth.llm.cost.LLMBudgetError` before sending anything when the estimated
+        cost is above ``budget_usd``.
         """
         requests = list(requests)
         results: list[LLMResult | None] = [None] * len(requests)
         if not requests:
             return []
+        if self.prices is not None or self.config.budget_usd is not None:
+            estimate = estimate_requests(self, requests, self.prices)
+            self.usage.estimate = estimate.as_dict()
+            check_budget(estimate, self.config.budget_usd, self.budget_key)
         workers = min(self.config.concurrency, len(requests))
         failed = 0
         with (
@@ -524,6 +550,23 @@ class LLMClient:
         if self._abort is not None:
             raise LLMAbortError(self._abort)
         return results  # type: ignore[return-value]
+
+    #: How messages name the cap (a stage may set e.g. ``"zeroshot.budget_usd"``).
+    budget_key = "budget_usd"
+
+    def cache_key_for(self, req: LLMRequest, prompt: str, image: EncodedImage | None) -> str:
+        """The cache key of sending ``prompt`` (the request's prompt or its fallback) with ``image``."""
+        cfg = self.config
+        return cache_key(
+            provider=cfg.provider,
+            model=cfg.model,
+            system=req.system,
+            prompt=prompt,
+            image_sha256=image.sha256 if image else None,
+            temperature=self.provider.temperature_sent,
+            max_tokens=cfg.max_tokens,
+            schema=req.schema,
+        )
 
     @property
     def aborted(self) -> str | None:
@@ -612,17 +655,7 @@ class LLMClient:
         per client: later ones wait for the first and read its cached answer, or share its
         failure (a call that failed is not sent again by this client; a rerun tries again).
         """
-        cfg = self.config
-        key = cache_key(
-            provider=cfg.provider,
-            model=cfg.model,
-            system=req.system,
-            prompt=prompt,
-            image_sha256=image.sha256 if image else None,
-            temperature=self.provider.temperature_sent,
-            max_tokens=cfg.max_tokens,
-            schema=req.schema,
-        )
+        key = self.cache_key_for(req, prompt, image)
         while True:
             hit = self.cache.get(key)
             if hit is not None:
@@ -796,9 +829,11 @@ def client_from_params(
     cache_dir: str | Path | None = None,
     *,
     sdk_client: Any | None = None,
+    prices: PriceTable | None = None,
 ) -> LLMClient:
     """An :class:`LLMClient` from params (``provider``, ``model``, ...); ``cache_dir`` defaults to
-    ``llm_params["cache_dir"]``, then :data:`DEFAULT_CACHE_DIR`."""
+    ``llm_params["cache_dir"]``, then :data:`DEFAULT_CACHE_DIR`. ``prices``: the dated price table
+    (:func:`medicsynth.llm.cost.price_table_from_params` of ``llm.prices``)."""
     if cache_dir is None:
         cache_dir = llm_params.get("cache_dir") or DEFAULT_CACHE_DIR
-    return LLMClient(config_from_params(llm_params), cache_dir, sdk_client=sdk_client)
+    return LLMClient(config_from_params(llm_params), cache_dir, sdk_client=sdk_client, prices=prices)
