@@ -154,6 +154,7 @@ def test_budget_without_a_price_is_an_error_naming_the_model(tmp_path):
         assert server.count() == 0
 
 
+@pytest.mark.e2e  # runs stages/zeroshot.py as a subprocess
 def test_zeroshot_stage_refuses_above_its_budget(tmp_path):
     from tests.test_zeroshot import make_manifest, run_stage
 

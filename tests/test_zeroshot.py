@@ -150,6 +150,7 @@ def run_stage(tmp_path: Path, manifest: Path, zeroshot_params: dict,
     )
 
 
+@pytest.mark.e2e  # runs stages/zeroshot.py as a subprocess
 def test_provider_none_writes_skip_and_no_score(tmp_path):
     manifest, _ = make_manifest(tmp_path, n=3)
     with FakeLLMServer() as server:
@@ -180,6 +181,7 @@ def _fast(provider: str, server: FakeLLMServer, **extra) -> dict:
                 concurrency=16, timeout_s=5, max_retries=1, backoff_base_s=0.01, backoff_max_s=0.05, **extra)
 
 
+@pytest.mark.e2e  # runs stages/zeroshot.py as a subprocess
 @pytest.mark.parametrize("provider", ["openai", "anthropic"])
 def test_one_non_answer_body_fails_one_image_not_the_stage(tmp_path, provider):
     manifest, df = make_manifest(tmp_path, n=20)
@@ -195,6 +197,7 @@ def test_one_non_answer_body_fails_one_image_not_the_stage(tmp_path, provider):
     assert preds.loc[7, "status"] == "retries_exhausted" and "not a model answer" in preds.loc[7, "detail"]
 
 
+@pytest.mark.e2e  # runs stages/zeroshot.py as a subprocess
 @pytest.mark.parametrize("provider", ["openai", "anthropic"])
 def test_planted_key_echoed_by_errors_reaches_no_output(tmp_path, provider):
     manifest, _ = make_manifest(tmp_path, n=20)
@@ -213,6 +216,7 @@ def test_planted_key_echoed_by_errors_reaches_no_output(tmp_path, provider):
     assert [name for name, blob in blobs.items() if PLANTED.encode() in blob] == []
 
 
+@pytest.mark.e2e  # runs stages/zeroshot.py as a subprocess
 @pytest.mark.parametrize("provider", ["openai", "anthropic"])
 def test_stage_against_always_401_exits_nonzero_after_a_handful_of_requests(tmp_path, provider):
     manifest, _ = make_manifest(tmp_path, n=20)
