@@ -346,7 +346,7 @@ def llm_judge(
             for f in files
         ]
         verdicts = []
-        for result in client.run(requests, desc=desc):
+        for result in client.raise_if_failing(client.run(requests, desc=desc), f"{desc} verdicts"):
             common = dict(
                 cached=bool(result.cached),
                 input_tokens=int(result.input_tokens or 0),

@@ -37,7 +37,7 @@ def vlm_votes(provider: str, cfg: dict, llm: dict, files: list[str], rows: np.nd
 
     client = client_from_params({"provider": provider, **cfg}, llm.get("cache_dir", ".llm_cache"))
     requests = [classify_request(files[i], TASKS) for i in rows]
-    results = client.run(requests, desc=f"relabel votes ({provider})")
+    results = client.raise_if_failing(client.run(requests, desc=f"relabel votes ({provider})"), f"relabel votes ({provider})")
     votes = np.full((n, len(TASKS)), -1, dtype=np.int64)
     answers: dict[int, str] = {}
     for i, result in zip(rows, results):

@@ -37,6 +37,13 @@ Reply builders (each renders in the right shape for whichever API was called):
   is a timeout; the late write to a closed socket is ignored).
 - ``hang(event, then)``: block until ``event`` is set (or 60 s), then send ``then``.
 - ``broken_body()``: status 200 with a body that is not JSON.
+- ``raw_body(body, status=200, content_type=...)``: exactly that body whatever the API (a proxy's
+  HTML page, a JSON list, an Anthropic ``{"type": "error"}`` object sent with status 200...).
+- ``truncated(obj)``: an answer cut at the output-token cap; OpenAI: the first half of
+  ``json.dumps(obj)`` with ``finish_reason="length"``; Anthropic: a ``tool_use`` block whose input
+  is ``obj`` (pass a partial object) with ``stop_reason="max_tokens"``.
+- ``trickle(pieces, interval_s, then)``: send ``then`` with its full ``Content-Length`` but the
+  body in ``pieces`` parts, ``interval_s`` apart (each socket read is quick; the whole is slow).
 - any builder takes ``delay_s=`` to answer late.
 
 Inspection
@@ -248,6 +255,27 @@ def broken_body(*, delay_s: float = 0.0) -> Reply:
     return Reply("broken_body", delay_s=delay_s)
 
 
+def raw_body(
+    body: bytes | str | Any, *, status: int = 200, content_type: str | None = None, delay_s: float = 0.0
+) -> Reply:
+    """Send ``body`` as it is (bytes/str) or as JSON (anything else), whatever the API called."""
+    if isinstance(body, str):
+        body = body.encode()
+    elif not isinstance(body, bytes):
+        body = json.dumps(body).encode()
+        content_type = content_type or "application/json"
+    headers = {"Content-Type": content_type or "text/html; charset=utf-8"}
+    return Reply("raw", body, status=status, headers=headers, delay_s=delay_s)
+
+
+def truncated(obj: Any, *, delay_s: float = 0.0) -> Reply:
+    return Reply("truncated", obj, delay_s=delay_s)
+
+
+def trickle(pieces: int, interval_s: float, then: Reply | None = None) -> Reply:
+    return Reply("trickle", pieces, delay_s=interval_s, then=then or auto())
+
+
 def schema_instance(schema: dict | None) -> Any:
     """A JSON value that satisfies a simple JSON schema (first enum value, empty arrays...)."""
     if not schema:
@@ -275,6 +303,8 @@ def _render(reply: Reply, req: RecordedRequest) -> tuple[int, dict[str, str], by
     """Status, headers and body of ``reply`` in the API shape of ``req``."""
     if reply.kind == "broken_body":
         return 200, {"Content-Type": "application/json"}, b'{"id": "chatcmpl-broken", "choi'
+    if reply.kind == "raw":
+        return reply.status, dict(reply.headers), reply.payload
     if reply.kind == "error":
         if req.provider == "anthropic":
             kind = {429: "rate_limit_error", 529: "overloaded_error"}.get(reply.status, "api_error")
@@ -291,9 +321,13 @@ def _render(reply: Reply, req: RecordedRequest) -> tuple[int, dict[str, str], by
     if req.provider == "anthropic":
         content: list[dict] = []
         stop = "end_turn"
-        if kind == "answer" and req.tool:
+        if kind in ("answer", "truncated") and req.tool:
             content = [{"type": "tool_use", "id": f"toolu_{req.index}", "name": req.tool["name"], "input": payload}]
-            stop = "tool_use"
+            stop = "tool_use" if kind == "answer" else "max_tokens"
+        elif kind == "truncated":
+            full = json.dumps(payload)
+            content = [{"type": "text", "text": full[: len(full) // 2]}]
+            stop = "max_tokens"
         elif kind == "answer":
             content = [{"type": "text", "text": json.dumps(payload)}]
         elif kind in ("text", "malformed"):
@@ -317,6 +351,10 @@ def _render(reply: Reply, req: RecordedRequest) -> tuple[int, dict[str, str], by
         finish = "stop"
         if kind == "answer":
             message["content"] = json.dumps(payload)
+        elif kind == "truncated":
+            full = json.dumps(payload)
+            message["content"] = full[: len(full) // 2]
+            finish = "length"
         elif kind in ("text", "malformed"):
             message["content"] = payload
         elif kind == "refusal":
@@ -503,9 +541,12 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(404, {"Content-Type": "application/json"}, b'{"error": {"message": "not found"}}')
             return
         req, reply = self.fake._record(self.path, headers, raw)
-        while reply.kind in ("slow", "hang"):
+        pieces, interval = 1, 0.0
+        while reply.kind in ("slow", "hang", "trickle"):
             if reply.kind == "slow":
                 time.sleep(reply.delay_s)
+            elif reply.kind == "trickle":
+                pieces, interval = max(1, int(reply.payload)), reply.delay_s
             else:
                 assert reply.event is not None
                 reply.event.wait(60)
@@ -513,7 +554,7 @@ class _Handler(BaseHTTPRequestHandler):
         if reply.delay_s:
             time.sleep(reply.delay_s)
         status, out_headers, body = _render(reply, req)
-        if self._send(status, out_headers, body):
+        if self._send(status, out_headers, body, pieces=pieces, interval_s=interval):
             self.fake._mark_completed(req)
 
     def _peer_closed(self) -> bool:
@@ -525,7 +566,9 @@ class _Handler(BaseHTTPRequestHandler):
         except OSError:
             return True
 
-    def _send(self, status: int, headers: dict[str, str], body: bytes) -> bool:
+    def _send(
+        self, status: int, headers: dict[str, str], body: bytes, *, pieces: int = 1, interval_s: float = 0.0
+    ) -> bool:
         if self._peer_closed():
             self.close_connection = True
             return False
@@ -535,8 +578,16 @@ class _Handler(BaseHTTPRequestHandler):
                 self.send_header(k, v)
             self.send_header("Content-Length", str(len(body)))
             self.end_headers()
-            self.wfile.write(body)
             self.wfile.flush()
+            step = -(-len(body) // pieces)
+            for i, start in enumerate(range(0, len(body), step)):
+                if i:
+                    time.sleep(interval_s)
+                    if self._peer_closed():
+                        self.close_connection = True
+                        return False
+                self.wfile.write(body[start : start + step])
+                self.wfile.flush()
             return True
         except (BrokenPipeError, ConnectionResetError, socket.timeout, OSError):
             # The client gave up (timeout, or it was killed): nothing was delivered.

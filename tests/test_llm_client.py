@@ -648,3 +648,18 @@ def test_api_key_never_in_logs_results_or_cache(llm_server, tmp_path, caplog, ca
     assert caplog.text  # something was logged
     for text in texts:
         assert SECRET not in text
+
+
+def test_load_prompt_by_name_or_path_and_never_stale(tmp_path):
+    from medicsynth.llm import load_prompt
+
+    prompt = tmp_path / "judge_user.txt"
+    prompt.write_text("  first version \n")
+    assert load_prompt("judge_user.txt", tmp_path) == "first version"
+    assert load_prompt(prompt, None) == load_prompt(str(prompt), prompt_dir=None) == "first version"
+    prompt.write_text("second, longer version\n")  # edited in place: read again, not cached
+    assert load_prompt("judge_user.txt", tmp_path) == "second, longer version"
+    with pytest.raises(FileNotFoundError, match="missing.txt"):
+        load_prompt("missing.txt", tmp_path)
+    with pytest.raises(FileNotFoundError, match=str(tmp_path)):
+        load_prompt(tmp_path, None)  # a directory is not a prompt file

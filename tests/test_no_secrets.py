@@ -124,3 +124,20 @@ def test_is_config_like():
         map(is_config_like, [".dvc/config", "params.yaml", "a/b.toml", ".env", ".env.local", "x.json"])
     )
     assert not any(map(is_config_like, ["README.md", "medicsynth/io.py", ".dvc/config.local"]))
+
+
+# What the LLM layer writes about failed calls goes through medicsynth.llm.redact: whatever this
+# scanner calls an API key must not survive it (fake values assembled at run time, as above).
+@pytest.mark.parametrize(
+    "line",
+    [
+        '{"detail": "HTTP 401: Incorrect API key provided: sk-' + "proj-" + "a1B2" * 8 + '"}',
+        "x-api-key: sk-" + "ant-api03-" + "x" * 40,
+        "Authorization: Bearer sk-" + "Q9" * 15,
+    ],
+)
+def test_redaction_removes_what_the_scanner_flags(line):
+    from medicsynth.llm import redact
+
+    assert find_secrets(line) and find_secrets(redact(line)) == []
+    assert "[REDACTED]" in redact(line)

@@ -1,9 +1,12 @@
-"""The zeroshot stage against the scripted API server, on a tiny manifest made here."""
+"""The zeroshot stage (:mod:`medicsynth.zeroshot`, ``stages/zeroshot.py``) against the scripted
+API server, on a tiny manifest made here."""
 
 from __future__ import annotations
 
-import importlib.util
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -12,29 +15,22 @@ import pytest
 from PIL import Image
 from sklearn.metrics import accuracy_score, f1_score
 
+from medicsynth import zeroshot
 from medicsynth.labels import CLASSES, TASKS
-from medicsynth.llm import encode_image
+from medicsynth.llm import LLMAbortError, LLMFailureShareError, encode_image
 from medicsynth.manifest import COLUMNS, write_manifest
-from tests.api_server import FakeLLMServer, answer, malformed, refusal
+from tests.api_server import FakeLLMServer, answer, auto, error, malformed, raw_body, refusal
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = REPO / "prompts"
-
-
-def _load_stage():
-    spec = importlib.util.spec_from_file_location("zeroshot_stage", REPO / "stages" / "zeroshot.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-zeroshot = _load_stage()
+# Planted in the environment as both API keys; hostile servers echo it back.
+PLANTED = "sk-test-zeroshot-" + "Pk9" * 8
 
 
 @pytest.fixture(autouse=True)
 def api_keys(monkeypatch):
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-zeroshot")
-    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-test-zeroshot")
+    monkeypatch.setenv("OPENAI_API_KEY", PLANTED)
+    monkeypatch.setenv("ANTHROPIC_API_KEY", PLANTED)
 
 
 def make_manifest(tmp_path: Path, n: int = 10) -> tuple[Path, pd.DataFrame]:
@@ -136,19 +132,35 @@ def test_max_images_caps_the_calls(tmp_path):
     assert len(preds) == 4
 
 
+def run_stage(tmp_path: Path, manifest: Path, zeroshot_params: dict,
+              llm_extra: dict | None = None) -> subprocess.CompletedProcess:
+    """``stages/zeroshot.py`` as DVC runs it (a subprocess) on ``tmp_path``/params.yaml; outputs go to
+    ``tmp_path``/metrics.json and ``tmp_path``/predictions.tsv. ``llm_extra``: more ``llm`` keys."""
+    import yaml
+
+    params = tmp_path / "params.yaml"
+    llm = {"cache_dir": str(tmp_path / "cache"), **(llm_extra or {})}
+    params.write_text(yaml.safe_dump({"llm": llm, "zeroshot": zeroshot_params}))
+    env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
+    return subprocess.run(
+        [sys.executable, str(REPO / "stages" / "zeroshot.py"), "--params", str(params), "--manifest", str(manifest),
+         "--prompts", str(PROMPTS), "--metrics", str(tmp_path / "metrics.json"),
+         "--predictions", str(tmp_path / "predictions.tsv")],
+        env=env, capture_output=True, text=True, timeout=180,
+    )
+
+
+@pytest.mark.e2e  # runs stages/zeroshot.py as a subprocess
 def test_provider_none_writes_skip_and_no_score(tmp_path):
     manifest, _ = make_manifest(tmp_path, n=3)
-    params = tmp_path / "params.yaml"
-    params.write_text("llm:\n  cache_dir: .llm_cache\nzeroshot:\n  provider: none\n  model: gpt-x\n  max_images: 5\n")
-    out_metrics, out_preds = tmp_path / "metrics" / "zeroshot.json", tmp_path / "zs" / "predictions.tsv"
     with FakeLLMServer() as server:
-        zeroshot.main(["--params", str(params), "--manifest", str(manifest), "--prompts", str(PROMPTS),
-                       "--metrics", str(out_metrics), "--predictions", str(out_preds)])
+        done = run_stage(tmp_path, manifest, {"provider": "none", "model": "gpt-x", "max_images": 5})
+        assert done.returncode == 0, done.stderr[-2000:]
         assert server.count() == 0
-    metrics = json.loads(out_metrics.read_text())
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["skipped"] is True and "none" in metrics["reason"]
     assert not any(k in metrics for k in ("report", "mean_macro_f1", "mean_accuracy"))
-    preds = pd.read_csv(out_preds, sep="\t")
+    preds = pd.read_csv(tmp_path / "predictions.tsv", sep="\t")
     assert len(preds) == 0 and "pred_damage_severity" in preds.columns
 
 
@@ -157,3 +169,87 @@ def test_unknown_setting_is_rejected_before_any_call(tmp_path):
     with pytest.raises(ValueError, match="unknown llm setting.*max_image_count"):
         zeroshot.run_zeroshot(manifest, {"provider": "openai", "model": "m", "max_image_count": 3},
                               {"cache_dir": str(tmp_path / "c")}, prompt_dir=PROMPTS)
+
+
+# ------------------------------------------------------------------------------------------
+# Hostile servers (issue 16) at the stage level
+# ------------------------------------------------------------------------------------------
+
+
+def _fast(provider: str, server: FakeLLMServer, **extra) -> dict:
+    return dict(provider=provider, model="vlm-test", base_url=server.base_url(provider), max_images=None,
+                concurrency=16, timeout_s=5, max_retries=1, backoff_base_s=0.01, backoff_max_s=0.05, **extra)
+
+
+@pytest.mark.e2e  # runs stages/zeroshot.py as a subprocess
+@pytest.mark.parametrize("provider", ["openai", "anthropic"])
+def test_one_non_answer_body_fails_one_image_not_the_stage(tmp_path, provider):
+    manifest, df = make_manifest(tmp_path, n=20)
+    bad_sha = encode_image(df["file"][7]).sha256
+    html = raw_body("<html><body>Proxy error</body></html>")
+    with FakeLLMServer(lambda req: html if req.image_sha256s == [bad_sha] else auto()) as server:
+        done = run_stage(tmp_path, manifest, _fast(provider, server))
+    assert done.returncode == 0, done.stderr[-2000:]
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    assert metrics["n_scored"] == 19 and metrics["coverage"] == 0.95
+    assert metrics["failures"] == {"retries_exhausted": 1}
+    preds = pd.read_csv(tmp_path / "predictions.tsv", sep="\t")
+    assert preds.loc[7, "status"] == "retries_exhausted" and "not a model answer" in preds.loc[7, "detail"]
+
+
+@pytest.mark.e2e  # runs stages/zeroshot.py as a subprocess
+@pytest.mark.parametrize("provider", ["openai", "anthropic"])
+def test_planted_key_echoed_by_errors_reaches_no_output(tmp_path, provider):
+    manifest, _ = make_manifest(tmp_path, n=20)
+    echo = error(400, message=f"Invalid request for key {PLANTED} (Authorization: Bearer {PLANTED})")
+    with FakeLLMServer(echo) as server:
+        # Every image fails and the stage is told to tolerate it, so that the outputs are written.
+        done = run_stage(tmp_path, manifest, _fast(provider, server, max_failure_share=1.0))
+        assert all(r.headers["authorization"] == f"Bearer {PLANTED}" for r in server.requests)  # really sent
+    assert done.returncode == 0, done.stderr[-2000:]
+    preds = pd.read_csv(tmp_path / "predictions.tsv", sep="\t")
+    assert len(preds) == 20 and (preds["status"] == "api_error").all()
+    assert preds["detail"].str.contains("[REDACTED]", regex=False).all()
+    blobs = {"stdout": done.stdout.encode(), "stderr": done.stderr.encode()}
+    blobs |= {str(p): p.read_bytes() for p in tmp_path.rglob("*") if p.is_file() and p.name != "params.yaml"}
+    assert any("cache" in name for name in blobs) or not (tmp_path / "cache").exists()
+    assert [name for name, blob in blobs.items() if PLANTED.encode() in blob] == []
+
+
+@pytest.mark.e2e  # runs stages/zeroshot.py as a subprocess
+@pytest.mark.parametrize("provider", ["openai", "anthropic"])
+def test_stage_against_always_401_exits_nonzero_after_a_handful_of_requests(tmp_path, provider):
+    manifest, _ = make_manifest(tmp_path, n=20)
+    with FakeLLMServer(error(401, message=f"Incorrect API key provided: {PLANTED}")) as server:
+        done = run_stage(tmp_path, manifest, _fast(provider, server))
+        sent = server.count()
+    assert done.returncode != 0
+    assert f"{provider} model 'vlm-test'" in done.stderr and "HTTP 401" in done.stderr
+    assert sent <= 3
+    # No metrics, no predictions: nothing was scored.
+    assert not (tmp_path / "metrics.json").exists() and not (tmp_path / "predictions.tsv").exists()
+    assert PLANTED not in done.stderr + done.stdout
+
+
+@pytest.mark.parametrize("provider", ["openai", "anthropic"])
+def test_failure_share_above_the_param_fails_the_stage(tmp_path, provider):
+    manifest, df = make_manifest(tmp_path, n=10)
+    failing = {encode_image(f).sha256 for f in df["file"][:6]}
+    reply = error(400, message="image rejected")
+    with FakeLLMServer(lambda req: reply if req.image_sha256s[0] in failing else auto()) as server:
+        params = _fast(provider, server, max_failure_share=0.5)
+        llm = {"cache_dir": str(tmp_path / "cache")}
+        with pytest.raises(LLMFailureShareError, match=f"{provider} model 'vlm-test': 6 of 10 zeroshot images"):
+            zeroshot.run_zeroshot(manifest, params, llm, prompt_dir=PROMPTS, progress=False)
+        metrics, _ = zeroshot.run_zeroshot(manifest, dict(params, max_failure_share=0.6), llm,
+                                           prompt_dir=PROMPTS, progress=False)
+    assert metrics["coverage"] == 0.4 and metrics["max_failure_share"] == 0.6
+
+
+def test_run_zeroshot_raises_abort_error(tmp_path):
+    manifest, _ = make_manifest(tmp_path, n=6)
+    with FakeLLMServer(error(403, message="no access to this model")) as server:
+        with pytest.raises(LLMAbortError, match="openai model 'vlm-test'.*HTTP 403"):
+            zeroshot.run_zeroshot(manifest, _fast("openai", server), {"cache_dir": str(tmp_path / "c")},
+                                  prompt_dir=PROMPTS, progress=False)
+        assert server.count() == 3

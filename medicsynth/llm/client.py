@@ -8,8 +8,10 @@ validator, optional refusal-fallback prompt) becomes one :class:`LLMResult`. For
 2. The call is looked up in the on-disk cache (:mod:`medicsynth.llm.cache`); on a miss it goes
    to the provider, within the ``max_calls`` budget (else ``budget``, nothing sent), retried on
    429/5xx/timeouts/connection errors with exponential backoff and jitter, honouring the server's
-   ``Retry-After`` / ``retry-after-ms`` (up to ``backoff_max_s``). The answer is cached
-   atomically the moment it arrives. Identical calls in flight at once are made only once.
+   ``Retry-After`` / ``retry-after-ms`` (up to ``backoff_max_s``); each attempt has a total
+   deadline of ``timeout_s``. Only a real model answer is cached, atomically the moment it
+   arrives. Identical calls are made once per client, whatever the outcome: a duplicate waits for
+   the first and shares its answer or its failure.
 3. A refusal (provider flag, or refusal text where an answer was expected) is retried once with
    ``fallback_prompt`` (itself cached as its own call); refused again → ``refusal``.
 4. The answer is parsed (JSON when a schema was given) and validated by the request's
@@ -18,7 +20,15 @@ validator, optional refusal-fallback prompt) becomes one :class:`LLMResult`. For
 
 Failure reasons: ``bad_image``, ``budget``, ``refusal``, ``invalid_json``, ``invalid_answer``,
 ``retries_exhausted`` (transient errors outlasted ``max_retries``; ``detail`` names the last),
-``api_error`` (a non-retryable HTTP error such as 400; ``detail`` has status and message).
+``api_error`` (a non-retryable HTTP error such as 400; ``detail`` has status and message),
+``aborted`` (not sent: the client had stopped, see below). Every ``detail`` is redacted
+(:func:`medicsynth.llm.redact.redact`: configured keys, ``sk-`` keys, bearer tokens).
+
+Stopping early: until one call has been answered, calls go out one at a time. After
+``abort_after`` consecutive errors that concern the key, account or model (HTTP 401/402/403/404)
+the client stops: requests not yet sent fail with ``aborted`` and :meth:`LLMClient.run` raises
+:class:`LLMAbortError` naming provider and model. :func:`raise_if_failing` is the stage-level
+rule: more than ``max_failure_share`` of the requests failed → :class:`LLMFailureShareError`.
 
 Concurrency is a thread pool of ``concurrency`` workers (calls are I/O bound) with a tqdm bar;
 results keep the order of the requests. :attr:`LLMClient.usage` accumulates calls, cache hits,
@@ -43,7 +53,9 @@ from typing import Any
 from tqdm.auto import tqdm
 
 from medicsynth.llm.cache import RawResponse, ResponseCache, cache_key
+from medicsynth.llm.cost import PriceTable, check_budget, estimate_requests
 from medicsynth.llm.providers import (
+    API_KEY_ENV,
     PROVIDERS,
     EncodedImage,
     ImageError,
@@ -52,6 +64,7 @@ from medicsynth.llm.providers import (
     encode_image,
     make_provider,
 )
+from medicsynth.llm.redact import env_secrets, redact
 
 log = logging.getLogger(__name__)
 
@@ -66,7 +79,20 @@ FAILURE_REASONS: tuple[str, ...] = (
     "invalid_answer",
     "retries_exhausted",
     "api_error",
+    "aborted",
 )
+
+
+class LLMStageError(RuntimeError):
+    """A paid stage that must fail (the message names provider and model, and is redacted)."""
+
+
+class LLMAbortError(LLMStageError):
+    """The client stopped after ``abort_after`` consecutive key/account/model errors."""
+
+
+class LLMFailureShareError(LLMStageError):
+    """More than ``max_failure_share`` of a stage's requests failed."""
 
 
 # ------------------------------------------------------------------------------------------
@@ -85,13 +111,19 @@ class LLMConfig:
         temperature: sampling temperature (OpenAI; Anthropic's current API takes none).
         max_tokens: cap on output tokens per call.
         concurrency: parallel calls in :meth:`LLMClient.run`.
-        timeout_s: per-attempt HTTP timeout.
+        timeout_s: total deadline of one HTTP attempt (connect, send, the whole response).
         max_retries: retries after the first attempt for transient errors.
         image_max_side: longer image side sent, in pixels (larger images are downscaled).
         max_calls: budget of API calls (cache misses) for this client; ``None`` = unlimited.
         backoff_base_s: first backoff delay; doubles per retry, jittered in [50%, 100%].
         backoff_max_s: cap on one backoff delay, including a server's ``Retry-After``.
         jpeg_quality: quality of re-encoded images.
+        abort_after: consecutive key/account/model errors (HTTP 401/402/403/404) after which the
+            client stops sending; ``None`` never stops.
+        max_failure_share: share of failed requests (``budget`` excluded) above which
+            :func:`raise_if_failing` fails the stage.
+        budget_usd: :meth:`LLMClient.run` refuses a batch whose estimated cost
+            (:mod:`medicsynth.llm.cost`) is above this, before sending anything; ``None`` = no cap.
     """
 
     provider: str
@@ -107,6 +139,9 @@ class LLMConfig:
     backoff_base_s: float = 1.0
     backoff_max_s: float = 60.0
     jpeg_quality: int = 90
+    abort_after: int | None = 3
+    max_failure_share: float = 0.5
+    budget_usd: float | None = None
 
     def __post_init__(self) -> None:
         if self.provider not in PROVIDERS:
@@ -123,6 +158,9 @@ class LLMConfig:
             "backoff_base_s": self.backoff_base_s >= 0,
             "backoff_max_s": self.backoff_max_s >= 0,
             "jpeg_quality": 1 <= self.jpeg_quality <= 100,
+            "abort_after": self.abort_after is None or self.abort_after >= 1,
+            "max_failure_share": 0.0 <= self.max_failure_share <= 1.0,
+            "budget_usd": self.budget_usd is None or self.budget_usd >= 0,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
@@ -210,6 +248,9 @@ class Usage:
     failures: Counter = field(default_factory=Counter)
     retries: Counter = field(default_factory=Counter)
     latencies_s: list = field(default_factory=list)
+    estimate: dict | None = None  # the last batch's cost estimate (medicsynth.llm.cost), before sending
+    price: Any = None  # medicsynth.llm.cost.ModelPrice of the model, when the price table has it
+    price_date: str | None = None
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, **counts: int) -> None:
@@ -256,6 +297,12 @@ class Usage:
                 "output_tokens": self.output_tokens,
                 "cached_input_tokens": self.cached_input_tokens,
                 "cached_output_tokens": self.cached_output_tokens,
+                "estimate": self.estimate,
+                "cost_usd": (
+                    None if self.price is None
+                    else round(self.price.usd(self.input_tokens, self.output_tokens), 6)
+                ),
+                "price_date": self.price_date,
                 "latency_s": {
                     "count": len(lat),
                     "mean": round(sum(lat) / len(lat), 4) if lat else None,
@@ -364,6 +411,49 @@ class _Failure(Exception):
         super().__init__(detail)
         self.reason = reason
         self.detail = detail
+        self.outcome = "none"  # for the gate: "fatal" (key/account/model) | "answer" | "none"
+
+
+def _is_model_answer(raw: RawResponse) -> bool:
+    """Whether ``raw`` is something a model produced (content, a refusal or at least a stop
+    reason), as opposed to an empty shell that must be neither used nor cached."""
+    return raw.finish_reason is not None or raw.text is not None or raw.data is not None or raw.refusal is not None
+
+
+def raise_if_failing(
+    results: Iterable[LLMResult],
+    max_failure_share: float,
+    provider: str,
+    model: str,
+    *,
+    what: str = "requests",
+    ignore: Iterable[str] = ("budget",),
+) -> float:
+    """The stage-level failure rule: raise if too many of a stage's requests failed.
+
+    Args:
+        results: the stage's :class:`LLMResult` list (from :meth:`LLMClient.run`).
+        max_failure_share: in [0, 1]; the stage fails when the failed share is above it.
+        provider, model: named in the message.
+        what: what the requests are, for the message ("zeroshot images", "relabel votes").
+        ignore: failure reasons left out of numerator and denominator (``budget``: a cap the
+            user set on purpose, reported in the metrics).
+
+    Returns the failed share (0.0 for no counted request). Raises :class:`LLMFailureShareError`
+    with counts by reason and the first (redacted) detail.
+    """
+    ignored = set(ignore)
+    counted = [r for r in results if r.ok or r.failure not in ignored]
+    failed = [r for r in counted if not r.ok]
+    share = len(failed) / len(counted) if counted else 0.0
+    if share > max_failure_share:
+        reasons = dict(sorted(Counter(r.failure for r in failed).items()))
+        raise LLMFailureShareError(redact(
+            f"{provider} model {model!r}: {len(failed)} of {len(counted)} {what} failed "
+            f"({share:.0%} > max_failure_share {max_failure_share:.0%}): {reasons}; first: "
+            f"{failed[0].failure}: {failed[0].detail[:200]}. Fix the cause (see docs/FAILURE_MODES.md) "
+            f"or raise max_failure_share.", env_secrets()))
+    return share
 
 
 # ------------------------------------------------------------------------------------------
@@ -381,6 +471,8 @@ class LLMClient:
             one built from ``config`` and the environment's API key (it should have
             ``max_retries=0``: retries are counted here).
         sleep: the function used to wait between retries (tests may pass a recorder).
+        prices: the dated price table (``llm.prices``); with it, :meth:`run` records a cost
+            estimate before sending and the actual cost in :attr:`usage`.
     """
 
     def __init__(
@@ -390,26 +482,49 @@ class LLMClient:
         *,
         sdk_client: Any | None = None,
         sleep: Callable[[float], None] = time.sleep,
+        prices: PriceTable | None = None,
     ) -> None:
         self.config = config
+        self.prices = prices
         self.cache = ResponseCache(cache_dir)
         self.provider = make_provider(config, sdk_client)
         self.usage = Usage()
+        if prices is not None:
+            self.usage.price, self.usage.price_date = prices.price(config.model), prices.date
         self._sleep = sleep
         self._rng = random.Random()
         self._budget_lock = threading.Lock()
         self._calls_reserved = 0
         self._inflight_lock = threading.Lock()
         self._inflight: dict[str, threading.Event] = {}
+        # Failures of this client's calls, by cache key: a duplicate shares them (never re-sent).
+        self._failed: dict[str, _Failure] = {}
+        # Probe gate and early stop (module docstring, "Stopping early").
+        self._gate = threading.Condition()
+        self._verified = False
+        self._probing = False
+        self._fatal_streak = 0
+        self._abort: str | None = None
+        self._secrets = tuple(s for s in (getattr(self.provider, "api_key", ""), *env_secrets()) if s)
 
     # -- public ---------------------------------------------------------------------------
 
     def run(self, requests: Iterable[LLMRequest], desc: str = "llm", progress: bool = True) -> list[LLMResult]:
-        """Process ``requests`` concurrently; results in request order."""
+        """Process ``requests`` concurrently; results in request order.
+
+        Raises :class:`LLMAbortError` (after the workers finish; answers received are cached)
+        when the client stopped early on key/account/model errors, and
+        :class:`medicsynth.llm.cost.LLMBudgetError` before sending anything when the estimated
+        cost is above ``budget_usd``.
+        """
         requests = list(requests)
         results: list[LLMResult | None] = [None] * len(requests)
         if not requests:
             return []
+        if self.prices is not None or self.config.budget_usd is not None:
+            estimate = estimate_requests(self, requests, self.prices)
+            self.usage.estimate = estimate.as_dict()
+            check_budget(estimate, self.config.budget_usd, self.budget_key)
         workers = min(self.config.concurrency, len(requests))
         failed = 0
         with (
@@ -432,7 +547,39 @@ class LLMClient:
         if failed:
             log.warning("%s: %d of %d requests failed: %s", desc, failed, len(requests),
                         dict(Counter(r.failure for r in results if r is not None and not r.ok)))
+        if self._abort is not None:
+            raise LLMAbortError(self._abort)
         return results  # type: ignore[return-value]
+
+    #: How messages name the cap (a stage may set e.g. ``"zeroshot.budget_usd"``).
+    budget_key = "budget_usd"
+
+    def cache_key_for(self, req: LLMRequest, prompt: str, image: EncodedImage | None) -> str:
+        """The cache key of sending ``prompt`` (the request's prompt or its fallback) with ``image``."""
+        cfg = self.config
+        return cache_key(
+            provider=cfg.provider,
+            model=cfg.model,
+            system=req.system,
+            prompt=prompt,
+            image_sha256=image.sha256 if image else None,
+            temperature=self.provider.temperature_sent,
+            max_tokens=cfg.max_tokens,
+            schema=req.schema,
+        )
+
+    @property
+    def aborted(self) -> str | None:
+        """Why the client stopped sending (redacted), or ``None``."""
+        return self._abort
+
+    def raise_if_failing(self, results: list[LLMResult], what: str = "requests") -> list[LLMResult]:
+        """:func:`raise_if_failing` with this client's provider, model and ``max_failure_share``;
+        returns ``results`` unchanged, so a stage wraps its call in one line:
+        ``results = client.raise_if_failing(client.run(requests), "relabel votes")``."""
+        cfg = self.config
+        raise_if_failing(results, cfg.max_failure_share, cfg.provider, cfg.model, what=what)
+        return results
 
     def process(self, req: LLMRequest) -> LLMResult:
         """Process one request (thread-safe); :meth:`run` calls this from its workers."""
@@ -442,6 +589,10 @@ class LLMClient:
         except _Failure as failure:
             result.ok, result.value = False, None
             result.failure, result.detail = failure.reason, failure.detail
+        # Provider error bodies may echo the key; nothing unredacted leaves the client.
+        result.detail = redact(result.detail, self._secrets)
+        if result.text is not None:
+            result.text = redact(result.text, self._secrets)
         self.usage.add_result(result)
         return result
 
@@ -462,13 +613,14 @@ class LLMClient:
         result.text = raw.text if raw.data is None else json.dumps(raw.data, ensure_ascii=False)
         if self._is_refusal(raw, req):
             raise _Failure("refusal", (raw.refusal or raw.text or "")[:300])
+        # OpenAI says "length", Anthropic "max_tokens": either way the answer may be cut short.
+        hint = " (output cut at max_tokens)" if raw.finish_reason in ("length", "max_tokens") else ""
         try:
             result.value = self._interpret(raw, req)
         except AnswerError as exc:
-            hint = " (output cut at max_tokens)" if raw.finish_reason in ("length", "max_tokens") else ""
-            raise _Failure(exc.reason, f"{exc}{hint}") from None
+            raise _Failure(exc.reason, f"{str(exc)[:300]}{hint}") from None
         except Exception as exc:  # noqa: BLE001 - the caller's validator decides what is invalid
-            raise _Failure("invalid_answer", f"{type(exc).__name__}: {exc}"[:300]) from None
+            raise _Failure("invalid_answer", f"{type(exc).__name__}: {exc}"[:300] + hint) from None
         result.ok = True
 
     def _is_refusal(self, raw: RawResponse, req: LLMRequest) -> bool:
@@ -499,32 +651,25 @@ class LLMClient:
     def _call(self, req: LLMRequest, prompt: str, image: EncodedImage | None, result: LLMResult) -> RawResponse:
         """One logical call: from the cache, else from the provider (then cached).
 
-        Identical calls in flight at once (MEDIC has byte-identical images under different
-        paths) are made once: later ones wait for the first and read its cached answer.
+        Identical calls (MEDIC has byte-identical images under different paths) are made once
+        per client: later ones wait for the first and read its cached answer, or share its
+        failure (a call that failed is not sent again by this client; a rerun tries again).
         """
-        cfg = self.config
-        key = cache_key(
-            provider=cfg.provider,
-            model=cfg.model,
-            system=req.system,
-            prompt=prompt,
-            image_sha256=image.sha256 if image else None,
-            temperature=self.provider.temperature_sent,
-            max_tokens=cfg.max_tokens,
-            schema=req.schema,
-        )
+        key = self.cache_key_for(req, prompt, image)
         while True:
             hit = self.cache.get(key)
             if hit is not None:
                 return self._cache_hit(hit, result)
             with self._inflight_lock:
+                failed = self._failed.get(key)
                 done = self._inflight.get(key)
-                owner = done is None
+                owner = done is None and failed is None
                 if owner:
                     done = self._inflight[key] = threading.Event()
+            if failed is not None:
+                raise _Failure(failed.reason, failed.detail)
             if not owner:
-                # If the first caller failed (nothing cached), the loop lets this one try.
-                done.wait()
+                done.wait()  # then: its answer is cached, or its failure recorded
                 continue
             try:
                 # The previous owner may have cached the answer just before this one registered.
@@ -532,6 +677,10 @@ class LLMClient:
                 if hit is not None:
                     return self._cache_hit(hit, result)
                 return self._call_api(key, req, prompt, image, result)
+            except _Failure as failure:
+                with self._inflight_lock:
+                    self._failed[key] = failure
+                raise
             finally:
                 with self._inflight_lock:
                     del self._inflight[key]
@@ -547,7 +696,56 @@ class LLMClient:
     def _call_api(
         self, key: str, req: LLMRequest, prompt: str, image: EncodedImage | None, result: LLMResult
     ) -> RawResponse:
-        """Budget, then the provider with retries; the answer is cached before returning."""
+        """Gate, budget, then the provider with retries; the answer is cached before returning."""
+        probe = self._enter_gate()
+        outcome, detail = "none", ""
+        try:
+            raw = self._attempts(key, req, prompt, image, result)
+            outcome = "answer"
+            return raw
+        except _Failure as failure:
+            outcome, detail = getattr(failure, "outcome", "none"), failure.detail
+            raise
+        finally:
+            self._leave_gate(probe, outcome, detail)
+
+    def _enter_gate(self) -> bool:
+        """Wait until this call may be sent; ``True`` when it is the probe. Raises when stopped."""
+        with self._gate:
+            while True:
+                if self._abort is not None:
+                    raise _Failure("aborted", f"not sent: {self._abort}")
+                if self._verified:
+                    return False
+                if not self._probing:
+                    self._probing = True
+                    return True
+                self._gate.wait()
+
+    def _leave_gate(self, probe: bool, outcome: str, detail: str) -> None:
+        """Record a call's outcome: ``answer`` opens the gate, ``fatal`` counts toward the stop."""
+        cfg = self.config
+        with self._gate:
+            if outcome == "fatal":
+                self._fatal_streak += 1
+                if cfg.abort_after is not None and self._fatal_streak >= cfg.abort_after and self._abort is None:
+                    self._abort = redact(
+                        f"{cfg.provider} model {cfg.model!r}: stopped after {self._fatal_streak} consecutive "
+                        f"errors about the API key, account or model, which every other request would get "
+                        f"too (last: {detail}). Check {API_KEY_ENV[cfg.provider]}, the model id and "
+                        f"base_url ({cfg.base_url or 'SDK default'}).",
+                        self._secrets,
+                    )
+            elif outcome == "answer":
+                self._fatal_streak = 0
+                self._verified = True
+            if probe:
+                self._probing = False
+            self._gate.notify_all()
+
+    def _attempts(
+        self, key: str, req: LLMRequest, prompt: str, image: EncodedImage | None, result: LLMResult
+    ) -> RawResponse:
         cfg = self.config
         self._reserve_budget()
         result.cached = False
@@ -560,6 +758,8 @@ class LLMClient:
                 raw = self.provider.call(
                     system=req.system, prompt=prompt, image=image, schema=req.schema, schema_name=req.schema_name
                 )
+                if not _is_model_answer(raw):
+                    raise TransientError("bad_response", "HTTP 200 but no content and no stop reason")
             except TransientError as exc:
                 if attempt == cfg.max_retries:
                     raise _Failure(
@@ -569,7 +769,10 @@ class LLMClient:
                 self.usage.add_retry(exc.reason)
                 continue
             except PermanentError as exc:
-                raise _Failure("api_error", f"{exc.reason}: {exc}"[:300]) from None
+                failure = _Failure("api_error", f"{exc.reason}: {exc}"[:300])
+                # A request-level error (e.g. 400) still shows that key and model work.
+                failure.outcome = "fatal" if exc.fatal else "answer"
+                raise failure from None
             # Cache first: from here on a kill loses nothing that was paid for.
             self.cache.put(
                 key,
@@ -626,9 +829,11 @@ def client_from_params(
     cache_dir: str | Path | None = None,
     *,
     sdk_client: Any | None = None,
+    prices: PriceTable | None = None,
 ) -> LLMClient:
     """An :class:`LLMClient` from params (``provider``, ``model``, ...); ``cache_dir`` defaults to
-    ``llm_params["cache_dir"]``, then :data:`DEFAULT_CACHE_DIR`."""
+    ``llm_params["cache_dir"]``, then :data:`DEFAULT_CACHE_DIR`. ``prices``: the dated price table
+    (:func:`medicsynth.llm.cost.price_table_from_params` of ``llm.prices``)."""
     if cache_dir is None:
         cache_dir = llm_params.get("cache_dir") or DEFAULT_CACHE_DIR
-    return LLMClient(config_from_params(llm_params), cache_dir, sdk_client=sdk_client)
+    return LLMClient(config_from_params(llm_params), cache_dir, sdk_client=sdk_client, prices=prices)

@@ -89,17 +89,30 @@ def validate_labels_answer(obj: Any, tasks: Iterable[str] = TASKS) -> dict[str, 
     return out
 
 
-@functools.lru_cache(maxsize=32)
-def _read_prompt(path: str) -> str:
+@functools.lru_cache(maxsize=64)
+def _read_prompt(path: str, mtime_ns: int, size: int) -> str:
+    # Keyed by modification time and size too, so an edited prompt is never served stale.
     return Path(path).read_text(encoding="utf-8").strip()
 
 
-def load_prompt(name: str, prompt_dir: str | Path = "prompts") -> str:
-    """Text of ``prompt_dir/name`` without surrounding whitespace; a clear error if missing."""
-    path = Path(prompt_dir) / name
-    if not path.is_file():
+def load_prompt(name: str | Path, prompt_dir: str | Path | None = "prompts") -> str:
+    """Text of a prompt file without surrounding whitespace; the project's one prompt reader.
+
+    Args:
+        name: file name inside ``prompt_dir``, or, with ``prompt_dir=None``, a path as given
+            (``load_prompt("prompts/judge_user.txt", None)``).
+        prompt_dir: directory of the version-controlled prompts; ``None`` to read ``name`` as a path.
+
+    Raises :class:`FileNotFoundError` naming the path when the file is missing.
+    """
+    path = Path(name) if prompt_dir is None else Path(prompt_dir) / name
+    try:
+        stat = path.stat()
+    except OSError:
+        stat = None
+    if stat is None or not path.is_file():
         raise FileNotFoundError(f"prompt file {path} not found")
-    return _read_prompt(str(path))
+    return _read_prompt(str(path), stat.st_mtime_ns, stat.st_size)
 
 
 def with_refusal_preface(prompt: str, prompt_dir: str | Path = "prompts") -> str:

@@ -5,7 +5,16 @@ reduces the SDK's answer to a :class:`~medicsynth.llm.cache.RawResponse`, or rai
 
 - :class:`TransientError` for what a retry may fix (429, 408, 409, 5xx, timeouts, connection
   errors, an unparseable response body), carrying the server's ``Retry-After`` when given;
-- :class:`PermanentError` for what it will not (other 4xx such as a bad request or a bad key).
+- :class:`PermanentError` for what it will not (other 4xx such as a bad request or a bad key);
+  ``fatal`` marks those that concern the account or the model rather than the request (401, 402,
+  403, 404, a missing key), so every other request would fail the same way.
+
+A 200 whose body is not a model answer (a proxy's HTML page, a JSON list, an Anthropic
+``{"type": "error"}`` object, a message without content and stop reason) is a
+:class:`TransientError` (``bad_response``) for both providers: retried, never cached.
+
+Each SDK call is one attempt with a total deadline of ``timeout_s`` (connect, send and the whole
+response, :mod:`medicsynth.llm.transport`), not only a per-read timeout.
 
 The SDK clients are built with ``max_retries=0``: retries, backoff and their accounting belong to
 :class:`medicsynth.llm.client.LLMClient`, so counts are ours and testable.
@@ -29,6 +38,7 @@ Notes on the installed SDK versions:
 from __future__ import annotations
 
 import base64
+import contextlib
 import email.utils
 import hashlib
 import io
@@ -43,6 +53,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 
 from medicsynth.images import to_rgb
 from medicsynth.llm.cache import RawResponse
+from medicsynth.llm.transport import DeadlineTransport, attempt_deadline, proxy_configured
 
 PROVIDERS: tuple[str, ...] = ("openai", "anthropic")
 API_KEY_ENV: dict[str, str] = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}
@@ -51,6 +62,8 @@ API_KEY_ENV: dict[str, str] = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROP
 # GIF is excluded on purpose: OpenAI rejects animated GIFs and MEDIC has GIFs named .jpg.
 _PASSTHROUGH = {"JPEG": "image/jpeg", "PNG": "image/png", "WEBP": "image/webp"}
 _RETRYABLE_STATUS = {408, 409, 429}
+# Errors about the key, the account or the model (not the request): every request gets them.
+_FATAL_STATUS = {401, 402, 403, 404}
 _PLAIN_MODES = {"RGB", "L", "RGBA", "LA", "P"}
 _EXIF_ORIENTATION = 0x0112
 
@@ -72,7 +85,15 @@ class TransientError(ProviderError):
 
 
 class PermanentError(ProviderError):
-    """A failure a retry will not fix (bad request, authentication, not found...)."""
+    """A failure a retry will not fix (bad request, authentication, not found...).
+
+    ``fatal`` is true when it concerns the key, account or model (HTTP 401/402/403/404, no key),
+    so that no other request can succeed either.
+    """
+
+    def __init__(self, reason: str, message: str, fatal: bool = False) -> None:
+        super().__init__(reason, message)
+        self.fatal = fatal
 
 
 class ImageError(ValueError):
@@ -181,7 +202,7 @@ def _classify_sdk_error(exc: Exception, sdk: Any) -> ProviderError | None:
         if status in _RETRYABLE_STATUS or status >= 500:
             reason = "rate_limit" if status == 429 else "server_error"
             return TransientError(reason, message, parse_retry_after(exc.response.headers))
-        return PermanentError(f"http_{status}", message)
+        return PermanentError(f"http_{status}", message, fatal=status in _FATAL_STATUS)
     if isinstance(exc, (json.JSONDecodeError, sdk.APIResponseValidationError)):
         # The SDKs raise JSONDecodeError on a 200 whose body is not JSON (e.g. cut by a proxy).
         return TransientError("bad_response", f"unparseable response body: {exc}")
@@ -201,8 +222,28 @@ def _api_key(provider: str) -> str:
     env = API_KEY_ENV[provider]
     key = os.environ.get(env, "")
     if not key:
-        raise PermanentError("no_api_key", f"{env} is not set in the environment")
+        raise PermanentError("no_api_key", f"{env} is not set in the environment", fatal=True)
     return key
+
+
+def _http_client(sdk: Any) -> Any | None:
+    """The SDK's default HTTP client with a per-attempt deadline transport; ``None`` (the SDK's
+    own client, per-read timeouts only) when an environment proxy must be honoured."""
+    if proxy_configured():
+        return None
+    return sdk.DefaultHttpxClient(transport=DeadlineTransport(sdk.DEFAULT_CONNECTION_LIMITS))
+
+
+def _bad_response(what: str) -> TransientError:
+    return TransientError("bad_response", f"HTTP 200 but not a model answer: {what}"[:300])
+
+
+def _describe_body(resp: Any) -> str:
+    """A short description of an unexpected response object (type and start of its text)."""
+    if isinstance(resp, (str, bytes)):
+        head = resp[:80] if isinstance(resp, str) else resp[:80].decode("utf-8", "replace")
+        return f"{type(resp).__name__} body {head!r}"
+    return f"{type(resp).__name__} body"
 
 
 # ------------------------------------------------------------------------------------------
@@ -215,7 +256,9 @@ class OpenAIProvider:
 
     name = "openai"
 
-    def __init__(self, model: str, *, temperature: float, max_tokens: int, sdk_client: Any) -> None:
+    def __init__(
+        self, model: str, *, temperature: float, max_tokens: int, sdk_client: Any, timeout_s: float | None = None
+    ) -> None:
         import openai
 
         self._sdk = openai
@@ -223,6 +266,12 @@ class OpenAIProvider:
         self.temperature = temperature
         self.max_tokens = max_tokens
         self.client = sdk_client
+        self.timeout_s = timeout_s
+
+    @property
+    def api_key(self) -> str:
+        """The key the SDK client sends (for redaction only; never logged or stored)."""
+        return str(getattr(self.client, "api_key", "") or "")
 
     @classmethod
     def from_config(cls, config: Any) -> OpenAIProvider:
@@ -233,8 +282,10 @@ class OpenAIProvider:
             base_url=config.base_url,
             timeout=config.timeout_s,
             max_retries=0,
+            http_client=_http_client(openai),
         )
-        return cls(config.model, temperature=config.temperature, max_tokens=config.max_tokens, sdk_client=client)
+        return cls(config.model, temperature=config.temperature, max_tokens=config.max_tokens, sdk_client=client,
+                   timeout_s=config.timeout_s)
 
     @property
     def temperature_sent(self) -> float | None:
@@ -264,34 +315,41 @@ class OpenAIProvider:
                 "json_schema": {"name": schema_name, "schema": schema, "strict": True},
             }
         try:
-            resp = self.client.chat.completions.create(
-                model=self.model,
-                messages=messages,
-                temperature=self.temperature,
-                max_completion_tokens=self.max_tokens,
-                **kwargs,
-            )
+            with attempt_deadline(self.timeout_s) if self.timeout_s else contextlib.nullcontext():
+                resp = self.client.chat.completions.create(
+                    model=self.model,
+                    messages=messages,
+                    temperature=self.temperature,
+                    max_completion_tokens=self.max_tokens,
+                    **kwargs,
+                )
         except Exception as exc:  # noqa: BLE001 - classified, or re-raised untouched
             err = _classify_sdk_error(exc, self._sdk)
             if err is None:
                 raise
             raise err from None
-        if not getattr(resp, "choices", None):
-            raise TransientError("bad_response", "response has no choices")
-        choice = resp.choices[0]
-        msg = choice.message
-        refusal = msg.refusal or None
-        if refusal is None and choice.finish_reason == "content_filter":
-            refusal = "finish_reason=content_filter"
-        usage = resp.usage
-        return RawResponse(
-            text=msg.content,
-            data=None,
-            refusal=refusal,
-            finish_reason=choice.finish_reason,
-            input_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
-            output_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
-        )
+        if not isinstance(resp, self._sdk.types.chat.ChatCompletion) or not getattr(resp, "choices", None):
+            raise _bad_response(f"{_describe_body(resp)} has no choices")
+        try:
+            choice = resp.choices[0]
+            msg = choice.message
+            refusal = msg.refusal or None
+            if refusal is None and choice.finish_reason == "content_filter":
+                refusal = "finish_reason=content_filter"
+            text = msg.content
+            if text is not None and not isinstance(text, str):
+                raise TypeError(f"message content is {type(text).__name__}")
+            usage = resp.usage
+            return RawResponse(
+                text=text,
+                data=None,
+                refusal=refusal,
+                finish_reason=choice.finish_reason,
+                input_tokens=int(getattr(usage, "prompt_tokens", 0) or 0),
+                output_tokens=int(getattr(usage, "completion_tokens", 0) or 0),
+            )
+        except (AttributeError, TypeError, ValueError, IndexError) as exc:
+            raise _bad_response(f"malformed chat completion ({type(exc).__name__}: {exc})") from None
 
 
 class AnthropicProvider:
@@ -299,13 +357,19 @@ class AnthropicProvider:
 
     name = "anthropic"
 
-    def __init__(self, model: str, *, max_tokens: int, sdk_client: Any) -> None:
+    def __init__(self, model: str, *, max_tokens: int, sdk_client: Any, timeout_s: float | None = None) -> None:
         import anthropic
 
         self._sdk = anthropic
         self.model = model
         self.max_tokens = max_tokens
         self.client = sdk_client
+        self.timeout_s = timeout_s
+
+    @property
+    def api_key(self) -> str:
+        """The key the SDK client sends (for redaction only; never logged or stored)."""
+        return str(getattr(self.client, "api_key", "") or "")
 
     @classmethod
     def from_config(cls, config: Any) -> AnthropicProvider:
@@ -316,8 +380,9 @@ class AnthropicProvider:
             base_url=config.base_url,
             timeout=config.timeout_s,
             max_retries=0,
+            http_client=_http_client(anthropic),
         )
-        return cls(config.model, max_tokens=config.max_tokens, sdk_client=client)
+        return cls(config.model, max_tokens=config.max_tokens, sdk_client=client, timeout_s=config.timeout_s)
 
     @property
     def temperature_sent(self) -> float | None:
@@ -352,20 +417,37 @@ class AnthropicProvider:
             ]
             kwargs["tool_choice"] = {"type": "tool", "name": schema_name}
         try:
-            resp = self.client.messages.create(
-                model=self.model,
-                max_tokens=self.max_tokens,
-                messages=[{"role": "user", "content": content}],
-                **kwargs,
-            )
+            with attempt_deadline(self.timeout_s) if self.timeout_s else contextlib.nullcontext():
+                resp = self.client.messages.create(
+                    model=self.model,
+                    max_tokens=self.max_tokens,
+                    messages=[{"role": "user", "content": content}],
+                    **kwargs,
+                )
         except Exception as exc:  # noqa: BLE001 - classified, or re-raised untouched
             err = _classify_sdk_error(exc, self._sdk)
             if err is None:
                 raise
             raise err from None
+        # The SDK hands back whatever a 200 carried (a str for an HTML page, a list, a Message
+        # built without validation from {"type": "error", ...}); only a real Message is an answer.
+        if not isinstance(resp, self._sdk.types.Message):
+            raise _bad_response(_describe_body(resp))
+        if getattr(resp, "type", None) != "message":
+            error = getattr(resp, "error", None) or (resp.model_extra or {}).get("error")
+            message = error.get("message") if isinstance(error, dict) else getattr(error, "message", None)
+            raise _bad_response(f"body of type {getattr(resp, 'type', None)!r}: {message or 'no message'}")
+        if not isinstance(resp.content, list) or resp.stop_reason is None:
+            raise _bad_response("message without content list or stop_reason")
+        try:
+            return self._reduce(resp, schema, schema_name)
+        except (AttributeError, TypeError, ValueError) as exc:
+            raise _bad_response(f"malformed message ({type(exc).__name__}: {exc})") from None
+
+    def _reduce(self, resp: Any, schema: dict[str, Any] | None, schema_name: str) -> RawResponse:
         texts: list[str] = []
         data: dict[str, Any] | None = None
-        for block in resp.content or []:
+        for block in resp.content:
             kind = getattr(block, "type", None)
             if kind == "text":
                 texts.append(block.text)
@@ -392,10 +474,13 @@ def make_provider(config: Any, sdk_client: Any | None = None) -> OpenAIProvider 
         if sdk_client is None:
             return OpenAIProvider.from_config(config)
         return OpenAIProvider(
-            config.model, temperature=config.temperature, max_tokens=config.max_tokens, sdk_client=sdk_client
+            config.model, temperature=config.temperature, max_tokens=config.max_tokens, sdk_client=sdk_client,
+            timeout_s=config.timeout_s,
         )
     if config.provider == "anthropic":
         if sdk_client is None:
             return AnthropicProvider.from_config(config)
-        return AnthropicProvider(config.model, max_tokens=config.max_tokens, sdk_client=sdk_client)
+        return AnthropicProvider(
+            config.model, max_tokens=config.max_tokens, sdk_client=sdk_client, timeout_s=config.timeout_s
+        )
     raise ValueError(f"unknown provider {config.provider!r}; expected one of {', '.join(PROVIDERS)}")
