@@ -15,13 +15,15 @@ from tests.e2e_helpers import make_repo_copy, run
 
 TASKS = ("damage_severity", "informative", "humanitarian", "disaster_types")
 VARIANTS = ("original", "relabelled", "augmented", "oversampled", "classic_aug")
-SEEDS = (0, 1)  # tests/e2e_helpers.py TINY_PARAMS
+SEEDS = (0,)  # tests/e2e_helpers.py TINY_PARAMS
+# The whole tiny pipeline takes minutes on a quiet 2-core machine; the limit only stops a hung run.
+REPRO_TIMEOUT = 3600
 
 
 @pytest.fixture(scope="module")
 def pipeline_repo(tmp_path_factory):
     repo = make_repo_copy(tmp_path_factory.mktemp("pipeline"))
-    run(["dvc", "repro"], repo)
+    run(["dvc", "repro"], repo, timeout=REPRO_TIMEOUT)
     run(["git", "add", "-A"], repo)
     run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "pipeline run"], repo)
     return repo
@@ -64,7 +66,7 @@ def test_repro_writes_declared_outputs(pipeline_repo):
     assert "two-way bootstrap" in md and "## Verdicts" in md and "oversampled" in md and "classic_aug" in md
     shown = run(["dvc", "metrics", "show"], repo).stdout
     assert "mean_macro_f1" in shown
-    assert all(f"{v}-small_cnn-s1" in shown for v in VARIANTS)
+    assert all(f"{v}-small_cnn-s0" in shown for v in VARIANTS)
 
 
 def test_second_repro_is_a_noop(pipeline_repo):
@@ -76,7 +78,7 @@ def test_second_repro_is_a_noop(pipeline_repo):
 def test_exp_run_mix_ratio_reruns_only_downstream_stages(pipeline_repo):
     # The tiny pool holds ~24 images: a ratio below the default's share changes the augmented set
     # (a larger one would be capped at the same 24 images, and DVC would rightly stop at merge).
-    out = run(["dvc", "exp", "run", "-S", "mix_ratio=0.02"], pipeline_repo).stdout
+    out = run(["dvc", "exp", "run", "-S", "mix_ratio=0.02"], pipeline_repo, timeout=REPRO_TIMEOUT).stdout
     # The oversampled baseline follows the augmented set; classic_aug's rows do not change.
     assert ran_stages(out) == {"merge", "baselines", "compare"} | {
         f"{stage}@{v}-small_cnn-{s}" for stage in ("train", "evaluate") for v in ("augmented", "oversampled")
@@ -94,8 +96,9 @@ def test_exp_run_new_seed_reruns_only_its_trainings_and_compare(pipeline_repo):
     run(["git", "checkout", "--", "."], pipeline_repo)
     run(["dvc", "checkout", "--force"], pipeline_repo)
     assert ran_stages(run(["dvc", "repro", "--dry"], pipeline_repo).stdout) == set()
-    out = run(["dvc", "exp", "run", "-S", "train.seeds=[0,1,2]"], pipeline_repo).stdout
-    new = {f"{stage}@{v}-small_cnn-2" for stage in ("train", "evaluate") for v in VARIANTS}
-    assert ran_stages(out) == new | {"compare"}
+    out = run(["dvc", "exp", "run", "-S", "train.seeds=[0,1]"], pipeline_repo, timeout=REPRO_TIMEOUT).stdout
+    new = {f"{stage}@{v}-small_cnn-1" for stage in ("train", "evaluate") for v in VARIANTS}
+    assert ran_stages(out) == new | {"compare"}  # nothing upstream: relabel reads relabel.model only
     compare = json.loads((pipeline_repo / "metrics/compare.json").read_text())
-    assert compare["seeds"] == [0, 1, 2]
+    assert compare["seeds"] == [0, 1]
+    assert set(compare["mean_macro_f1"]["augmented"]["per_seed"]) == {"0", "1"}
