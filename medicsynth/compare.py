@@ -488,7 +488,7 @@ def _intro(result: Mapping[str, Any]) -> list[str]:
     pct = f"{result['ci'] * 100:g}%"
     lines = [
         f"Test set: {result['n_test']} images with their **original** labels. Every variant is trained "
-        f"with seeds {', '.join(map(str, result['seeds']))}; a score is the mean over seeds ± the sd over "
+        f"with seed{'s' if len(result['seeds']) > 1 else ''} {', '.join(map(str, result['seeds']))}; a score is the mean over seeds ± the sd over "
         f"seeds, with a {pct} interval. Intervals come from a {result['method']}, {result['n_boot']} "
         f"resamples (bootstrap seed {result['seed']}), so they include both seed and test-sample variance. "
         f"Differences are variant − {result['baseline']} (mean over seeds of the per-seed difference); "
