@@ -1,21 +1,31 @@
-"""Compare dataset variants (original, relabelled, augmented...) on the ORIGINAL test labels.
+"""Compare dataset variants over training seeds, on the ORIGINAL test labels.
 
-Input: one predictions TSV per variant (the evaluate stage writes
-``data/predictions/{variant}-{arch}/test.tsv``) with ``image_path``, and per task
+Input: one predictions TSV per variant and training seed (the evaluate stage writes
+``data/predictions/{variant}-{arch}-s{seed}/test.tsv``) with ``image_path``, and per task
 ``{task}_true`` (original test label), ``{task}_pred`` (predicted class name) and optionally
 ``{task}_prob_{class}`` for every class of the task.
 
-Every variant is scored on the same test images with the same labels, and all variants and tasks
-share one set of paired bootstrap resamples of the test images
-(:func:`medicsynth.metrics.joint_bootstrap_confusions`). So the interval of
-"augmented − original" reflects the uncertainty of the difference itself, and the interval of the
-mean macro-F1 over tasks is valid too. A difference is flagged ``significant`` when its interval
-excludes 0; with 4 tasks × up to 7 classes × 2 differences many intervals are read at once, so a
-few "significant" per-class flags are expected by chance alone (no multiplicity correction).
+A variant's score is the mean over its training seeds (reported with the sd over seeds). The
+uncertainty of a score, and of a difference ``variant − original``, has two sources: which seeds
+were trained and which test images were drawn. Both are resampled by a **two-way (crossed)
+bootstrap**: each of ``n_boot`` resamples draws ``S`` seeds with replacement from the ``S``
+trained ones and ``n`` test images with replacement from the ``n`` test images; every variant
+and task is scored on the same seed draw and the same image draw (paired), a variant's value is
+its mean over the drawn seeds. Seeds pair by their number: seed ``s`` of every variant started
+from the same initial weights. The draws are indices from ``numpy.random.default_rng`` that depend
+only on ``(seed, S, n, n_boot)``, never on predictions: adding or rescoring one variant leaves
+every other variant's intervals exactly as they were.
+
+A difference gets a plain verdict from its percentile interval: ``better`` (interval above 0),
+``worse`` (below 0) or ``no evidence``. With 4 tasks × several minority classes × 4 differences
+many intervals are read at once, so a few verdicts other than "no evidence" are expected by
+chance alone (no multiplicity correction). With few seeds, resampling them understates the
+seed variance by a factor ``(S − 1) / S``; read intervals from 3 seeds as optimistic.
 
 Minority classes are those whose share in the original training manifest is below
-``minority_share``; they are highlighted in the Markdown report and the plots, because a
-variant that lifts macro-F1 by helping majority classes is not what the project is after.
+``minority_share``; they are highlighted in the Markdown report and the plots, and get their
+own verdict table, because a variant that lifts macro-F1 by helping majority classes is not what
+the project is after.
 """
 
 from __future__ import annotations
@@ -38,8 +48,12 @@ from medicsynth.metrics import (
     summarise_diff,
     task_report,
 )
+from medicsynth.plots import plot_compare, plot_compare_diffs
 
 MINORITY_MARK = "★"
+VERDICTS: tuple[str, ...] = ("better", "no evidence", "worse")
+METHOD = ("two-way bootstrap: each resample draws the training seeds and the test images with "
+          "replacement, the same draws for every variant and task (paired)")
 
 
 class PredictionsError(ValueError):
@@ -182,13 +196,199 @@ def _check_same_truth(baseline: Predictions, other: Predictions, task: str) -> N
         )
 
 
-def _interval(value: float, boot: np.ndarray, alpha: float) -> dict[str, float]:
+
+def verdict(diff: Mapping[str, Any]) -> str:
+    """``better`` / ``worse`` when the interval of a difference lies above / below 0, else ``no evidence``."""
+    if diff.get("low") is None:
+        return "no evidence"
+    if diff["low"] > 0:
+        return "better"
+    if diff["high"] < 0:
+        return "worse"
+    return "no evidence"
+
+
+def seed_draws(n_seeds: int, n_boot: int, seed: int) -> np.ndarray:
+    """``(n_boot, n_seeds)`` seed positions drawn with replacement; depends only on the arguments.
+
+    Drawn from ``numpy.random.default_rng([seed, 1])``, a stream separate from the test-image
+    draws of :func:`medicsynth.metrics.joint_bootstrap_confusions` (``default_rng(seed)``).
+    """
+    if n_seeds < 1:
+        raise ValueError("need at least one training seed")
+    return np.random.default_rng([seed, 1]).integers(0, n_seeds, size=(n_boot, n_seeds))
+
+
+def _mean_over_drawn_seeds(values: np.ndarray, draws: np.ndarray) -> np.ndarray:
+    """``values`` ``(B, V, S, ...)`` averaged over the seeds each resample drew: ``(B, V, ...)``."""
+    b, v = values.shape[:2]
+    picked = values[np.arange(b)[:, None, None], np.arange(v)[None, :, None], draws[:, None, :]]
+    return np.nanmean(picked, axis=2) if np.isnan(picked).any() else picked.mean(axis=2)
+
+
+def _score(per_seed: np.ndarray, boot: np.ndarray, alpha: float, seeds: Sequence[int]) -> dict[str, Any]:
+    """``{"mean", "sd", "low", "high", "per_seed"}`` of one variant: ``per_seed`` ``(S,)``, ``boot`` ``(B,)``."""
     low, high = percentile_ci(boot, alpha)
-    return {"value": float(value), "low": low, "high": high}
+    return {"mean": float(per_seed.mean()),
+            "sd": float(per_seed.std(ddof=1)) if len(per_seed) > 1 else 0.0,
+            "low": low, "high": high,
+            "per_seed": {str(s): float(x) for s, x in zip(seeds, per_seed)}}
+
+
+def _diff(per_seed: np.ndarray, boot: np.ndarray, alpha: float) -> dict[str, Any]:
+    """A difference's mean over seeds, interval, p-value and verdict (``per_seed`` ``(S,)``)."""
+    out = summarise_diff(float(per_seed.mean()), boot, alpha)
+    out["verdict"] = verdict(out)
+    return out
+
+
+# --------------------------------------------------------------------------------------------
+# Steps of compare_variants
+# --------------------------------------------------------------------------------------------
+
+
+def check_runs(runs: Mapping[str, Sequence[Predictions]], baseline: str) -> tuple[list[str], list[str], list[Predictions]]:
+    """Step 1: validate and align the runs; returns ``(variants, tasks, flat)``.
+
+    ``runs`` maps each variant to its predictions, one per training seed, every variant with
+    the same number of seeds. ``variants`` starts with ``baseline``; ``flat`` lists the runs
+    variant by variant (``V × S``), rows aligned on the baseline's first run by ``image_path``.
+    ``tasks`` are the tasks every run predicts. Raises :class:`PredictionsError` for a missing
+    baseline, a run on other images or with other test labels, or no common task.
+    """
+    if baseline not in runs:
+        raise PredictionsError(f"baseline variant {baseline!r} has no predictions")
+    variants = [baseline] + [v for v in runs if v != baseline]
+    n_seeds = {v: len(runs[v]) for v in variants}
+    if len(set(n_seeds.values())) != 1 or not n_seeds[baseline]:
+        raise ValueError(f"every variant needs the same, non-zero number of seeds; got {n_seeds}")
+    ref = runs[baseline][0]
+    flat = [ref] + [_align(ref, p) for v in variants for p in runs[v]][1:]
+    tasks = [t for t in ref.tasks if all(t in p.y_true for p in flat)]
+    if not tasks:
+        raise PredictionsError("no task is predicted by every variant")
+    for t in tasks:
+        for p in flat[1:]:
+            _check_same_truth(ref, p, t)
+    return variants, tasks, flat
+
+
+def bootstrap_task_metrics(flat: Sequence[Predictions], tasks: Sequence[str], n_variants: int, n_boot: int,
+                           seed: int) -> list[dict[str, np.ndarray]]:
+    """Step 2: per task, resampled metrics averaged over the drawn seeds.
+
+    Every run is scored on the same ``n_boot`` test-image draws
+    (:func:`medicsynth.metrics.joint_bootstrap_confusions`); then each resample averages each
+    variant over its seed draw (:func:`seed_draws`). Returns per task
+    ``{"macro_f1": (B, V), "accuracy": (B, V), "f1": (B, V, C)}``.
+    """
+    n_seeds = len(flat) // n_variants
+    cms = joint_bootstrap_confusions(
+        [flat[0].y_true[t] for t in tasks], [[p.y_pred[t] for p in flat] for t in tasks],
+        [len(CLASSES[t]) for t in tasks], n_boot=n_boot, seed=seed,
+    )
+    draws = seed_draws(n_seeds, n_boot, seed)
+    out = []
+    for t, cm in zip(tasks, cms):
+        m = metrics_from_confusion(cm)  # (B, V*S[, C])
+        out.append({
+            key: _mean_over_drawn_seeds(m[key].reshape(n_boot, n_variants, n_seeds, *m[key].shape[2:]), draws)
+            for key in ("macro_f1", "accuracy", "f1")
+        })
+    return out
+
+
+def point_task_metrics(flat: Sequence[Predictions], tasks: Sequence[str], n_variants: int) -> list[dict[str, Any]]:
+    """Step 3: per task, each run's metrics on the full test set.
+
+    Returns per task ``{"macro_f1": (V, S), "accuracy": (V, S), "f1": (V, S, C), "ece": {variant
+    index: (S,)} (variants whose every run has probabilities), "support": {class: n}}``.
+    """
+    n_seeds = len(flat) // n_variants
+    out = []
+    for t in tasks:
+        reports = [task_report(flat[0].y_true[t], p.y_pred[t], CLASSES[t], p.probs.get(t)) for p in flat]
+        shape = (n_variants, n_seeds)
+        # ECE of the variants whose every seed has probabilities: {variant index: (S,)}.
+        ece = {k: np.array([r["ece"] for r in reports[k * n_seeds:(k + 1) * n_seeds]]) for k in range(n_variants)
+               if all("ece" in r for r in reports[k * n_seeds:(k + 1) * n_seeds])}
+        out.append({
+            "macro_f1": np.array([r["macro_f1"] for r in reports]).reshape(shape),
+            "accuracy": np.array([r["accuracy"] for r in reports]).reshape(shape),
+            "f1": np.array([[r["per_class"][c]["f1"] for c in CLASSES[t]] for r in reports]).reshape(*shape, -1),
+            "ece": ece,
+            "support": {c: reports[0]["per_class"][c]["support"] for c in CLASSES[t]},
+        })
+    return out
+
+
+def task_table(task: str, variants: Sequence[str], seeds: Sequence[int], point: Mapping[str, Any],
+               boot: Mapping[str, np.ndarray], alpha: float, minority: set[str],
+               shares: Mapping[str, Mapping[str, float]] | None) -> dict[str, Any]:
+    """Step 4: one task's entry: per-variant scores, per-class F1, differences to the baseline.
+
+    ``{"macro_f1": {v: score}, "accuracy": {v: score}, "ece": {v: mean}, "classes": {c: {"support",
+    "train_share", "minority", "f1": {v: score}}}, "diff": {"<v>-<base>": {"macro_f1": diff,
+    "accuracy": diff, "per_class_f1": {c: diff}}}}`` where a score is :func:`_score` and a diff
+    :func:`_diff`. A class without test samples has no interval and the verdict ``no evidence``.
+    """
+    entry: dict[str, Any] = {
+        key: {v: _score(point[key][k], boot[key][:, k], alpha, seeds) for k, v in enumerate(variants)}
+        for key in ("macro_f1", "accuracy")
+    }
+    if point["ece"]:
+        entry["ece"] = {v: float(point["ece"][k].mean()) for k, v in enumerate(variants) if k in point["ece"]}
+    support = point["support"]
+    entry["classes"] = {
+        c: {"support": support[c], "train_share": float(shares[task][c]) if shares else None,
+            "minority": c in minority,
+            "f1": {v: _score(point["f1"][k, :, j], boot["f1"][:, k, j], alpha, seeds) for k, v in enumerate(variants)}}
+        for j, c in enumerate(CLASSES[task])
+    }
+    diffs = {}
+    for k, v in enumerate(variants[1:], start=1):
+        per_class = {}
+        for j, c in enumerate(CLASSES[task]):
+            d = point["f1"][k, :, j] - point["f1"][0, :, j]
+            per_class[c] = (_diff(d, boot["f1"][:, k, j] - boot["f1"][:, 0, j], alpha) if support[c]
+                            else {"diff": float(d.mean()), "low": None, "high": None, "p_value": None,
+                                  "significant": False, "verdict": "no evidence"})
+        diffs[f"{v}-{variants[0]}"] = {
+            key: _diff(point[key][k] - point[key][0], boot[key][:, k] - boot[key][:, 0], alpha)
+            for key in ("macro_f1", "accuracy")
+        } | {"per_class_f1": per_class}
+    entry["diff"] = diffs
+    return entry
+
+
+def mean_over_tasks(variants: Sequence[str], seeds: Sequence[int], points: Sequence[Mapping[str, Any]],
+                    boots: Sequence[Mapping[str, np.ndarray]], alpha: float) -> tuple[dict, dict]:
+    """Step 5: ``(scores, diffs)`` of the mean macro-F1 over tasks (resample by resample)."""
+    point = np.mean([p["macro_f1"] for p in points], axis=0)  # (V, S)
+    boot = np.mean([b["macro_f1"] for b in boots], axis=0)  # (B, V)
+    scores = {v: _score(point[k], boot[:, k], alpha, seeds) for k, v in enumerate(variants)}
+    diffs = {f"{v}-{variants[0]}": _diff(point[k] - point[0], boot[:, k] - boot[:, 0], alpha)
+             for k, v in enumerate(variants[1:], start=1)}
+    return scores, diffs
+
+
+def verdict_table(result_tasks: Mapping[str, Any], mean_diff: Mapping[str, Any]) -> dict[str, Any]:
+    """Step 6: per difference, the verdicts on mean macro-F1, each task and each minority class."""
+    out = {}
+    for key, d in mean_diff.items():
+        out[key] = {
+            "mean_macro_f1": d["verdict"],
+            "tasks": {t: e["diff"][key]["macro_f1"]["verdict"] for t, e in result_tasks.items()},
+            "minority_classes": {f"{t}/{c}": e["diff"][key]["per_class_f1"][c]["verdict"]
+                                 for t, e in result_tasks.items() for c, info in e["classes"].items()
+                                 if info["minority"]},
+        }
+    return out
 
 
 def compare_variants(
-    predictions: Sequence[Predictions],
+    runs: Mapping[str, Sequence[Predictions]],
+    seeds: Sequence[int],
     *,
     baseline: str = "original",
     shares: Mapping[str, Mapping[str, float]] | None = None,
@@ -197,141 +397,63 @@ def compare_variants(
     seed: int = 0,
     ci: float = 0.95,
 ) -> dict[str, Any]:
-    """Per-task and per-class comparison of variants with paired bootstrap intervals.
+    """Per-task and per-class comparison of variants over training seeds, with two-way bootstrap intervals.
 
     Args:
-        predictions: one :class:`Predictions` per variant; ``baseline`` must be among them.
-        baseline: the variant the differences are taken against (``variant - baseline``).
+        runs: ``{variant: [Predictions per training seed]}``, seeds in the order of ``seeds``,
+            the same seeds for every variant; ``baseline`` must be among the variants.
+        seeds: the training seeds (labels of the per-seed values).
+        baseline: the variant the differences are taken against (``variant − baseline``).
         shares: training class shares (:func:`train_shares`) that define minority classes;
             ``None`` marks no class as minority.
         minority_share: a class with training share below this is a minority class.
-        n_boot, seed: paired bootstrap resamples of the test images and their seed.
+        n_boot, seed: two-way bootstrap resamples and their seed (see the module docstring).
         ci: confidence level of the percentile intervals.
 
     Returns:
         A JSON-ready dict::
 
-            {"baseline", "variants": [...], "n_test", "n_boot", "seed", "ci", "minority_share",
-             "notes": [...],
-             "mean_macro_f1": {variant: {"value", "low", "high"}},
-             "mean_macro_f1_diff": {"<v>-<baseline>": {"diff", "low", "high", "p_value",
-                                                       "significant"}},
-             "tasks": {task: {
-                 "macro_f1": {variant: {"value", "low", "high"}},
-                 "accuracy": {variant: {...}},
-                 "ece": {variant: float}            # variants with probabilities only
-                 "classes": {class: {"support", "train_share", "minority",
-                                     "f1": {variant: {"value", "low", "high"}}}},
-                 "diff": {"<v>-<baseline>": {"macro_f1": {...}, "accuracy": {...},
-                                             "per_class_f1": {class: {...}}}}}}}
+            {"baseline", "variants", "seeds", "tasks_compared", "n_test", "n_boot", "seed", "ci",
+             "method", "minority_share", "notes",
+             "mean_macro_f1": {variant: score},
+             "mean_macro_f1_diff": {"<v>-<baseline>": diff},
+             "tasks": {task: see task_table},
+             "verdicts": {"<v>-<baseline>": {"mean_macro_f1", "tasks": {task: verdict},
+                                              "minority_classes": {"task/class": verdict}}}}
 
-        ``train_share`` is ``None`` without ``shares``. Per-class differences of a class with
-        no test sample have ``None`` bounds and are never significant.
+        A score is ``{"mean", "sd", "low", "high", "per_seed": {seed: value}}`` (mean and sd over
+        seeds, two-way bootstrap interval); a diff is ``{"diff", "low", "high", "p_value",
+        "significant", "verdict"}`` with ``diff`` the mean over seeds of the per-seed difference.
     """
     if not 0 < ci < 1:
         raise ValueError(f"ci must be in (0, 1), got {ci}")
-    by_name = {p.variant: p for p in predictions}
-    if len(by_name) != len(predictions):
-        raise ValueError("each variant may appear only once")
-    if baseline not in by_name:
-        raise PredictionsError(f"baseline variant {baseline!r} has no predictions")
-    base = by_name[baseline]
-    variants = [baseline] + [p.variant for p in predictions if p.variant != baseline]
-    preds = [base] + [_align(base, by_name[v]) for v in variants[1:]]
-    notes: list[str] = []
-    tasks = [t for t in base.tasks if all(t in p.y_true for p in preds)]
-    for t in base.tasks:
-        if t not in tasks:
-            lacking = [p.variant for p in preds if t not in p.y_true]
-            notes.append(f"{t} not compared: no predictions from {', '.join(lacking)}")
-    if not tasks:
-        raise PredictionsError("no task is predicted by every variant")
-    for t in tasks:
-        for p in preds[1:]:
-            _check_same_truth(base, p, t)
-
+    if any(len(r) != len(seeds) for r in runs.values()):
+        raise ValueError(f"every variant needs one run per seed {list(seeds)}")
     alpha = 1.0 - ci
-    boot_cms = joint_bootstrap_confusions(
-        [base.y_true[t] for t in tasks],
-        [[p.y_pred[t] for p in preds] for t in tasks],
-        [len(CLASSES[t]) for t in tasks],
-        n_boot=n_boot,
-        seed=seed,
-    )
-    pairs = [(v, f"{v}-{baseline}") for v in variants[1:]]
-    result_tasks: dict[str, Any] = {}
-    boot_macro = []  # per task: (n_boot, K)
-    point_macro = []  # per task: (K,)
-    for t, cms in zip(tasks, boot_cms):
-        reports = [
-            task_report(base.y_true[t], p.y_pred[t], CLASSES[t], p.probs.get(t)) for p in preds
-        ]
-        boot = metrics_from_confusion(cms)  # arrays (n_boot, K[, C])
-        macro = np.array([r["macro_f1"] for r in reports])
-        acc = np.array([r["accuracy"] for r in reports])
-        f1 = np.array([[r["per_class"][c]["f1"] for c in CLASSES[t]] for r in reports])  # (K, C)
-        boot_macro.append(boot["macro_f1"])
-        point_macro.append(macro)
-        minority = set(minority_classes(shares, minority_share)[t]) if shares else set()
-        entry: dict[str, Any] = {
-            "macro_f1": {v: _interval(macro[k], boot["macro_f1"][:, k], alpha) for k, v in enumerate(variants)},
-            "accuracy": {v: _interval(acc[k], boot["accuracy"][:, k], alpha) for k, v in enumerate(variants)},
-        }
-        ece = {v: r["ece"] for v, r in zip(variants, reports) if "ece" in r}
-        if ece:
-            entry["ece"] = ece
-        support = reports[0]["per_class"]
-        entry["classes"] = {
-            c: {
-                "support": support[c]["support"],
-                "train_share": float(shares[t][c]) if shares else None,
-                "minority": c in minority,
-                "f1": {v: _interval(f1[k, j], boot["f1"][:, k, j], alpha) for k, v in enumerate(variants)},
-            }
-            for j, c in enumerate(CLASSES[t])
-        }
-        diffs: dict[str, Any] = {}
-        for k, (v, key) in enumerate(pairs, start=1):
-            per_class = {}
-            for j, c in enumerate(CLASSES[t]):
-                if support[c]["support"] == 0:
-                    per_class[c] = {"diff": float(f1[k, j] - f1[0, j]), "low": None, "high": None,
-                                    "p_value": None, "significant": False}
-                else:
-                    per_class[c] = summarise_diff(
-                        f1[k, j] - f1[0, j], boot["f1"][:, k, j] - boot["f1"][:, 0, j], alpha
-                    )
-            diffs[key] = {
-                "macro_f1": summarise_diff(
-                    macro[k] - macro[0], boot["macro_f1"][:, k] - boot["macro_f1"][:, 0], alpha
-                ),
-                "accuracy": summarise_diff(
-                    acc[k] - acc[0], boot["accuracy"][:, k] - boot["accuracy"][:, 0], alpha
-                ),
-                "per_class_f1": per_class,
-            }
-        entry["diff"] = diffs
-        result_tasks[t] = entry
-
-    # Mean macro-F1 over tasks, resample by resample (the resamples are shared across tasks).
-    mean_boot = np.mean(np.stack(boot_macro), axis=0)  # (n_boot, K)
-    mean_point = np.mean(np.stack(point_macro), axis=0)  # (K,)
+    variants, tasks, flat = check_runs(runs, baseline)  # 1
+    notes = [f"{t} not compared: not predicted by every run" for t in flat[0].tasks if t not in tasks]
+    boots = bootstrap_task_metrics(flat, tasks, len(variants), n_boot, seed)  # 2
+    points = point_task_metrics(flat, tasks, len(variants))  # 3
+    minority = minority_classes(shares, minority_share) if shares else {}
+    result_tasks = {t: task_table(t, variants, seeds, p, b, alpha, set(minority.get(t, [])), shares)  # 4
+                    for t, p, b in zip(tasks, points, boots)}
+    mean_scores, mean_diff = mean_over_tasks(variants, seeds, points, boots, alpha)  # 5
     return {
         "baseline": baseline,
         "variants": variants,
+        "seeds": [int(s) for s in seeds],
         "tasks_compared": tasks,
-        "n_test": int(len(base.image_path)),
+        "n_test": int(len(flat[0].image_path)),
         "n_boot": int(n_boot),
         "seed": int(seed),
         "ci": float(ci),
+        "method": METHOD,
         "minority_share": float(minority_share) if shares else None,
         "notes": notes,
-        "mean_macro_f1": {v: _interval(mean_point[k], mean_boot[:, k], alpha) for k, v in enumerate(variants)},
-        "mean_macro_f1_diff": {
-            key: summarise_diff(mean_point[k] - mean_point[0], mean_boot[:, k] - mean_boot[:, 0], alpha)
-            for k, (v, key) in enumerate(pairs, start=1)
-        },
+        "mean_macro_f1": mean_scores,
+        "mean_macro_f1_diff": mean_diff,
         "tasks": result_tasks,
+        "verdicts": verdict_table(result_tasks, mean_diff),  # 6
     }
 
 
@@ -340,18 +462,16 @@ def compare_variants(
 # --------------------------------------------------------------------------------------------
 
 
-def _fmt_interval(x: Mapping[str, Any]) -> str:
-    if x.get("low") is None:
-        return f"{x['value']:.3f}"
-    return f"{x['value']:.3f} [{x['low']:.3f}, {x['high']:.3f}]"
+def _fmt_score(x: Mapping[str, Any]) -> str:
+    return f"{x['mean']:.3f} ± {x['sd']:.3f} [{x['low']:.3f}, {x['high']:.3f}]"
 
 
 def _fmt_diff(d: Mapping[str, Any]) -> str:
     if d.get("low") is None:
         return f"{d['diff']:+.3f} (no CI)"
     text = f"{d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]"
-    if d["significant"]:
-        return f"**{text}** {'↑' if d['diff'] > 0 else '↓'}"
+    if d["verdict"] != "no evidence":
+        return f"**{text} {d['verdict']}**"
     return text
 
 
@@ -359,85 +479,137 @@ def _class_cell(name: str, minority: bool) -> str:
     return f"**{MINORITY_MARK} {name}**" if minority else name
 
 
-def render_markdown(result: Mapping[str, Any], title: str | None = None) -> str:
-    """The comparison as Markdown: a macro-F1 summary table and one per-class table per task."""
-    variants = result["variants"]
-    baseline = result["baseline"]
-    diff_keys = [f"{v}-{baseline}" for v in variants[1:]]
+def _table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> list[str]:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    return lines + ["| " + " | ".join(r) + " |" for r in rows]
+
+
+def _intro(result: Mapping[str, Any]) -> list[str]:
     pct = f"{result['ci'] * 100:g}%"
-    lines = [f"# {title or 'Variant comparison'}", ""]
-    lines.append(
-        f"Test set: {result['n_test']} images with their **original** labels. Intervals: {pct} "
-        f"percentile intervals from {result['n_boot']} paired bootstrap resamples of the test "
-        f"images (seed {result['seed']}), shared by all variants and tasks. Differences are "
-        f"variant − {baseline}; **bold** with ↑/↓ = the interval excludes 0. With many classes "
-        "some per-class flags are expected by chance (no multiplicity correction)."
-    )
+    lines = [
+        f"Test set: {result['n_test']} images with their **original** labels. Every variant is trained "
+        f"with seed{'s' if len(result['seeds']) > 1 else ''} {', '.join(map(str, result['seeds']))}; a score is the mean over seeds ± the sd over "
+        f"seeds, with a {pct} interval. Intervals come from a {result['method']}, {result['n_boot']} "
+        f"resamples (bootstrap seed {result['seed']}), so they include both seed and test-sample variance. "
+        f"Differences are variant − {result['baseline']} (mean over seeds of the per-seed difference); "
+        "verdict: **better** / **worse** when the interval excludes 0, else no evidence. Many intervals "
+        "are read at once, so a few verdicts are expected by chance (no multiplicity correction); with "
+        f"{len(result['seeds'])} seeds, resampling them understates seed variance by a factor "
+        f"{len(result['seeds']) - 1}/{len(result['seeds'])}.",
+    ]
     if result.get("minority_share") is not None:
-        lines.append("")
-        lines.append(
-            f"{MINORITY_MARK} **bold class** = minority class (share of the original training set "
-            f"< {result['minority_share'] * 100:g}%)."
-        )
+        lines += ["", f"{MINORITY_MARK} **bold class** = minority class (share of the original training set "
+                      f"< {result['minority_share'] * 100:g}%)."]
     skipped = result.get("skipped") or {}
     notes = list(result.get("notes") or [])
     if skipped or notes:
         lines.append("")
-        for v, reason in skipped.items():
-            lines.append(f"- Variant **{v}** skipped: {reason}")
-        for note in notes:
-            lines.append(f"- {note}")
-    lines += ["", "## Macro-F1 per task", ""]
-    header = ["task", *variants, *[k.replace("-", " − ") for k in diff_keys]]
-    lines.append("| " + " | ".join(header) + " |")
-    lines.append("|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|")
-    for t, entry in result["tasks"].items():
-        cells = [t, *[_fmt_interval(entry["macro_f1"][v]) for v in variants],
-                 *[_fmt_diff(entry["diff"][k]["macro_f1"]) for k in diff_keys]]
-        lines.append("| " + " | ".join(cells) + " |")
-    cells = ["**mean over tasks**", *[_fmt_interval(result["mean_macro_f1"][v]) for v in variants],
-             *[_fmt_diff(result["mean_macro_f1_diff"][k]) for k in diff_keys]]
-    lines.append("| " + " | ".join(cells) + " |")
+        lines += [f"- Variant **{v}** skipped: {reason}" for v, reason in skipped.items()]
+        lines += [f"- {note}" for note in notes]
+    return lines
 
+
+def _verdict_section(result: Mapping[str, Any]) -> list[str]:
+    keys = list(result["verdicts"])
+    tasks = list(result["tasks"])
+    rows = [["**mean macro-F1**", *[result["verdicts"][k]["mean_macro_f1"] for k in keys]]]
+    rows += [[f"{t} macro-F1", *[result["verdicts"][k]["tasks"][t] for k in keys]] for t in tasks]
+    minority = list(next(iter(result["verdicts"].values()))["minority_classes"]) if keys else []
+    rows += [[f"{MINORITY_MARK} {name} F1", *[result["verdicts"][k]["minority_classes"][name] for k in keys]]
+             for name in minority]
+    return ["## Verdicts", "", *_table(["", *[k.replace("-", " − ") for k in keys]], rows)]
+
+
+def _macro_section(result: Mapping[str, Any]) -> list[str]:
+    variants = result["variants"]
+    keys = list(result["mean_macro_f1_diff"])
+    scores = [[v, ", ".join(f"{result['mean_macro_f1'][v]['per_seed'][str(s)]:.3f}" for s in result["seeds"]),
+               _fmt_score(result["mean_macro_f1"][v]),
+               *[_fmt_score(e["macro_f1"][v]) for e in result["tasks"].values()]] for v in variants]
+    diffs = [[k.replace("-", " − "), _fmt_diff(result["mean_macro_f1_diff"][k]),
+              *[_fmt_diff(e["diff"][k]["macro_f1"]) for e in result["tasks"].values()]] for k in keys]
+    tasks = list(result["tasks"])
+    return ["## Macro-F1 per task", "",
+            *_table(["variant", "per seed (mean over tasks)", "mean over tasks", *tasks], scores), "",
+            *_table(["difference", "mean over tasks", *tasks], diffs)]
+
+
+def _minority_section(result: Mapping[str, Any]) -> list[str]:
+    keys = list(result["mean_macro_f1_diff"])
+    variants = result["variants"]
+    rows = []
     for t, entry in result["tasks"].items():
-        lines += ["", f"## {t}", ""]
-        extra = ["accuracy: " + ", ".join(f"{v} {_fmt_interval(entry['accuracy'][v])}" for v in variants)]
-        if "ece" in entry:
-            extra.append("ECE: " + ", ".join(f"{v} {e:.3f}" for v, e in entry["ece"].items()))
-        lines += [line + "  " for line in extra] + [""]
-        header = ["class", "train share", "test n", *[f"{v} F1" for v in variants],
-                  *[k.replace("-", " − ") for k in diff_keys]]
-        lines.append("| " + " | ".join(header) + " |")
-        lines.append("|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|")
         for c, info in entry["classes"].items():
-            share = "—" if info["train_share"] is None else f"{info['train_share'] * 100:.1f}%"
-            cells = [_class_cell(c, info["minority"]), share, str(info["support"]),
-                     *[_fmt_interval(info["f1"][v]) for v in variants],
-                     *[_fmt_diff(entry["diff"][k]["per_class_f1"][c]) for k in diff_keys]]
-            lines.append("| " + " | ".join(cells) + " |")
+            if info["minority"]:
+                rows.append([f"{t} / {c}", str(info["support"]),
+                             *[f"{info['f1'][v]['mean']:.3f} ± {info['f1'][v]['sd']:.3f}" for v in variants],
+                             *[_fmt_diff(entry["diff"][k]["per_class_f1"][c]) for k in keys]])
+    if not rows:
+        return []
+    return ["## Minority classes (F1)", "",
+            *_table(["class", "test n", *variants, *[k.replace("-", " − ") for k in keys]], rows)]
+
+
+def _task_section(result: Mapping[str, Any], task: str, entry: Mapping[str, Any]) -> list[str]:
+    variants = result["variants"]
+    keys = list(result["mean_macro_f1_diff"])
+    extra = ["accuracy: " + ", ".join(f"{v} {_fmt_score(entry['accuracy'][v])}" for v in variants)]
+    if "ece" in entry:
+        extra.append("ECE (mean over seeds): " + ", ".join(f"{v} {e:.3f}" for v, e in entry["ece"].items()))
+    rows = []
+    for c, info in entry["classes"].items():
+        share = "—" if info["train_share"] is None else f"{info['train_share'] * 100:.1f}%"
+        rows.append([_class_cell(c, info["minority"]), share, str(info["support"]),
+                     *[f"{info['f1'][v]['mean']:.3f} ± {info['f1'][v]['sd']:.3f}" for v in variants],
+                     *[_fmt_diff(entry["diff"][k]["per_class_f1"][c]) for k in keys]])
+    return [f"## {task}", "", *[line + "  " for line in extra], "",
+            *_table(["class", "train share", "test n", *[f"{v} F1" for v in variants],
+                     *[k.replace("-", " − ") for k in keys]], rows)]
+
+
+def render_markdown(result: Mapping[str, Any], title: str | None = None) -> str:
+    """The comparison as Markdown: method, macro-F1 tables, verdicts, minority classes, one table per task."""
+    lines = [f"# {title or 'Variant comparison'}", "", *_intro(result), "", *_macro_section(result), "",
+             *_verdict_section(result)]
+    minority = _minority_section(result)
+    if minority:
+        lines += ["", *minority]
+    for t, entry in result["tasks"].items():
+        lines += ["", *_task_section(result, t, entry)]
     return "\n".join(lines) + "\n"
 
 
-def plot_comparison(result: Mapping[str, Any], macro_path: str | Path, per_class_path: str | Path) -> None:
-    """Write the macro-F1 plot (tasks × variants) and the per-class F1 plot (one panel per task)."""
-    from medicsynth.plots import plot_compare
-
+def plot_comparison(result: Mapping[str, Any], macro_path: str | Path, per_class_path: str | Path,
+                    diff_path: str | Path) -> None:
+    """Write the macro-F1 plot, the per-class F1 plot and the differences-to-baseline plot."""
     variants = result["variants"]
     tasks = result["tasks"]
-    macro = {"macro-F1 per task": {v: {t: tasks[t]["macro_f1"][v] for t in tasks} for v in variants}}
-    macro["macro-F1 per task"] = {
-        v: {**groups, "mean over tasks": result["mean_macro_f1"][v]}
-        for v, groups in macro["macro-F1 per task"].items()
-    }
-    plot_compare(macro, macro_path, xlabel="macro-F1",
-                 title=f"macro-F1 on original test labels ({result['ci'] * 100:g}% bootstrap CI)")
-    per_class = {
-        t: {v: {c: info["f1"][v] for c, info in tasks[t]["classes"].items()} for v in variants}
-        for t in tasks
-    }
+
+    def bar(score: Mapping[str, Any]) -> dict[str, float]:
+        return {"value": score["mean"], "low": score["low"], "high": score["high"]}
+
+    pct = f"{result['ci'] * 100:g}%"
+    seeds = len(result["seeds"])
+    macro = {"macro-F1 per task": {v: {**{t: bar(tasks[t]["macro_f1"][v]) for t in tasks},
+                                       "mean over tasks": bar(result["mean_macro_f1"][v])} for v in variants}}
+    plot_compare(macro, macro_path, xlabel=f"macro-F1 (mean of {seeds} seeds)",
+                 title=f"macro-F1 on original test labels ({pct} CI: seeds × test images)")
+    per_class = {t: {v: {c: bar(info["f1"][v]) for c, info in tasks[t]["classes"].items()} for v in variants}
+                 for t in tasks}
     minority = {(t, c) for t in tasks for c, info in tasks[t]["classes"].items() if info["minority"]}
-    plot_compare(per_class, per_class_path, minority=minority, xlabel="F1",
-                 title=f"per-class F1 ({result['ci'] * 100:g}% bootstrap CI; * orange = minority)")
+    plot_compare(per_class, per_class_path, minority=minority, xlabel=f"F1 (mean of {seeds} seeds)",
+                 title=f"per-class F1 ({pct} CI: seeds × test images; * orange = minority)")
+    keys = list(result["mean_macro_f1_diff"])
+    rows = {"mean macro-F1": {k: result["mean_macro_f1_diff"][k] for k in keys}}
+    rows.update({f"{t} macro-F1": {k: tasks[t]["diff"][k]["macro_f1"] for k in keys} for t in tasks})
+    rows.update({f"{t}/{c} F1": {k: tasks[t]["diff"][k]["per_class_f1"][c] for k in keys}
+                 for t in tasks for c, info in tasks[t]["classes"].items() if info["minority"]})
+    plot_compare_diffs(rows, diff_path, title=f"difference to {result['baseline']} ({pct} CI: seeds × test images)")
+
+
+def run_dir(predictions_dir: str | Path, variant: str, arch: str, seed: int) -> Path:
+    """Where the evaluate stage writes one run's predictions: ``{dir}/{variant}-{arch}-s{seed}``."""
+    return Path(predictions_dir) / f"{variant}-{arch}-s{seed}"
 
 
 def run_compare(
@@ -445,42 +617,48 @@ def run_compare(
     predictions_dir: str | Path,
     variants: Sequence[str],
     arch: str,
+    seeds: Sequence[int],
     train_manifest: str | Path | None,
     out_json: str | Path,
     out_md: str | Path,
     macro_plot: str | Path,
     per_class_plot: str | Path,
+    diff_plot: str | Path,
     baseline: str = "original",
     minority_share: float = 0.10,
     n_boot: int = 1000,
     seed: int = 0,
     ci: float = 0.95,
 ) -> dict[str, Any]:
-    """Read ``{predictions_dir}/{variant}-{arch}/test.tsv`` per variant, compare, write outputs.
+    """Read ``{predictions_dir}/{variant}-{arch}-s{seed}/test.tsv`` per variant and seed, compare, write outputs.
 
-    Variants without a predictions file are skipped and listed under ``"skipped"`` (in the JSON
-    and the report); the baseline is required. ``train_manifest`` (the original training set)
-    defines minority classes; ``None`` disables the highlighting. Returns the result dict.
+    A variant lacking the predictions of any seed is skipped and listed under ``"skipped"`` (in
+    the JSON and the report); the baseline is required with every seed. ``train_manifest`` (the
+    original training set) defines minority classes; ``None`` disables the highlighting.
+    Returns the result dict.
     """
+    seeds = [int(s) for s in seeds]
+    if not seeds:
+        raise ValueError("no training seeds to compare (params.yaml: train.seeds or compare.seeds)")
     if baseline not in variants:
         variants = [baseline, *variants]
-    loaded, skipped = [], {}
+    runs, skipped = {}, {}
     for v in dict.fromkeys(variants):
-        path = Path(predictions_dir) / f"{v}-{arch}" / "test.tsv"
-        if not path.exists():
+        paths = [run_dir(predictions_dir, v, arch, s) / "test.tsv" for s in seeds]
+        missing = [str(p) for p in paths if not p.exists()]
+        if missing:
             if v == baseline:
-                raise FileNotFoundError(f"{path}: predictions of the baseline variant {v!r} are required")
-            skipped[v] = f"no predictions at {path}"
+                raise FileNotFoundError(f"predictions of the baseline variant {v!r} are required: "
+                                        f"missing {', '.join(missing)}")
+            skipped[v] = f"no predictions at {', '.join(missing)}"
             continue
-        loaded.append(read_predictions(path, v))
+        runs[v] = [read_predictions(p, v) for p in paths]
     shares = train_shares(train_manifest) if train_manifest is not None else None
-    result = compare_variants(loaded, baseline=baseline, shares=shares, minority_share=minority_share,
+    result = compare_variants(runs, seeds, baseline=baseline, shares=shares, minority_share=minority_share,
                               n_boot=n_boot, seed=seed, ci=ci)
     result = {"arch": arch, **result, "skipped": skipped,
               "train_manifest": None if train_manifest is None else str(train_manifest)}
     write_json(result, out_json)
     write_text(render_markdown(result, title=f"Variant comparison ({arch})"), out_md)
-    plot_comparison(result, macro_plot, per_class_plot)
+    plot_comparison(result, macro_plot, per_class_plot, diff_plot)
     return result
-
-

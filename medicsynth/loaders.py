@@ -10,6 +10,16 @@ other:
 - horizontal flip with probability 1/2 in training;
 - ImageNet mean/std normalisation, float32 NCHW output.
 
+Classic augmentation (``augment="randaugment"`` or ``"trivialaugment"``, training only) adds one
+automatic-augmentation policy between the resize and the crop: DALI's ``nvidia.dali.auto_aug``
+(``rand_augment`` / ``trivial_augment_wide``; conditionals on, CPU or GPU) on the DALI path and
+``torchvision.transforms.v2`` (``RandAugment`` / ``TrivialAugmentWide``) on the torch path. The
+two libraries implement the same published policies (RandAugment: Cubuk et al. 2020, N=2, M=9;
+TrivialAugment: Müller & Hutter 2021) but not bit-identical operations or random streams, so a
+model trained with classic augmentation reproduces per backend, not across backends. On the
+torch path each sample's policy draw is seeded from the epoch plan (``aug_seed``), so it does
+not depend on workers or on epochs run before; DALI draws from the pipeline seed.
+
 Images are decoded to RGB after applying the EXIF orientation, in both backends.
 
 Randomness does not come from the backends' generators. :func:`epoch_plan` draws the sample
@@ -58,6 +68,8 @@ IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
 
 BACKENDS: tuple[str, ...] = ("auto", "dali", "torch")
+#: Classic (automatic) augmentation policies applied by training loaders (``none`` = off).
+AUGMENTS: tuple[str, ...] = ("none", "randaugment", "trivialaugment")
 
 
 class LoaderError(RuntimeError):
@@ -87,6 +99,7 @@ class EpochPlan:
     top: np.ndarray  # (n,) int64
     left: np.ndarray  # (n,) int64
     flip: np.ndarray  # (n,) bool
+    aug_seed: np.ndarray | None = None  # (n,) int64 seeds of per-sample augmentation draws
 
 
 def epoch_plan(n: int, *, resize: int, crop: int, train: bool, seed: int, epoch: int) -> EpochPlan:
@@ -94,7 +107,9 @@ def epoch_plan(n: int, *, resize: int, crop: int, train: bool, seed: int, epoch:
 
     Evaluation (``train=False``): input order, centre crop at ``(resize - crop) // 2``, no flip.
     Training: a permutation, uniform integer crop offsets in ``[0, resize - crop]`` and fair
-    coin flips, all drawn from ``numpy.random.default_rng([seed, epoch])``.
+    coin flips, all drawn from ``numpy.random.default_rng([seed, epoch])``, then one
+    augmentation seed per position (``aug_seed``, drawn last so the other fields do not depend
+    on whether classic augmentation is used).
     """
     if not train:
         centre = (resize - crop) // 2
@@ -110,6 +125,7 @@ def epoch_plan(n: int, *, resize: int, crop: int, train: bool, seed: int, epoch:
         top=rng.integers(0, resize - crop + 1, size=n, dtype=np.int64),
         left=rng.integers(0, resize - crop + 1, size=n, dtype=np.int64),
         flip=rng.integers(0, 2, size=n).astype(bool),
+        aug_seed=rng.integers(0, 2**31 - 1, size=n, dtype=np.int64),
     )
 
 
@@ -138,7 +154,8 @@ def shard_plan(plan: EpochPlan, rank: int, world: int, *, train: bool) -> EpochP
     keep = (n // world) * world if train else n
     pos = slice(rank, keep, world)
     return EpochPlan(order=plan.order[pos], top=plan.top[pos], left=plan.left[pos],
-                     flip=plan.flip[pos])
+                     flip=plan.flip[pos],
+                     aug_seed=None if plan.aug_seed is None else plan.aug_seed[pos])
 
 
 def _check_inputs(
@@ -200,6 +217,7 @@ class ImageLoader:
         num_workers: int,
         channels_last: bool,
         shard: tuple[int, int] | None = None,
+        augment: str = "none",
     ) -> None:
         self.files = files
         self.labels = labels
@@ -212,6 +230,7 @@ class ImageLoader:
         self.num_workers = num_workers
         self.channels_last = channels_last
         self.shard = shard
+        self.augment = augment if train else "none"
         self.epoch = 0
 
     @property
@@ -304,6 +323,15 @@ def _undecodable(paths: Sequence[str]) -> list[tuple[str, str]]:
     return bad
 
 
+def _dali_auto_augment(images, augment: str):
+    """Apply DALI's automatic-augmentation policy ``augment`` to a batch of uint8 HWC images."""
+    from nvidia.dali.auto_aug import rand_augment, trivial_augment
+
+    if augment == "randaugment":
+        return rand_augment.rand_augment(images, n=2, m=9)
+    return trivial_augment.trivial_augment_wide(images)
+
+
 class DaliImageLoader(ImageLoader):
     """DALI backend: GPU (``mixed``) decoding when ``device`` is CUDA, a CPU pipeline otherwise."""
 
@@ -317,20 +345,17 @@ class DaliImageLoader(ImageLoader):
         self._clean = True  # the pipeline sits at an epoch boundary
 
     def _build(self):
-        from nvidia.dali import fn, types
-        from nvidia.dali.pipeline import Pipeline
+        from nvidia.dali import fn, pipeline_def, types
 
         gpu = self.device.type == "cuda"
         device_id = (self.device.index if self.device.index is not None
                      else torch.cuda.current_device()) if gpu else None
-        pipe = Pipeline(
-            batch_size=self.batch_size,
-            num_threads=max(1, self.num_workers),
-            device_id=device_id,
-            seed=self.seed,
-            prefetch_queue_depth=2,
-        )
-        with pipe:
+        augment = self.augment
+
+        # pipeline_def rather than a bare Pipeline: DALI's auto_aug policies branch per sample,
+        # which needs conditionals, and only the decorator can enable them.
+        @pipeline_def(enable_conditionals=augment != "none")
+        def graph():
             paths, labels, pos_x, pos_y, mirror = fn.external_source(
                 source=self._source,
                 num_outputs=5,
@@ -351,6 +376,8 @@ class DaliImageLoader(ImageLoader):
                 interp_type=types.INTERP_LINEAR,
                 antialias=True,
             )
+            if augment != "none":
+                images = _dali_auto_augment(images, augment)
             images = fn.crop_mirror_normalize(
                 images,
                 crop=(self.crop, self.crop),
@@ -363,7 +390,15 @@ class DaliImageLoader(ImageLoader):
                 # HWC batches are NHWC, i.e. channels-last NCHW after a free permute.
                 output_layout="HWC" if self.channels_last else "CHW",
             )
-            pipe.set_outputs(images, labels.gpu() if gpu else labels)
+            return images, (labels.gpu() if gpu else labels)
+
+        pipe = graph(
+            batch_size=self.batch_size,
+            num_threads=max(1, self.num_workers),
+            device_id=device_id,
+            seed=self.seed,
+            prefetch_queue_depth=2,
+        )
         pipe.build()
         return pipe
 
@@ -443,29 +478,36 @@ class _PlanSampler(torch.utils.data.Sampler):
     def __len__(self) -> int:
         return self.n
 
-    def __iter__(self) -> Iterator[tuple[int, int, int, bool]]:
+    def __iter__(self) -> Iterator[tuple[int, int, int, bool, int]]:
         plan = self.plan
+        seeds = plan.aug_seed.tolist() if plan.aug_seed is not None else [0] * len(plan.order)
         return zip(plan.order.tolist(), plan.top.tolist(), plan.left.tolist(),
-                   plan.flip.tolist())
+                   plan.flip.tolist(), seeds)
 
 
 class ImageDataset(torch.utils.data.Dataset):
     """Decodes with PIL and applies the plan's resize/crop/flip; returns uint8 CHW and labels.
 
     Normalisation happens on the target device after transfer (4x fewer bytes to pin and copy).
+    ``augment`` adds a ``torchvision.transforms.v2`` policy after the resize, drawn from the
+    key's augmentation seed under a forked RNG (the caller's torch RNG is left untouched).
     """
 
-    def __init__(self, files: list[str], labels: np.ndarray, resize: int, crop: int) -> None:
+    def __init__(self, files: list[str], labels: np.ndarray, resize: int, crop: int,
+                 augment: str = "none") -> None:
         self.files = files
         self.labels = torch.from_numpy(labels)
         self.resize = resize
         self.crop = crop
+        self.augment = augment
+        self._policy = _torch_policy(augment)
 
     def __len__(self) -> int:
         return len(self.files)
 
-    def __getitem__(self, key: tuple[int, int, int, bool]) -> tuple[torch.Tensor, torch.Tensor]:
-        index, top, left, flip = key
+    def __getitem__(self, key: tuple) -> tuple[torch.Tensor, torch.Tensor]:
+        index, top, left, flip = key[:4]
+        aug_seed = key[4] if len(key) > 4 else 0
         path = self.files[index]
         try:
             with Image.open(path) as img:
@@ -474,10 +516,25 @@ class ImageDataset(torch.utils.data.Dataset):
             raise LoaderError(f"sample {index}: cannot decode image {path!r}: {exc}") from exc
         img = F.resize(img, [self.resize, self.resize], interpolation=InterpolationMode.BILINEAR,
                        antialias=True)
+        if self._policy is not None:
+            with torch.random.fork_rng(devices=[]):
+                torch.manual_seed(int(aug_seed))
+                img = self._policy(img)
         img = F.crop(img, top, left, self.crop, self.crop)
         if flip:
             img = F.horizontal_flip(img)
         return F.pil_to_tensor(img), self.labels[index]
+
+
+def _torch_policy(augment: str):
+    """The ``torchvision.transforms.v2`` policy for ``augment`` (``None`` for ``none``)."""
+    from torchvision.transforms import v2
+
+    if augment == "none":
+        return None
+    if augment == "randaugment":
+        return v2.RandAugment(num_ops=2, magnitude=9)
+    return v2.TrivialAugmentWide()
 
 
 def _seed_worker(worker_id: int) -> None:
@@ -499,7 +556,7 @@ class TorchImageLoader(ImageLoader):
         cuda = self.device.type == "cuda"
         self._sampler = _PlanSampler(self.num_samples)
         self.dataloader = torch.utils.data.DataLoader(
-            ImageDataset(self.files, self.labels, self.resize, self.crop),
+            ImageDataset(self.files, self.labels, self.resize, self.crop, self.augment),
             batch_size=self.batch_size,
             sampler=self._sampler,
             drop_last=False,
@@ -545,6 +602,7 @@ def make_loader(
     num_workers: int = 2,
     channels_last: bool = False,
     shard: tuple[int, int] | None = None,
+    augment: str = "none",
 ) -> ImageLoader:
     """A loader over ``files`` with ``labels`` (``(n, 4)`` int class indices in ``TASKS`` order).
 
@@ -556,7 +614,12 @@ def make_loader(
     ``rank`` (:func:`shard_plan`; training drops the last ``len(files) mod world`` samples of each
     epoch so all ranks run the same steps); ``None`` (or ``(0, 1)``) reads everything. Raises
     ``ValueError``/``FileNotFoundError`` naming the sample for bad labels or missing files.
+    ``augment``: one of :data:`AUGMENTS`; a classic augmentation policy after the resize, in
+    training only (``train=False`` ignores it, so evaluation is never augmented).
     """
+    if augment not in AUGMENTS:
+        raise ValueError(f"augment must be one of {AUGMENTS}, got {augment!r} "
+                         "(params.yaml: train.augment)")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
     if backend == "auto":
@@ -585,4 +648,5 @@ def make_loader(
         num_workers=num_workers,
         channels_last=channels_last,
         shard=shard,
+        augment=augment,
     )

@@ -92,3 +92,70 @@ def merge_training_set(
         "per_class": per_class,
     }
     return MergeResult(train, requested, len(chosen), len(synthetic_pool), metrics)
+
+
+def oversample_like(real: pd.DataFrame, augmented: pd.DataFrame, seed: int) -> MergeResult:
+    """The oversampling baseline: ``real`` plus repeated real rows in place of synthetic ones.
+
+    For every synthetic row of ``augmented`` (rows whose ``source`` is ``synthetic``) one real
+    row with the same four labels is repeated, so the result has the augmented set's row count
+    and per-task class composition with real images only: it asks whether a synthetic image
+    beats repeating a real one. Within a label combination the repeats are a seeded permutation
+    of its real rows, cycled (each real row repeated at most once more than any other). A
+    combination without a real row (possible only with ``allocate.include_unseen``) takes the
+    real rows that match the most tasks instead; ``metrics["inexact"]`` counts those.
+
+    Args:
+        real: the real training rows (the relabelled manifest); every row is kept.
+        augmented: the augmented training manifest with its ``source`` column.
+        seed: seed of ``numpy.random.default_rng`` for the choice of repeated rows.
+
+    Returns:
+        A :class:`MergeResult`: ``train`` is ``real`` then the repeats, whose ``image_path`` gets
+        the suffix ``#oversample-<k>`` (manifest keys stay unique; ``file`` is the real image)
+        and whose ``provenance`` gets ``+oversample``; ``metrics`` records the counts and the
+        per-class composition, which equals the augmented set's when ``inexact`` is 0.
+    """
+    if "source" not in augmented.columns:
+        raise ValueError("augmented manifest has no `source` column (expected real|synthetic per row)")
+    if real.empty:
+        raise ValueError("no real rows to oversample")
+    wanted = augmented[augmented["source"] == "synthetic"]
+    rng = np.random.default_rng(seed)
+    labels = real[list(TASKS)].to_numpy()
+    groups = real.groupby(list(TASKS), sort=True).indices  # combination -> positions in real
+    members_of: dict[tuple, np.ndarray] = {}  # combination -> real rows that stand in for it
+    queues: dict[tuple, list[int]] = {}
+    picks, inexact = [], 0
+    for combo in wanted[list(TASKS)].itertuples(index=False, name=None):
+        if combo not in members_of:
+            members = groups.get(combo)
+            if members is None:
+                matches = (labels == np.array(combo, dtype=object)).sum(axis=1)
+                members = np.flatnonzero(matches == matches.max())
+            members_of[combo] = np.asarray(members)
+            queues[combo] = []
+        inexact += combo not in groups
+        if not queues[combo]:  # a fresh seeded permutation each time the rows are used up
+            queues[combo] = rng.permutation(members_of[combo]).tolist()
+        picks.append(int(queues[combo].pop(0)))
+    repeats = real.iloc[picks].copy()
+    repeats["image_path"] = [f"{p}#oversample-{k}" for k, p in enumerate(repeats["image_path"])]
+    repeats["provenance"] = repeats["provenance"] + "+oversample"
+    real_rows = real.assign(source="real")
+    train = pd.concat([real_rows, repeats.assign(source="real")], ignore_index=True)
+    per_class = {
+        task: {c: {"rows": int((train[task] == c).sum()),
+                   "augmented_rows": int((augmented[task] == c).sum())} for c in CLASSES[task]}
+        for task in TASKS
+    }
+    metrics = {
+        "real_rows": int(len(real)),
+        "repeated_rows": int(len(repeats)),
+        "rows": int(len(train)),
+        "augmented_rows": int(len(augmented)),
+        "inexact": int(inexact),
+        "seed": int(seed),
+        "per_class": per_class,
+    }
+    return MergeResult(train, len(wanted), len(repeats), len(real), metrics)

@@ -379,3 +379,75 @@ def plot_filter_grid(
     fig.tight_layout(rect=(0, 0, 1, 0.97))
     with atomic_path(path, suffix=".tmp.png") as tmp:
         fig.savefig(tmp, format="png", dpi=110)
+
+
+def plot_compare_diffs(
+    rows: Mapping[str, Mapping[str, Mapping[str, Any]]],
+    path: str | Path,
+    *,
+    title: str | None = None,
+) -> Path:
+    """Forest plot of differences to a baseline: one row per quantity, one marker per comparison.
+
+    Args:
+        rows: ``{row label: {comparison: {"diff", "low", "high", "verdict"}}}`` (e.g. row labels =
+            "mean macro-F1", tasks and minority classes; comparisons = "augmented-original"...).
+            ``low``/``high`` may be ``None`` (marker without interval). Every row must list the
+            same comparisons.
+        title: figure title.
+
+    Intervals that exclude 0 (verdict better/worse) are drawn solid, the others faded; a
+    vertical line marks 0. Returns ``path``.
+    """
+    labels = list(rows)
+    if not labels:
+        raise ValueError("nothing to plot")
+    comparisons = list(rows[labels[0]])
+    fig = Figure(figsize=(8.0, 1.2 + 0.32 * len(labels) * max(1, len(comparisons)) ** 0.5), layout="constrained")
+    ax = fig.add_subplot()
+    base = np.arange(len(labels))[::-1].astype(np.float64)
+    step = 0.8 / max(1, len(comparisons))
+    for k, name in enumerate(comparisons):
+        y = base + 0.4 - step * (k + 0.5)
+        for yi, label in zip(y, labels):
+            d = rows[label][name]
+            solid = d.get("verdict", "no evidence") != "no evidence"
+            colour = VARIANT_COLOURS[(k + 1) % len(VARIANT_COLOURS)]
+            if d.get("low") is not None:
+                ax.hlines(yi, d["low"], d["high"], color=colour, alpha=1.0 if solid else 0.45, lw=2)
+            ax.plot([d["diff"]], [yi], "o", color=colour, alpha=1.0 if solid else 0.6, ms=4,
+                    label=name if yi == y[0] else None)
+    ax.axvline(0.0, color="black", lw=0.8)
+    flags = ["/" in label for label in labels]  # per-class rows are the minority classes
+    ax.set_yticks(base, labels=[_label(g, f) for g, f in zip(labels, flags)], fontsize=8)
+    _style_minority_ticks(ax.get_yticklabels(), flags)
+    ax.set_xlabel("difference (solid: interval excludes 0)")
+    ax.grid(axis="x", alpha=0.3)
+    ax.legend(fontsize=8, loc="best")
+    if title:
+        ax.set_title(title, fontsize=10)
+    return _save(fig, path)
+
+
+def plot_relabel_changes(changes: Any, path: str | Path) -> Path:
+    """Bars of labels changed *from* and *to* each class, one panel per task.
+
+    ``changes`` is the relabel stage's change table (a DataFrame with ``task``, ``old``, ``new``
+    and a boolean ``changed`` column); only changed rows are counted. Returns ``path``.
+    """
+    from medicsynth.labels import CLASSES
+
+    fig = Figure(figsize=(4.2 * len(TASKS), 3.6), layout="constrained")
+    axes = fig.subplots(1, len(TASKS))
+    for ax, task in zip(axes, TASKS):
+        sub = changes[(changes["task"] == task) & changes["changed"].astype(bool)]
+        classes = list(CLASSES[task])
+        to_ = [int((sub["new"] == c).sum()) for c in classes]
+        from_ = [int((sub["old"] == c).sum()) for c in classes]
+        x = np.arange(len(classes))
+        ax.bar(x - 0.2, from_, 0.4, label="changed from")
+        ax.bar(x + 0.2, to_, 0.4, label="changed to")
+        ax.set_xticks(x, [c[:14] for c in classes], rotation=45, ha="right", fontsize=7)
+        ax.set_title(f"{task} ({len(sub)} changes)", fontsize=9)
+    axes[0].legend(fontsize=7)
+    return _save(fig, path)

@@ -10,6 +10,13 @@ Flagging:
   prediction differs from the label; an image with at least ``min_disagreements`` is flagged on
   every task.
 
+The whole procedure (:func:`run_relabel`) is a sequence of named steps: fold-model config from
+``relabel.model`` (:func:`fold_model_config`; never the ``train`` section, so changing the
+classifier's training does not rerun relabelling and everything after it), out-of-fold
+probabilities, flags (:func:`flag_labels`), the budget (:func:`apply_budget`), votes
+(:func:`collect_votes`), consensus, the change table (:func:`change_table`) and the metrics
+(:func:`relabel_metrics`).
+
 Voting: each voter returns, per image and task, a label or ``None`` (abstained / failed).
 :func:`consensus` changes a flagged label only when voters agree on a *different* label:
 ``unanimous`` needs every voter to name it (the study's rule); ``majority`` needs more than half
@@ -20,9 +27,9 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, replace
+from dataclasses import asdict, dataclass, fields, replace
 from pathlib import Path
-from typing import Sequence
+from typing import Any, Sequence
 
 import numpy as np
 import pandas as pd
@@ -30,6 +37,7 @@ from sklearn.model_selection import StratifiedKFold
 
 from medicsynth.io import atomic_path
 from medicsynth.labels import CLASSES, TASKS
+from medicsynth.manifest import label_matrix
 from medicsynth.training import TrainConfig, predict_files, train_classifier
 
 
@@ -193,3 +201,193 @@ def score_corrections(old: pd.DataFrame, new: pd.DataFrame, clean: pd.DataFrame)
     out["mean_precision"] = float(np.mean(precisions)) if precisions else None
     out["mean_recall"] = float(np.mean(recalls)) if recalls else None
     return out
+
+
+# --------------------------------------------------------------------------------------------
+# The relabel procedure (what stages/relabel.py runs), step by step
+# --------------------------------------------------------------------------------------------
+
+VOTERS: tuple[str, ...] = ("model", "openai", "anthropic")
+
+
+def fold_model_config(model_params: dict[str, Any] | None) -> TrainConfig:
+    """Step 1: the fold models' :class:`TrainConfig` from ``relabel.model`` (params.yaml).
+
+    Keys are :class:`TrainConfig` fields (``arch``, ``epochs``, ``batch_size``, ``lr``, ``seed``...);
+    missing ones take the dataclass defaults. ``seed`` seeds the fold split, and fold ``f``'s
+    model trains with ``seed + f``. Raises ``ValueError`` naming the key for a missing section
+    or an unknown key.
+    """
+    if not isinstance(model_params, dict):
+        raise ValueError("params.yaml: relabel.model must be a mapping of the fold models' training settings "
+                         "(arch, epochs, batch_size, lr, seed, ...)")
+    known = {f.name for f in fields(TrainConfig)}
+    unknown = sorted(set(model_params) - known)
+    if unknown:
+        raise ValueError(f"params.yaml: relabel.model: unknown key(s) {', '.join(unknown)}; "
+                         f"expected TrainConfig fields: {', '.join(sorted(known))}")
+    return TrainConfig(**model_params)
+
+
+def flag_labels(labels: np.ndarray, probs: dict[str, np.ndarray], method: str,
+                min_disagreements: int = 2) -> tuple[np.ndarray, np.ndarray]:
+    """Step 3: ``(flags, scores)``, both ``(n, tasks)``: suspect labels and their suspicion rank.
+
+    ``method`` is ``confident_learning`` (:func:`flag_confident_learning`) or ``disagreement``
+    (:func:`flag_disagreement` with the out-of-fold model's argmax). ``scores`` is the predicted
+    probability of the given label (lower = more suspicious).
+    """
+    if method == "confident_learning":
+        return flag_confident_learning(labels, probs)
+    if method == "disagreement":
+        n = len(labels)
+        preds = {t: probs[t].argmax(1) for t in TASKS}
+        flags = flag_disagreement(labels, [preds], min_disagreements)
+        scores = np.stack([probs[t][np.arange(n), labels[:, j]] for j, t in enumerate(TASKS)], axis=1)
+        return flags, scores
+    raise ValueError(f"relabel.flag must be confident_learning or disagreement, not {method!r}")
+
+
+def apply_budget(flags: np.ndarray, scores: np.ndarray, max_flagged: int | None) -> tuple[np.ndarray, np.ndarray]:
+    """Step 4: keep at most ``max_flagged`` flagged images, the most suspicious first.
+
+    Images are ranked by the lowest score among their flagged tasks (stable for ties). Returns
+    ``(flags, order)``: a copy of ``flags`` without the images beyond the budget, and the row
+    indices of the kept flagged images in ranking order (the order voters are asked in).
+    """
+    flags = flags.copy()
+    flagged_rows = np.nonzero(flags.any(1))[0]
+    order = flagged_rows[np.argsort(np.where(flags, scores, 1.0)[flagged_rows].min(1), kind="stable")]
+    if max_flagged is not None and len(order) > max_flagged:
+        flags[order[max_flagged:]] = False
+        order = order[:max_flagged]
+    return flags, order
+
+
+def vlm_votes(provider: str, cfg: dict, cache_dir: str, files: Sequence[str], rows: np.ndarray, n: int):
+    """Ask one VLM provider for the four labels of images ``rows``.
+
+    Returns ``(votes, answers, usage)``: an ``(n, tasks)`` int matrix with -1 where the provider
+    was not asked or failed, ``{row: "ok" | "failed:<reason>"}`` and the client's usage dict.
+    """
+    from medicsynth.llm import classify_request, client_from_params
+
+    client = client_from_params({"provider": provider, **cfg}, cache_dir)
+    requests = [classify_request(files[i], TASKS) for i in rows]
+    results = client.raise_if_failing(client.run(requests, desc=f"relabel votes ({provider})"), f"relabel votes ({provider})")
+    votes = np.full((n, len(TASKS)), -1, dtype=np.int64)
+    answers: dict[int, str] = {}
+    for i, result in zip(rows, results):
+        if result.ok:
+            for j, t in enumerate(TASKS):
+                votes[i, j] = CLASSES[t].index(result.value[t])
+            answers[int(i)] = "ok"
+        else:
+            answers[int(i)] = f"failed:{result.failure}"
+    return votes, answers, client.usage.as_dict()
+
+
+def collect_votes(voters: Sequence[str], probs: dict[str, np.ndarray], order: np.ndarray, files: Sequence[str],
+                  relabel_params: dict[str, Any], cache_dir: str):
+    """Step 5: one ``(n, tasks)`` vote matrix per voter (-1 = abstained/failed), in ``voters`` order.
+
+    ``model`` votes from the out-of-fold probabilities (``relabel.model_threshold``); ``openai``
+    and ``anthropic`` are asked about the images in ``order`` only, with their
+    ``relabel.<provider>`` settings. Returns ``(votes, answers, usage)`` (per VLM voter).
+    """
+    n = len(files)
+    votes, answers, usage = [], {}, {}
+    for voter in voters:
+        if voter == "model":
+            votes.append(model_votes(probs, relabel_params.get("model_threshold", 0.5)))
+        elif voter in ("openai", "anthropic"):
+            v, answers[voter], usage[voter] = vlm_votes(voter, relabel_params.get(voter, {}), cache_dir,
+                                                        files, order, n)
+            votes.append(v)
+        else:
+            raise ValueError(f"relabel.voters: unknown voter {voter!r} ({', '.join(VOTERS)})")
+    return votes, answers, usage
+
+
+def change_table(pool: pd.DataFrame, labels: np.ndarray, new: np.ndarray, flags: np.ndarray, scores: np.ndarray,
+                 voters: Sequence[str], votes: Sequence[np.ndarray], answers: dict) -> tuple[pd.DataFrame, pd.DataFrame]:
+    """Step 7: ``(relabelled, changes)``.
+
+    ``relabelled`` is ``pool`` with the ``new`` labels, ``+relabel`` appended to the provenance
+    of every changed image. ``changes`` has one row per flagged (image, task): old and new label,
+    ``changed``, the self-confidence score and each voter's answer (a label, ``abstain`` or the
+    failure).
+    """
+    relabelled = pool.copy()
+    rows = []
+    for j, task in enumerate(TASKS):
+        relabelled[task] = [CLASSES[task][k] for k in new[:, j]]
+        for i in np.nonzero(flags[:, j])[0]:
+            row = {"image_path": pool["image_path"].iat[i], "split": pool["split"].iat[i], "task": task,
+                   "old": CLASSES[task][labels[i, j]], "new": CLASSES[task][new[i, j]],
+                   "changed": bool(new[i, j] != labels[i, j]), "self_confidence": round(float(scores[i, j]), 4)}
+            for voter, v in zip(voters, votes):
+                row[f"vote_{voter}"] = (CLASSES[task][v[i, j]] if v[i, j] >= 0
+                                        else answers.get(voter, {}).get(int(i), "abstain"))
+            rows.append(row)
+    changed_any = (new != labels).any(1)
+    relabelled.loc[changed_any, "provenance"] = relabelled.loc[changed_any, "provenance"] + "+relabel"
+    changes = pd.DataFrame(rows, columns=["image_path", "split", "task", "old", "new", "changed", "self_confidence"]
+                           + [f"vote_{v}" for v in voters])
+    return relabelled, changes
+
+
+def relabel_metrics(labels: np.ndarray, new: np.ndarray, flags: np.ndarray, flagged_before_budget: int,
+                    settings: dict[str, Any], usage: dict) -> dict[str, Any]:
+    """Step 8: flag, change and voter-usage counts (``metrics/relabel.json`` without the clean-label scores)."""
+    changed = new != labels
+    return {
+        **settings,
+        "images": int(len(labels)), "flagged_before_budget": int(flagged_before_budget),
+        "flagged_images": int(flags.any(1).sum()),
+        "flagged_labels": {t: int(flags[:, j].sum()) for j, t in enumerate(TASKS)},
+        "changed_labels": {t: int(changed[:, j].sum()) for j, t in enumerate(TASKS)},
+        "changed_images": int(changed.any(1).sum()),
+        "changes_per_class": {t: {c: int((changed[:, j] & (new[:, j] == k)).sum()) for k, c in enumerate(CLASSES[t])}
+                              for j, t in enumerate(TASKS)},
+        "usage": usage,
+    }
+
+
+@dataclass
+class RelabelResult:
+    """What :func:`run_relabel` produces: the relabelled pool, the change table and the metrics."""
+
+    relabelled: pd.DataFrame
+    changes: pd.DataFrame
+    metrics: dict[str, Any]
+
+
+def run_relabel(pool: pd.DataFrame, relabel_params: dict[str, Any], *, llm_cache_dir: str = ".llm_cache",
+                clean: pd.DataFrame | None = None, progress: bool = True) -> RelabelResult:
+    """Relabel the manifest rows ``pool`` (train and dev together) as ``relabel_params`` says.
+
+    Steps: fold-model config (1), ``k_folds`` out-of-fold probabilities (2, cached under
+    ``cache_dir``), flags (3), budget (4), votes (5), consensus (6), change table (7), metrics
+    (8, plus precision/recall against ``clean`` labels when given, as on the demo). Labels change
+    only for flagged (image, task) pairs on which the voters reach ``consensus``.
+    """
+    p = relabel_params
+    files = pool["file"].tolist()
+    labels = label_matrix(pool)
+    config = fold_model_config(p.get("model"))  # 1
+    probs = out_of_fold_probs(files, labels, config, k=p.get("k_folds", 3), seed=config.seed,  # 2
+                              cache_dir=p.get("cache_dir"), progress=progress)
+    flags, scores = flag_labels(labels, probs, p.get("flag", "confident_learning"), p.get("min_disagreements", 2))  # 3
+    flagged_before_budget = int(flags.any(1).sum())
+    flags, order = apply_budget(flags, scores, p.get("max_flagged"))  # 4
+    voters = list(p.get("voters", ["model"]))
+    votes, answers, usage = collect_votes(voters, probs, order, files, p, llm_cache_dir)  # 5
+    new = consensus(labels, flags, votes, p.get("consensus", "unanimous"))  # 6
+    relabelled, changes = change_table(pool, labels, new, flags, scores, voters, votes, answers)  # 7
+    settings = {"flag": p.get("flag", "confident_learning"), "voters": voters,
+                "consensus": p.get("consensus", "unanimous")}
+    metrics = relabel_metrics(labels, new, flags, flagged_before_budget, settings, usage)  # 8
+    if clean is not None:
+        metrics["against_clean_labels"] = score_corrections(pool, relabelled, clean)
+    return RelabelResult(relabelled, changes, metrics)

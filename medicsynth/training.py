@@ -65,6 +65,7 @@ class TrainConfig:
     seed: int = 0
     device: str = "auto"
     cpu_threads: int | None = 1
+    augment: str = "none"  # classic augmentation of training images: none | randaugment | trivialaugment
     # Data-parallel runs: multiply lr by the number of processes (the global batch grows with
     # it). Off by default, so a launcher change alone does not change the optimiser settings.
     scale_lr_with_world_size: bool = False
@@ -277,6 +278,121 @@ def train_classifier(
             dist.destroy_process_group()
 
 
+def _build_model(config: TrainConfig, info: DistInfo, device: torch.device) -> tuple[MultiTaskClassifier, nn.Module]:
+    """Step 1: the classifier on ``device`` and what the training step calls.
+
+    Returns ``(model, net)``: ``net`` is ``model`` itself, or its ``DistributedDataParallel``
+    wrapper when ``info.world_size`` > 1. Initial weights depend only on ``config.seed`` (the
+    caller seeded every generator), so all ranks start from the same weights.
+    """
+    model = build_classifier(config.arch, pretrained=config.pretrained, dropout=config.dropout).to(device)
+    if device.type == "cuda":
+        model = model.to(memory_format=torch.channels_last)
+        torch.backends.cudnn.benchmark = True
+    net: nn.Module = model
+    if info.world_size > 1:
+        # Same seed on every rank up to here, so the initial weights agree (DDP also broadcasts
+        # rank 0's); from here each rank draws its own dropout masks, still from fixed seeds.
+        torch.manual_seed(int(np.random.SeedSequence([config.seed, info.rank]).generate_state(1)[0]))
+        net = nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None)
+    return model, net
+
+
+def _build_loaders(
+    train_files: Sequence[str], train_labels: np.ndarray, dev_files: Sequence[str] | None,
+    dev_labels: np.ndarray | None, config: TrainConfig, info: DistInfo, device: torch.device,
+):
+    """Step 2: ``(train_loader, dev_loader)``; ``dev_loader`` is ``None`` without dev files.
+
+    Both are sharded over the ranks of a data-parallel run; only the training loader applies
+    ``config.augment`` (evaluation is never augmented).
+    """
+    world = info.world_size
+    common = dict(resize=config.resize, crop=config.crop, seed=config.seed, backend=config.loader,
+                  device=device, num_workers=config.num_workers, channels_last=device.type == "cuda",
+                  shard=(info.rank, world) if world > 1 else None)
+    train_loader = make_loader(train_files, train_labels, batch_size=config.batch_size, train=True,
+                               augment=config.augment, **common)
+    dev_loader = None
+    if dev_files is not None and len(dev_files):
+        dev_loader = make_loader(dev_files, dev_labels, batch_size=config.batch_size * 2, train=False, **common)
+    return train_loader, dev_loader
+
+
+def _build_optimiser(model: nn.Module, config: TrainConfig, world: int, steps_per_epoch: int):
+    """Step 3: ``(optimiser, scheduler, peak_lr)``: AdamW, linear warm-up then cosine decay.
+
+    The schedule spans ``config.epochs * steps_per_epoch`` steps; ``peak_lr`` is ``config.lr``,
+    times ``world`` when ``config.scale_lr_with_world_size``.
+    """
+    lr = config.lr * world if config.scale_lr_with_world_size else config.lr
+    optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=config.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimiser, _lr_lambda(config.epochs * steps_per_epoch, int(config.warmup_epochs * steps_per_epoch))
+    )
+    return optimiser, scheduler, lr
+
+
+def _train_epoch(net: nn.Module, loader, losses: dict[str, nn.Module], optimiser, scheduler,
+                 device: torch.device, world: int, desc: str, progress: bool) -> tuple[float, int]:
+    """Step 4: one pass over ``loader``; returns ``(mean training loss, images seen by all ranks)``.
+
+    The loss is the sum of the four tasks' cross-entropies; bf16 autocast on CUDA. Under
+    data parallelism the returned loss is the mean over ranks (equal step counts by
+    :func:`medicsynth.loaders.shard_plan`).
+    """
+    net.train()
+    use_bf16 = device.type == "cuda"
+    # Summed on the device and read once per epoch: a per-step .item() would sync the GPU.
+    total_loss, batches, seen = torch.zeros((), device=device), 0, 0
+    for images, labels in tqdm(loader, desc=desc, disable=None if progress else True, leave=False):
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+            logits = net(images)
+            loss = sum(losses[t](logits[t].float(), labels[:, j]) for j, t in enumerate(TASKS))
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        optimiser.step()
+        scheduler.step()
+        total_loss += loss.detach().float()
+        batches += 1
+        seen += len(labels) * world  # every rank runs the same batch sizes (shard_plan)
+    train_loss = float(total_loss) / max(1, batches)
+    if world > 1:
+        summed = torch.tensor(train_loss, dtype=torch.float64, device=device)
+        dist.all_reduce(summed)
+        train_loss = float(summed) / world
+    return train_loss, seen
+
+
+def _dev_scores(model: nn.Module, dev_loader, dev_labels: np.ndarray, info: DistInfo,
+                device: torch.device) -> dict[str, float]:
+    """Step 5: ``{"dev_mean_macro_f1", "dev_macro_f1/<task>"...}`` of ``model`` on the dev set.
+
+    Every rank predicts its shard; the shards are all-gathered, so all ranks score identical
+    arrays and take the same early-stopping decision.
+    """
+    probs = predict_loader(model, dev_loader, device)
+    if info.world_size > 1:
+        probs = _gather_shards(probs, len(dev_labels), info, device)
+    record = {"dev_mean_macro_f1": mean_macro_f1(dev_labels, probs)}
+    for j, t in enumerate(TASKS):
+        record[f"dev_macro_f1/{t}"] = float(
+            f1_score(dev_labels[:, j], probs[t].argmax(1), labels=range(NUM_CLASSES[t]), average="macro", zero_division=0)
+        )
+    return record
+
+
+def _log(live: Any | None, record: dict[str, float]) -> None:
+    """Step 6: send one epoch's record to DVCLive (when a logger is given)."""
+    if live is None:
+        return
+    for key, value in record.items():
+        if key != "epoch":
+            live.log_metric(key, value)
+    live.next_step()
+
+
 def _train(
     train_files: Sequence[str],
     train_labels: np.ndarray,
@@ -289,80 +405,36 @@ def _train(
     live: Any | None,
     progress: bool,
 ) -> TrainResult:
-    world = info.world_size
-    model = build_classifier(config.arch, pretrained=config.pretrained, dropout=config.dropout).to(device)
-    if device.type == "cuda":
-        model = model.to(memory_format=torch.channels_last)
-        torch.backends.cudnn.benchmark = True
-    net: nn.Module = model  # what the training step calls: the model, or its DDP wrapper
-    if world > 1:
-        # Same seed on every rank up to here, so the initial weights agree (DDP also broadcasts
-        # rank 0's); from here each rank draws its own dropout masks, still from fixed seeds.
-        torch.manual_seed(int(np.random.SeedSequence([config.seed, info.rank]).generate_state(1)[0]))
-        net = nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None)
-    shard = (info.rank, world) if world > 1 else None
-    common = dict(resize=config.resize, crop=config.crop, seed=config.seed, backend=config.loader,
-                  device=device, num_workers=config.num_workers, channels_last=device.type == "cuda",
-                  shard=shard)
-    train_loader = make_loader(train_files, train_labels, batch_size=config.batch_size, train=True, **common)
-    dev_loader = None
-    if dev_files is not None and len(dev_files):
-        dev_loader = make_loader(dev_files, dev_labels, batch_size=config.batch_size * 2, train=False, **common)
+    """The training procedure of :func:`train_classifier` on an initialised process (group).
 
+    Steps: build the model (1), the loaders (2) and the optimiser (3); then per epoch train (4),
+    score dev (5, when given), log (6) and keep the best state; stop after ``config.patience``
+    epochs without dev improvement. Without dev, the last epoch is kept. Results depend only on
+    the data, ``config`` and the world size, never on time (``seconds`` is only reported).
+    """
+    world = info.world_size
+    model, net = _build_model(config, info, device)
+    train_loader, dev_loader = _build_loaders(train_files, train_labels, dev_files, dev_labels,
+                                              config, info, device)
     weights = class_weights(train_labels, config.class_weighting)
     losses = {t: nn.CrossEntropyLoss(weight=None if w is None else w.to(device)) for t, w in weights.items()}
-    lr = config.lr * world if config.scale_lr_with_world_size else config.lr
-    optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=config.weight_decay)
-    steps_per_epoch = max(1, len(train_loader))
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimiser, _lr_lambda(config.epochs * steps_per_epoch, int(config.warmup_epochs * steps_per_epoch))
-    )
-    use_bf16 = device.type == "cuda"
+    optimiser, scheduler, lr = _build_optimiser(model, config, world, max(1, len(train_loader)))
 
     best_state, best_score, best_epoch, bad_epochs = None, -1.0, 0, 0
     history: list[dict[str, float]] = []
     seen, start = 0, time.perf_counter()
     for epoch in range(config.epochs):
-        net.train()
         train_loader.set_epoch(epoch)
-        # Summed on the device and read once per epoch: a per-step .item() would sync the GPU.
-        total_loss, batches = torch.zeros((), device=device), 0
-        bar = tqdm(train_loader, desc=f"{config.arch} epoch {epoch + 1}/{config.epochs}", disable=None if progress else True, leave=False)
-        for images, labels in bar:
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                logits = net(images)
-                loss = sum(losses[t](logits[t].float(), labels[:, j]) for j, t in enumerate(TASKS))
-            optimiser.zero_grad(set_to_none=True)
-            loss.backward()
-            optimiser.step()
-            scheduler.step()
-            total_loss += loss.detach().float()
-            batches += 1
-            seen += len(labels) * world  # every rank runs the same batch sizes (shard_plan)
-        train_loss = float(total_loss) / max(1, batches)
+        train_loss, epoch_seen = _train_epoch(net, train_loader, losses, optimiser, scheduler, device, world,
+                                              f"{config.arch} epoch {epoch + 1}/{config.epochs}", progress)
+        seen += epoch_seen
         if world > 1:
-            # Equal step counts on all ranks (shard_plan): the epoch's loss is the mean of theirs.
-            summed = torch.tensor(train_loss, dtype=torch.float64, device=device)
-            dist.all_reduce(summed)
-            train_loss = float(summed) / world
             _sync_buffers(model)
         record = {"epoch": epoch + 1, "train_loss": train_loss, "lr": scheduler.get_last_lr()[0]}
         if dev_loader is not None:
-            probs = predict_loader(model, dev_loader, device)
-            if world > 1:
-                probs = _gather_shards(probs, len(dev_labels), info, device)
-            record["dev_mean_macro_f1"] = mean_macro_f1(dev_labels, probs)
-            for j, t in enumerate(TASKS):
-                record[f"dev_macro_f1/{t}"] = float(
-                    f1_score(dev_labels[:, j], probs[t].argmax(1), labels=range(NUM_CLASSES[t]), average="macro", zero_division=0)
-                )
+            record.update(_dev_scores(model, dev_loader, dev_labels, info, device))
         history.append(record)
-        if live is not None:
-            for key, value in record.items():
-                if key != "epoch":
-                    live.log_metric(key, value)
-            live.next_step()
+        _log(live, record)
         score = record.get("dev_mean_macro_f1", float(epoch))
         if score > best_score:
             best_score, best_epoch, bad_epochs = score, epoch + 1, 0
@@ -403,6 +475,7 @@ def predict_files(
 
 
 def config_dict(config: TrainConfig) -> dict:
+    """``config`` as a plain JSON-ready dict (recorded in the saved model's metadata)."""
     return asdict(config)
 
 

@@ -1,15 +1,17 @@
-"""Stage ``compare``: variants (original, relabelled, augmented) on the ORIGINAL test labels.
+"""Stage ``compare``: variants over training seeds on the ORIGINAL test labels.
 
-Reads ``compare`` from params.yaml and ``data/predictions/{variant}-{arch}/test.tsv`` per variant
-(written by the evaluate stage); the original training manifest defines the minority classes.
-Writes:
+Reads ``compare`` from params.yaml and ``data/predictions/{variant}-{arch}-s{seed}/test.tsv`` per
+variant and training seed (written by the evaluate stage); the original training manifest defines
+the minority classes. Writes:
 
-- ``metrics/compare.json``: macro-F1 and per-class F1 per variant with bootstrap intervals, and
-  the differences variant − original with intervals, p-values and a ``significant`` flag;
-- ``metrics/compare.md``: the same as Markdown tables, minority classes highlighted;
-- ``plots/compare_macro_f1.png``, ``plots/compare_per_class_f1.png``: bars with interval error bars.
+- ``metrics/compare.json``: per variant the mean ± sd over seeds of macro-F1 and per-class F1
+  with two-way bootstrap intervals (seeds × test images), the differences variant − original
+  with intervals, p-values and verdicts (better / no evidence / worse);
+- ``metrics/compare.md``: the same as Markdown tables, verdicts and minority classes first;
+- ``plots/compare_macro_f1.png``, ``plots/compare_per_class_f1.png``: bars with interval error
+  bars; ``plots/compare_diff.png``: the differences to original with their intervals.
 
-A variant without predictions is skipped with a note; the original variant is required.
+A variant without the predictions of every seed is skipped with a note; original is required.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ METRICS_JSON = "metrics/compare.json"
 REPORT_MD = "metrics/compare.md"
 MACRO_PNG = "plots/compare_macro_f1.png"
 PER_CLASS_PNG = "plots/compare_per_class_f1.png"
+DIFF_PNG = "plots/compare_diff.png"
 
 
 def main() -> None:
@@ -40,16 +43,21 @@ def main() -> None:
     arch = cfg.get("arch") or params.get("train", {}).get("archs", [None])[0]
     if not arch:
         raise SystemExit("params.yaml: set compare.arch (or train.archs) to choose the models to compare")
+    seeds = cfg.get("seeds") or params.get("train", {}).get("seeds")
+    if not seeds:
+        raise SystemExit("params.yaml: set train.seeds (or compare.seeds) to the training seeds to compare")
 
     result = run_compare(
         predictions_dir=PREDICTIONS_DIR,
         variants=list(variants),
         arch=str(arch),
+        seeds=[int(x) for x in seeds],
         train_manifest=TRAIN_MANIFEST,
         out_json=METRICS_JSON,
         out_md=REPORT_MD,
         macro_plot=MACRO_PNG,
         per_class_plot=PER_CLASS_PNG,
+        diff_plot=DIFF_PNG,
         minority_share=float(cfg.get("minority_share", 0.10)),
         n_boot=int(cfg.get("n_boot", 1000)),
         seed=int(cfg.get("seed", 0)),
@@ -57,11 +65,10 @@ def main() -> None:
     )
     for v, reason in result["skipped"].items():
         print(f"compare: skipped {v}: {reason}")
-    line = ", ".join(f"{v} {m['value']:.3f}" for v, m in result["mean_macro_f1"].items())
-    print(f"compare ({arch}, n={result['n_test']}): mean macro-F1 {line}")
+    line = ", ".join(f"{v} {m['mean']:.3f}±{m['sd']:.3f}" for v, m in result["mean_macro_f1"].items())
+    print(f"compare ({arch}, seeds {result['seeds']}, n={result['n_test']}): mean macro-F1 {line}")
     for key, d in result["mean_macro_f1_diff"].items():
-        flag = " (significant)" if d["significant"] else ""
-        print(f"  {key}: {d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]{flag}")
+        print(f"  {key}: {d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}] {d['verdict']}")
 
 
 if __name__ == "__main__":

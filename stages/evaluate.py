@@ -1,7 +1,7 @@
 """evaluate: score one trained model on the test split (original labels) and on its dev split.
 
-Usage: python stages/evaluate.py --variant original --arch small_cnn
-Outputs: metrics/evaluate/<name>.json (test; headline macro-F1), metrics/dev/<name>.json (dev
+Usage: python stages/evaluate.py --variant original --arch small_cnn --seed 0
+Outputs, with name = <variant>-<arch>-s<seed>: metrics/evaluate/<name>.json (test; headline macro-F1), metrics/dev/<name>.json (dev
 per-class F1, read by allocate), data/predictions/<name>/test.tsv (for compare),
 plots/evaluate/<name>/ (confusion matrices, per-class F1).
 Test labels are always the original ones from data/prepared/test.tsv; if the relabel stage was
@@ -26,9 +26,10 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--variant", required=True)
     parser.add_argument("--arch", required=True)
+    parser.add_argument("--seed", type=int, required=True, help="training seed of the model")
     args = parser.parse_args()
     config = from_section(EvaluateConfig, load_params(), "evaluate")
-    name = f"{args.variant}-{args.arch}"
+    name = f"{args.variant}-{args.arch}-s{args.seed}"
     model, meta = load_classifier(Path("models") / name / "model.pt")
 
     test_df = read_manifest("data/prepared/test.tsv")

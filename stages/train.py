@@ -1,12 +1,13 @@
 """train: fit the multi-task classifier on one dataset variant with one architecture.
 
-Usage: python stages/train.py --variant original --arch small_cnn
+Usage: python stages/train.py --variant original --arch small_cnn --seed 0
 Multi-GPU (one process per GPU, data-parallel; batch_size is per process):
-    accelerate launch --multi_gpu --num_processes 8 stages/train.py --variant augmented --arch resnet50
-    torchrun --standalone --nproc_per_node 8 stages/train.py --variant augmented --arch resnet50
-Outputs: models/<variant>-<arch>/model.pt, metrics/train/<variant>-<arch>.json (summary) and the
-DVCLive per-epoch logs in metrics/train/<variant>-<arch>/ (declared as plots in dvc.yaml). Only
-rank 0 writes them; the other ranks train and exit.
+    accelerate launch --multi_gpu --num_processes 8 stages/train.py --variant augmented --arch resnet50 --seed 0
+    torchrun --standalone --nproc_per_node 8 stages/train.py --variant augmented --arch resnet50 --seed 0
+Outputs, with name = <variant>-<arch>-s<seed>: models/<name>/model.pt, metrics/train/<name>.json
+(summary) and the DVCLive per-epoch logs in metrics/train/<name>/ (declared as plots in dvc.yaml).
+Only rank 0 writes them; the other ranks train and exit. The variant's classic augmentation is
+train.augment[<variant>] (none when not listed).
 """
 
 from __future__ import annotations
@@ -23,19 +24,39 @@ from medicsynth.models import save_classifier
 from medicsynth.params import load_params, section
 from medicsynth.training import TrainConfig, config_dict, dist_info, train_classifier
 
+# train keys that are not TrainConfig fields: the matrix axes and the per-variant policy map.
+MATRIX_KEYS = ("archs", "seeds", "augment")
+
+
+def train_config(params: dict, variant: str, arch: str, seed: int) -> TrainConfig:
+    """The TrainConfig of one matrix entry from params.yaml's ``train`` section.
+
+    ``seed`` and ``arch`` come from the matrix; ``augment`` from ``train.augment[variant]``
+    (``none`` when the variant is not listed). Raises ``ValueError`` naming the key for a
+    ``train.augment`` that is not a mapping or a ``train.seed`` left from the old layout.
+    """
+    if "seed" in params:
+        raise ValueError("params.yaml: train.seed is replaced by train.seeds (a list, e.g. [0, 1, 2])")
+    augment = params.get("augment") or {}
+    if not isinstance(augment, dict):
+        raise ValueError(f"params.yaml: train.augment must map variants to a policy "
+                         f"(e.g. {{classic_aug: trivialaugment}}), got {augment!r}")
+    fields = {k: v for k, v in params.items() if k not in MATRIX_KEYS}
+    return TrainConfig(arch=arch, seed=int(seed), augment=str(augment.get(variant, "none")), **fields)
+
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--variant", required=True)
     parser.add_argument("--arch", required=True)
+    parser.add_argument("--seed", type=int, required=True, help="training seed (one of train.seeds)")
     args = parser.parse_args()
 
-    params = section(load_params(), "train")
-    config = TrainConfig(arch=args.arch, **{k: v for k, v in params.items() if k != "archs"})
+    config = train_config(section(load_params(), "train"), args.variant, args.arch, args.seed)
     variant_dir = Path("data/variants") / args.variant
     train_df = read_manifest(variant_dir / "train.tsv")
     dev_df = read_manifest(variant_dir / "dev.tsv")
-    name = f"{args.variant}-{args.arch}"
+    name = f"{args.variant}-{args.arch}-s{args.seed}"
     main_process = dist_info().is_main
 
     # dvcyaml=None/save_dvc_exp=False: dvc.yaml declares these plots itself. Other ranks of a
@@ -49,7 +70,7 @@ def main() -> None:
         )
     if not main_process:
         return
-    meta = {"arch": args.arch, "variant": args.variant, "resize": config.resize, "crop": config.crop,
+    meta = {"arch": args.arch, "variant": args.variant, "seed": args.seed, "resize": config.resize, "crop": config.crop,
             "dropout": config.dropout, "config": config_dict(config)}
     save_classifier(result.model, Path("models") / name / "model.pt", meta)
     write_json(
@@ -59,6 +80,8 @@ def main() -> None:
             "best_dev_mean_macro_f1": result.best_dev_macro_f1,
             "train_rows": len(train_df),
             "synthetic_rows": int((train_df["source"] == "synthetic").sum()),
+            "seed": args.seed,
+            "augment": config.augment,
             "seconds": round(result.seconds, 2),
             "train_images_per_second": round(result.images_per_second, 1),
             "loader": result.loader_backend,

@@ -16,8 +16,11 @@ BIN = Path(sys.executable).parent
 # A tiny configuration of every stage, so the whole pipeline runs in about a minute on 2 cores.
 TINY_PARAMS = {
     "data": {"demo": {"n_train": 240, "n_dev": 80, "n_test": 80, "image_size": 32}},
-    "train": {"epochs": 2, "batch_size": 32, "resize": 32, "crop": 28, "patience": 2, "num_workers": 1},
-    "relabel": {"k_folds": 2, "cv_epochs": 1},
+    # One seed (the demo trains three): every variant × seed is one training; the e2e test adds
+    # a second with `dvc exp run -S train.seeds=[0,1]`.
+    "train": {"seeds": [0], "epochs": 2, "batch_size": 32, "resize": 32, "crop": 28, "patience": 2,
+              "num_workers": 1},
+    "relabel": {"k_folds": 2, "model": {"epochs": 1, "batch_size": 32, "resize": 32, "crop": 28, "num_workers": 1}},
     "allocate": {"total": 24},
     "adapt": {"demo": {"vae_steps": 6, "vae_batch": 8, "unet_steps": 8, "unet_batch": 8, "warmup_steps": 2,
                        "tiny": {"image_size": 32}}},

@@ -1,4 +1,4 @@
-"""Variant comparison on small synthetic prediction TSVs: JSON, Markdown, PNGs and errors."""
+"""Variant comparison over training seeds on small synthetic prediction TSVs: JSON, Markdown, PNGs, errors."""
 
 from __future__ import annotations
 
@@ -95,33 +95,42 @@ def write_predictions(path: Path, y: dict, pred: dict, with_probs: bool = False,
     df.to_csv(path, sep="\t", index=False)
 
 
+SEEDS = (0, 1, 2)
+
+
+def pred_path(root: Path, variant: str, seed: int) -> Path:
+    return root / f"data/predictions/{variant}-{ARCH}-s{seed}/test.tsv"
+
+
 @pytest.fixture
 def project(tmp_path):
-    """A tmp project dir with train manifest and predictions of 3 variants; returns its data."""
+    """A tmp project dir with a train manifest and predictions of 3 variants × 3 seeds."""
     rng = np.random.default_rng(42)
     y = {t: rng.choice(len(CLASSES[t]), N_TEST, p=TRAIN_SHARES[t]) for t in TASKS}
     systems = {
-        "original": make_system(y, 0.6, seed=1),
-        "augmented": make_system(y, 0.6, seed=1, fix=MINORITY),
+        "original": [make_system(y, 0.6, seed=1 + s) for s in SEEDS],
+        "augmented": [make_system(y, 0.6, seed=1 + s, fix=MINORITY) for s in SEEDS],
     }
     systems["relabelled"] = systems["original"]  # identical: its differences must be exactly 0
     write_train_manifest(tmp_path / "data/variants/original/train.tsv")
-    for v, pred in systems.items():
-        write_predictions(tmp_path / f"data/predictions/{v}-{ARCH}/test.tsv", y, pred,
-                          with_probs=v == "original")
+    for v, preds in systems.items():
+        for s, pred in zip(SEEDS, preds):
+            write_predictions(pred_path(tmp_path, v, s), y, pred, with_probs=v == "original")
     return {"root": tmp_path, "y": y, "systems": systems}
 
 
-def compare(root: Path, variants=("original", "relabelled", "augmented"), **kw):
+def compare(root: Path, variants=("original", "relabelled", "augmented"), seeds=SEEDS, **kw):
     return run_compare(
         predictions_dir=root / "data/predictions",
         variants=list(variants),
         arch=ARCH,
+        seeds=list(seeds),
         train_manifest=root / "data/variants/original/train.tsv",
         out_json=root / "metrics/compare.json",
         out_md=root / "metrics/compare.md",
         macro_plot=root / "plots/compare_macro_f1.png",
         per_class_plot=root / "plots/compare_per_class_f1.png",
+        diff_plot=root / "plots/compare_diff.png",
         n_boot=kw.pop("n_boot", 300),
         **kw,
     )
@@ -145,44 +154,55 @@ def test_compare_end_to_end(project):
 
     saved = read_json(root / "metrics/compare.json")
     assert saved == json.loads(json.dumps(result))  # plain JSON, nothing lost
-    assert saved["variants"] == ["original", "relabelled", "augmented"]
+    assert saved["variants"] == ["original", "relabelled", "augmented"] and saved["seeds"] == list(SEEDS)
     assert saved["skipped"] == {} and saved["n_test"] == N_TEST and saved["arch"] == ARCH
     assert saved["tasks_compared"] == list(TASKS)
+    assert "two-way bootstrap" in saved["method"]
 
     for task in TASKS:
         entry = saved["tasks"][task]
         for v in saved["variants"]:
-            ref = task_report(y[task], systems[v][task], CLASSES[task])
+            refs = [task_report(y[task], systems[v][s][task], CLASSES[task]) for s in SEEDS]
+            per_seed = np.array([r["macro_f1"] for r in refs])
             m = entry["macro_f1"][v]
-            assert m["value"] == pytest.approx(ref["macro_f1"])
-            assert m["low"] <= m["value"] <= m["high"]
+            assert [m["per_seed"][str(s)] for s in SEEDS] == pytest.approx(per_seed)
+            assert m["mean"] == pytest.approx(per_seed.mean())
+            assert m["sd"] == pytest.approx(per_seed.std(ddof=1))
+            assert m["low"] <= m["mean"] <= m["high"]
             for c in CLASSES[task]:
-                assert entry["classes"][c]["f1"][v]["value"] == pytest.approx(ref["per_class"][c]["f1"])
-                assert entry["classes"][c]["support"] == ref["per_class"][c]["support"]
+                f1 = np.mean([r["per_class"][c]["f1"] for r in refs])
+                assert entry["classes"][c]["f1"][v]["mean"] == pytest.approx(f1)
+                assert entry["classes"][c]["support"] == refs[0]["per_class"][c]["support"]
         assert {c for c, i in entry["classes"].items() if i["minority"]} == set(MINORITY[task])
-        # Identical predictions: zero difference with a degenerate interval, never significant.
+        # Identical predictions: zero difference with a degenerate interval, no evidence either way.
         same = entry["diff"]["relabelled-original"]
         assert (same["macro_f1"]["diff"], same["macro_f1"]["low"], same["macro_f1"]["high"]) == (0, 0, 0)
-        assert not any(d["significant"] for d in same["per_class_f1"].values())
-        # ECE only where probabilities were given.
-        assert set(entry["ece"]) == {"original"}
+        assert {d["verdict"] for d in same["per_class_f1"].values()} == {"no evidence"}
+        assert set(entry["ece"]) == {"original"}  # ECE only where every seed gave probabilities
 
-    # Augmented fixes the minority classes: significant gains exactly there.
+    # Augmented fixes the minority classes on every seed: "better" exactly there.
     for task, fixed in MINORITY.items():
         diff = saved["tasks"][task]["diff"]["augmented-original"]
         for c in fixed:
             d = diff["per_class_f1"][c]
-            assert d["significant"] and d["low"] > 0, (task, c, d)
-            assert d["diff"] == pytest.approx(1.0 - saved["tasks"][task]["classes"][c]["f1"]["original"]["value"])
+            assert d["verdict"] == "better" and d["low"] > 0, (task, c, d)
+            assert d["diff"] == pytest.approx(1.0 - saved["tasks"][task]["classes"][c]["f1"]["original"]["mean"])
+            assert saved["verdicts"]["augmented-original"]["minority_classes"][f"{task}/{c}"] == "better"
         if fixed:
-            assert diff["macro_f1"]["significant"] and diff["macro_f1"]["diff"] > 0
-    assert saved["mean_macro_f1_diff"]["augmented-original"]["low"] > 0
-    assert saved["mean_macro_f1_diff"]["relabelled-original"]["diff"] == 0
-    mean = np.mean([saved["tasks"][t]["macro_f1"]["augmented"]["value"] for t in TASKS])
-    assert saved["mean_macro_f1"]["augmented"]["value"] == pytest.approx(mean)
+            assert diff["macro_f1"]["verdict"] == "better"
+    assert saved["verdicts"]["relabelled-original"] == {
+        "mean_macro_f1": "no evidence", "tasks": dict.fromkeys(TASKS, "no evidence"),
+        "minority_classes": {f"{t}/{c}": "no evidence" for t in TASKS for c in MINORITY[t]}}
+    assert saved["mean_macro_f1_diff"]["augmented-original"]["verdict"] == "better"
+    mean = np.mean([saved["tasks"][t]["macro_f1"]["augmented"]["mean"] for t in TASKS])
+    assert saved["mean_macro_f1"]["augmented"]["mean"] == pytest.approx(mean)
 
     md = (root / "metrics/compare.md").read_text()
-    assert "| task | original | relabelled | augmented | relabelled − original | augmented − original |" in md
+    assert "two-way bootstrap" in md and "seeds 0, 1, 2" in md
+    assert "| difference | mean over tasks | damage_severity | informative | humanitarian | disaster_types |" in md
+    assert "## Verdicts" in md and "## Minority classes (F1)" in md
+    verdicts = md.split("## Verdicts")[1].split("##")[0]
+    assert "| ★ disaster_types/landslide F1 | no evidence | better |" in verdicts
     for task in TASKS:
         assert f"## {task}" in md
         for c in CLASSES[task]:
@@ -190,21 +210,46 @@ def test_compare_end_to_end(project):
             assert marked == (c in MINORITY[task]), c
             assert f"| {c} |" in md or marked
     landslide = next(line for line in md.splitlines() if line.startswith("| **★ landslide**"))
-    assert "3.0%" in landslide and "↑" in landslide  # train share, significant gain
-    assert "ECE: original" in md
+    assert "3.0%" in landslide and "better" in landslide  # train share, verdict
+    assert "ECE (mean over seeds): original" in md
 
-    for name in ("compare_macro_f1.png", "compare_per_class_f1.png"):
+    for name in ("compare_macro_f1.png", "compare_per_class_f1.png", "compare_diff.png"):
         with Image.open(root / "plots" / name) as im:
             assert im.format == "PNG" and im.width > 400 and im.height > 300
 
 
-@pytest.mark.slow
-def test_missing_variant_is_skipped_with_a_note(project):
+def test_intervals_include_seed_variance(project):
+    # A variant equal to original on seeds 0 and 1 and perfect on seed 2: its mean gain is
+    # large, but a third of the seed draws miss seed 2, so the interval reaches 0 and the verdict
+    # stays "no evidence". An interval over test images only would exclude 0.
+    root, y, systems = project["root"], project["y"], project["systems"]
+    for s, pred in zip(SEEDS, [*systems["original"][:2], dict(y)]):
+        write_predictions(pred_path(root, "lucky", s), y, pred)
+    result = compare(root, variants=("original", "lucky"), n_boot=400)
+    d = result["mean_macro_f1_diff"]["lucky-original"]
+    assert d["diff"] > 0.1
+    assert d["low"] == pytest.approx(0.0, abs=1e-12) and d["verdict"] == "no evidence"
+    single = compare(root, variants=("original", "lucky"), seeds=(2,), n_boot=400)
+    assert single["mean_macro_f1_diff"]["lucky-original"]["verdict"] == "better"
+
+
+def test_adding_a_variant_leaves_the_others_unchanged(project):
     root = project["root"]
-    (root / f"data/predictions/augmented-{ARCH}/test.tsv").unlink()
+    two = compare(root, variants=("original", "augmented"), n_boot=100)
+    three = compare(root, variants=("original", "relabelled", "augmented"), n_boot=100)
+    assert three["mean_macro_f1"]["augmented"] == two["mean_macro_f1"]["augmented"]
+    assert three["mean_macro_f1_diff"]["augmented-original"] == two["mean_macro_f1_diff"]["augmented-original"]
+    for t in TASKS:
+        assert three["tasks"][t]["diff"]["augmented-original"] == two["tasks"][t]["diff"]["augmented-original"]
+
+
+def test_variant_missing_a_seed_is_skipped_with_a_note(project):
+    root = project["root"]
+    pred_path(root, "augmented", 1).unlink()
     result = compare(root)
     assert result["variants"] == ["original", "relabelled"]
-    assert set(result["skipped"]) == {"augmented"}
+    assert set(result["skipped"]) == {"augmented"} and "augmented-small" not in result["skipped"]["augmented"]
+    assert str(pred_path(root, "augmented", 1)) in result["skipped"]["augmented"]
     assert "augmented-original" not in result["tasks"]["humanitarian"]["diff"]
     md = (root / "metrics/compare.md").read_text()
     assert "Variant **augmented** skipped: no predictions at" in md
@@ -213,7 +258,7 @@ def test_missing_variant_is_skipped_with_a_note(project):
 
 def test_original_is_required(project):
     root = project["root"]
-    (root / f"data/predictions/original-{ARCH}/test.tsv").unlink()
+    pred_path(root, "original", 2).unlink()
     with pytest.raises(FileNotFoundError, match="baseline variant 'original' are required"):
         compare(root)
 
@@ -223,8 +268,7 @@ def test_rows_are_matched_by_image_path(project):
     root, y, systems = project["root"], project["y"], project["systems"]
     first = compare(root, n_boot=100)
     shuffled = np.random.default_rng(0).permutation(N_TEST)
-    write_predictions(root / f"data/predictions/augmented-{ARCH}/test.tsv", y, systems["augmented"],
-                      order=shuffled)
+    write_predictions(pred_path(root, "augmented", 1), y, systems["augmented"][1], order=shuffled)
     assert compare(root, n_boot=100)["tasks"] == first["tasks"]
 
 
@@ -238,7 +282,7 @@ def test_bootstrap_is_deterministic_by_seed(project):
 
 def test_variant_with_other_test_labels_is_rejected(project):
     root = project["root"]
-    path = root / f"data/predictions/relabelled-{ARCH}/test.tsv"
+    path = pred_path(root, "relabelled", 2)
     df = pd.read_csv(path, sep="\t", dtype=str)
     df.loc[5, "humanitarian_true"] = next(
         c for c in CLASSES["humanitarian"] if c != df.loc[5, "humanitarian_true"]
@@ -250,7 +294,7 @@ def test_variant_with_other_test_labels_is_rejected(project):
 
 def test_variant_on_other_images_is_rejected(project):
     root = project["root"]
-    path = root / f"data/predictions/augmented-{ARCH}/test.tsv"
+    path = pred_path(root, "augmented", 0)
     df = pd.read_csv(path, sep="\t", dtype=str)
     df.iloc[:-1].to_csv(path, sep="\t", index=False)
     with pytest.raises(PredictionsError, match="1 missing, 0 extra"):
@@ -258,7 +302,7 @@ def test_variant_on_other_images_is_rejected(project):
 
 
 def test_bad_prediction_files_name_file_row_and_value(tmp_path, project):
-    src = project["root"] / f"data/predictions/original-{ARCH}/test.tsv"
+    src = pred_path(project["root"], "original", 0)
     df = pd.read_csv(src, sep="\t", dtype=str)
     bad = df.copy()
     bad.loc[4, "damage_severity_pred"] = "moderate"
@@ -293,8 +337,8 @@ def test_stage_script_runs_from_params(project):
     root = project["root"]
     (root / "params.yaml").write_text(
         "variants: [original, relabelled, augmented, ghost]\n"
-        f"train:\n  archs: [{ARCH}]\n"
-        "compare:\n  variants: null\n  arch: null\n  n_boot: 200\n  seed: 0\n"
+        f"train:\n  archs: [{ARCH}]\n  seeds: [0, 1, 2]\n"
+        "compare:\n  variants: null\n  arch: null\n  seeds: null\n  n_boot: 200\n  seed: 0\n"
         "  minority_share: 0.05\n  ci: 0.9\n"
     )
     env = {**os.environ, "PYTHONPATH": str(REPO)}
@@ -304,8 +348,11 @@ def test_stage_script_runs_from_params(project):
     assert "skipped ghost" in proc.stdout and "augmented-original" in proc.stdout
     result = read_json(root / "metrics/compare.json")
     assert result["ci"] == 0.9 and result["n_boot"] == 200 and result["minority_share"] == 0.05
-    assert result["skipped"] == {"ghost": f"no predictions at data/predictions/ghost-{ARCH}/test.tsv"}
+    assert result["skipped"] == {"ghost": "no predictions at " + ", ".join(
+        f"data/predictions/ghost-{ARCH}-s{s}/test.tsv" for s in SEEDS)}
+    assert result["seeds"] == list(SEEDS)
     assert not result["tasks"]["damage_severity"]["classes"]["mild"]["minority"]  # 8% >= 5%
     assert result["tasks"]["disaster_types"]["classes"]["landslide"]["minority"]
-    for name in ("metrics/compare.md", "plots/compare_macro_f1.png", "plots/compare_per_class_f1.png"):
+    for name in ("metrics/compare.md", "plots/compare_macro_f1.png", "plots/compare_per_class_f1.png",
+                 "plots/compare_diff.png"):
         assert (root / name).stat().st_size > 0

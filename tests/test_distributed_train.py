@@ -162,7 +162,7 @@ def test_bad_shards_are_refused(dataset):
 # ------------------------------------------------------------------------ two-process stage run
 
 TINY_TRAIN = {"archs": ["small_cnn"], "epochs": 2, "batch_size": 16, "resize": 32, "crop": 28,
-              "patience": 2, "loader": "torch", "num_workers": 0, "device": "cpu", "seed": 0,
+              "patience": 2, "loader": "torch", "num_workers": 0, "device": "cpu", "seeds": [0],
               "lr": 0.003}
 
 
@@ -213,7 +213,7 @@ def _worker(record_dir: str) -> None:
     training.make_loader = recording_make_loader
     training.train_classifier = recording_train
     dvclive.Live = RecordingLive  # the stage imports Live when runpy executes it
-    sys.argv = ["stages/train.py", "--variant", "tiny", "--arch", "small_cnn"]
+    sys.argv = ["stages/train.py", "--variant", "tiny", "--arch", "small_cnn", "--seed", "0"]
     runpy.run_path(str(REPO / "stages" / "train.py"), run_name="__main__")
     Path(record_dir, f"rank{rank}.json").write_text(json.dumps(record))
 
@@ -246,18 +246,18 @@ def two_process_run(tmp_path_factory):
 @pytest.mark.e2e
 def test_two_processes_write_one_model_and_one_summary(two_process_run):
     work, demo, ranks, _ = two_process_run
-    assert sorted(p.name for p in (work / "models").iterdir()) == ["tiny-small_cnn"]
-    assert sorted(p.name for p in (work / "models/tiny-small_cnn").iterdir()) == ["model.pt"]
+    assert sorted(p.name for p in (work / "models").iterdir()) == ["tiny-small_cnn-s0"]
+    assert sorted(p.name for p in (work / "models/tiny-small_cnn-s0").iterdir()) == ["model.pt"]
     assert sorted(p.name for p in (work / "metrics/train").iterdir()) == [
-        "tiny-small_cnn", "tiny-small_cnn.json"]
+        "tiny-small_cnn-s0", "tiny-small_cnn-s0.json"]
     # Only rank 0 opened DVCLive; its log has one row per epoch, not one per rank.
-    assert ranks[0]["live_dirs"] == ["metrics/train/tiny-small_cnn"]
+    assert ranks[0]["live_dirs"] == ["metrics/train/tiny-small_cnn-s0"]
     assert ranks[1]["live_dirs"] == []
-    summary = json.loads((work / "metrics/train/tiny-small_cnn.json").read_text())
+    summary = json.loads((work / "metrics/train/tiny-small_cnn-s0.json").read_text())
     assert summary["world_size"] == 2 and summary["global_batch_size"] == 32
     assert summary["lr"] == TINY_TRAIN["lr"]  # scale_lr_with_world_size is off by default
     assert summary["epochs_run"] == len(ranks[0]["history"])
-    logged = (work / "metrics/train/tiny-small_cnn/plots/metrics/train_loss.tsv").read_text()
+    logged = (work / "metrics/train/tiny-small_cnn-s0/plots/metrics/train_loss.tsv").read_text()
     assert len(logged.strip().splitlines()) == 1 + summary["epochs_run"]  # header + epochs
     assert all(not r["group_left_initialised"] for r in ranks)  # process group destroyed
 
@@ -291,7 +291,7 @@ def test_ranks_stay_in_sync_and_saved_model_loads(two_process_run):
     assert ranks[0]["history"] == ranks[1]["history"]
     assert ranks[0]["world_size"] == ranks[1]["world_size"] == 2
 
-    model, meta = load_classifier(work / "models/tiny-small_cnn")
+    model, meta = load_classifier(work / "models/tiny-small_cnn-s0")
     assert meta["config"]["scale_lr_with_world_size"] is False
     dev_files = demo["dev"]["file"].tolist()
     probs = predict_files(model, meta, dev_files, device="cpu", loader="torch", num_workers=0)
@@ -300,7 +300,7 @@ def test_ranks_stay_in_sync_and_saved_model_loads(two_process_run):
         np.testing.assert_allclose(p.sum(1), 1.0, atol=1e-5)
     # The dev score logged for the best epoch came from the sharded, all-gathered predictions;
     # a single process scoring the saved model on the whole dev set must find the same value.
-    summary = json.loads((work / "metrics/train/tiny-small_cnn.json").read_text())
+    summary = json.loads((work / "metrics/train/tiny-small_cnn-s0.json").read_text())
     assert mean_macro_f1(label_matrix(demo["dev"]), probs) == pytest.approx(
         summary["best_dev_mean_macro_f1"], abs=1e-9)
 

@@ -284,3 +284,44 @@ def test_one_batch_larger_than_dataset_without_crop_margin(dataset, backend):
     assert images.shape == (2, 3, CROP, CROP)
     plan = epoch_plan(2, resize=CROP, crop=CROP, train=True, seed=0, epoch=0)
     np.testing.assert_array_equal(got.numpy(), labels[:2][plan.order])
+
+
+# ------------------------------------------------------------------------ classic augmentation
+
+
+@pytest.mark.parametrize("augment", ["randaugment", "trivialaugment"])
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_classic_augmentation_is_seeded_and_training_only(dataset, backend, augment):
+    files, labels = dataset
+
+    def epoch(seed, epoch_no=1, train=True, policy=augment):
+        loader = _loader(dataset, backend, train=train, seed=seed, augment=policy)
+        loader.set_epoch(epoch_no)
+        _, images, got = _epoch(loader)
+        return images, got
+
+    plain, plain_labels = epoch(5, policy="none")
+    once, once_labels = epoch(5)
+    assert torch.equal(once, epoch(5)[0])  # same seed and epoch: the same augmented pixels
+    np.testing.assert_array_equal(once_labels.numpy(), plain_labels.numpy())  # order unchanged
+    assert once.shape == plain.shape
+    # The policy changes pixels: on at least one image by more than JPEG/resampling noise.
+    changed = _grey_level_error(once, plain.numpy()).reshape(N_IMAGES, -1).max(axis=1)
+    assert (changed > 10).any(), changed
+    # Evaluation is never augmented.
+    assert torch.equal(epoch(5, train=False)[0], epoch(5, train=False, policy="none")[0])
+
+
+def test_torch_augmentation_leaves_the_global_rng_alone(dataset):
+    # Under num_workers=0 the policy runs in the training process: it must not consume the
+    # global torch RNG that dropout and weight init draw from.
+    torch.manual_seed(0)
+    expected = torch.rand(3)
+    torch.manual_seed(0)
+    _epoch(_loader(dataset, "torch", train=True, augment="trivialaugment", num_workers=0))
+    assert torch.equal(torch.rand(3), expected)
+
+
+def test_unknown_augmentation_names_the_param(dataset):
+    with pytest.raises(ValueError, match="train.augment"):
+        _loader(dataset, "torch", train=True, augment="autoaugment")

@@ -44,3 +44,43 @@ def test_merge_keeps_real_rows_and_reports_short_pool(make_manifest):
     zero = merge_training_set(real, pool, alloc, 0.0)
     assert len(zero.train) == 20 and not zero.metrics["pool_too_small"]
     assert set(TASKS) <= set(zero.train.columns)
+
+
+def _augmented(real_rows, synthetic_rows):
+    return pd.DataFrame(real_rows + synthetic_rows)
+
+
+def test_oversample_matches_the_augmented_composition_with_real_rows():
+    from medicsynth.merge import oversample_like
+
+    real = pd.DataFrame(_rows(A, 6, "ra", "real") + _rows(B, 2, "rb", "real"))
+    augmented = _augmented(_rows(A, 6, "ra", "real") + _rows(B, 2, "rb", "real"),
+                           _rows(A, 3, "sa", "synthetic") + _rows(B, 5, "sb", "synthetic"))
+    result = oversample_like(real, augmented, seed=0)
+    train = result.train
+    assert len(train) == len(augmented) and set(train["source"]) == {"real"}
+    for task in TASKS:  # the same label composition as the augmented set, task by task
+        assert train[task].value_counts().to_dict() == augmented[task].value_counts().to_dict()
+    repeats = train.iloc[len(real):]
+    assert train["image_path"].is_unique and all("#oversample-" in p for p in repeats["image_path"])
+    assert set(repeats["file"]) <= set(real["file"])  # only real images
+    # 5 repeats of B's 2 real rows: each used 2 or 3 times (a permutation, cycled).
+    counts = repeats[repeats["disaster_types"] == "landslide"]["file"].value_counts()
+    assert sorted(counts.tolist()) == [2, 3]
+    assert result.metrics["inexact"] == 0 and result.metrics["repeated_rows"] == 8
+    assert oversample_like(real, augmented, seed=0).train.equals(train)  # seeded
+    other = oversample_like(real, augmented, seed=1).train
+    assert not other["file"].equals(train["file"])
+
+
+def test_oversample_without_a_matching_real_row_takes_the_closest():
+    from medicsynth.merge import oversample_like
+
+    real = pd.DataFrame(_rows(A, 3, "ra", "real") + _rows(B, 3, "rb", "real"))
+    unseen = {**B, "disaster_types": "flood"}  # matches B on three tasks, A on two
+    augmented = _augmented(_rows(A, 3, "ra", "real"), _rows(unseen, 2, "s", "synthetic"))
+    result = oversample_like(real, augmented, seed=0)
+    assert result.metrics["inexact"] == 2
+    assert set(result.train.iloc[len(real):]["file"]) <= {f"rb{i}" for i in range(3)}
+    with pytest.raises(ValueError, match="source"):
+        oversample_like(real, augmented.drop(columns=["source"]), seed=0)

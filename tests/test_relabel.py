@@ -289,8 +289,9 @@ def test_out_of_fold_probs_predicts_each_image_with_a_model_that_never_saw_it(tm
 # ------------------------------------------------------------------------------------------
 
 DEMO = {"n_train": 60, "n_dev": 20, "n_test": 10, "image_size": 32, "noise_rate": 0.1, "seed": 0, "jpeg_quality": 92}
-TRAIN = {"archs": ["small_cnn"], "epochs": 1, "batch_size": 32, "resize": 32, "crop": 28, "num_workers": 1,
-         "device": "cpu", "cpu_threads": 1}
+# relabel.model: the fold models' own settings (the stage never reads the train section).
+FOLD_MODEL = {"arch": "small_cnn", "epochs": 1, "batch_size": 32, "resize": 32, "crop": 28, "num_workers": 1,
+              "device": "cpu", "cpu_threads": 1, "seed": 0}
 # Per image, in the order the stage first asks about it (most suspicious first); cycled.
 CATEGORIES = ("agree", "refuse", "disagree", "agree", "invalid", "same")
 
@@ -314,7 +315,7 @@ def prepared(tmp_path_factory) -> Path:
     """A working directory after stages/prepare.py on a tiny demo (copied by each stage test)."""
     root = tmp_path_factory.mktemp("prepared")
     shutil.copytree(REPO / "prompts", root / "prompts")  # the classification prompts are read from cwd
-    (root / "params.yaml").write_text(yaml.safe_dump({"data": {"source": "demo", "demo": DEMO}, "train": TRAIN}))
+    (root / "params.yaml").write_text(yaml.safe_dump({"data": {"source": "demo", "demo": DEMO}}))
     run_stage("prepare", root)
     return root
 
@@ -322,7 +323,7 @@ def prepared(tmp_path_factory) -> Path:
 def workdir(prepared: Path, dest: Path, server: FakeLLMServer, **relabel_params) -> Path:
     shutil.copytree(prepared, dest)
     relabel_section = {
-        "splits": ["train", "dev"], "flag": "confident_learning", "k_folds": 2, "cv_epochs": 1, "seed": 0,
+        "splits": ["train", "dev"], "flag": "confident_learning", "k_folds": 2, "model": FOLD_MODEL,
         "max_flagged": 12, "voters": ["openai", "anthropic"], "consensus": "unanimous",
         "openai": {"model": "gpt-test", "base_url": server.openai_base_url, "concurrency": 1, "max_retries": 0,
                    "timeout_s": 30, "max_tokens": 300},
@@ -330,7 +331,7 @@ def workdir(prepared: Path, dest: Path, server: FakeLLMServer, **relabel_params)
                       "max_retries": 0, "timeout_s": 30, "max_tokens": 300},
     }
     relabel_section.update(relabel_params)
-    params = {"data": {"source": "demo", "demo": DEMO}, "train": TRAIN, "llm": {"cache_dir": "llm_cache"},
+    params = {"data": {"source": "demo", "demo": DEMO}, "llm": {"cache_dir": "llm_cache"},
               "relabel": relabel_section}
     (dest / "params.yaml").write_text(yaml.safe_dump(params))
     return dest
@@ -589,3 +590,28 @@ def test_stage_kill_and_resume_repeats_no_answered_call(prepared, tmp_path):
     streams = [resumed.stdout, resumed.stderr] + [p.read_bytes() for p in logs.iterdir()]
     assert_no_secret(root, *streams)
     assert_no_secret(ref)
+
+
+def test_fold_model_config_reads_relabel_model_only():
+    from medicsynth.relabel import fold_model_config
+
+    config = fold_model_config({"arch": "small_cnn", "epochs": 7, "lr": 0.01, "seed": 3})
+    assert (config.arch, config.epochs, config.lr, config.seed) == ("small_cnn", 7, 0.01, 3)
+    assert config.augment == "none"  # fold models are never trained with classic augmentation by default
+    with pytest.raises(ValueError, match="relabel.model: unknown key"):
+        fold_model_config({"epoch": 7})
+    with pytest.raises(ValueError, match="relabel.model must be a mapping"):
+        fold_model_config(None)
+
+
+def test_budget_keeps_the_most_suspicious_images():
+    from medicsynth.relabel import apply_budget
+
+    flags = np.array([[True, False], [True, True], [False, False], [False, True]])
+    flags = np.pad(flags, ((0, 0), (0, len(TASKS) - 2)))
+    scores = np.ones_like(flags, dtype=np.float32)
+    scores[0, 0], scores[1, 1], scores[3, 1] = 0.5, 0.1, 0.3
+    kept, order = apply_budget(flags, scores, 2)
+    assert order.tolist() == [1, 3] and kept.any(1).tolist() == [False, True, False, True]
+    kept, order = apply_budget(flags, scores, None)
+    assert order.tolist() == [1, 3, 0] and (kept == flags).all()
