@@ -11,17 +11,27 @@ backends:
     training images are captioned, so training and generation share one caption language.
 
 ``openai`` / ``anthropic``
-    Through :mod:`medicsynth.llm`. As in the study, a share ``proportion_real`` of the images is
-    captioned **grounded** on a real training image with exactly the same four labels (picked by
-    seed; the LLM sees the image and writes a caption for a new picture like it, temperature
-    ``temperature_grounded``), the rest **hypothetically** from the labels plus diversity
-    keywords (temperature ``temperature_hypothetical``). Grounded prompts get diversity keywords
-    too, so two images grounded on the same photo never share one cached answer. Temperatures
-    reach OpenAI only: the current Anthropic API takes none (see :mod:`medicsynth.llm.providers`).
+    Through :mod:`medicsynth.llm`, in the study's two modes. A share ``proportion_real`` of the
+    images (the study: 75%) is captioned **grounded**: the LLM sees a real training image with
+    exactly the same four labels (picked by seed) and *describes that image* with its labels
+    (temperature ``temperature_grounded``, the study's 0.4). The rest are **hypothetical**: a
+    scene from the labels alone plus random keyword seeds (``keywords``: time of day, region,
+    hemisphere, camera angle, weather...; :func:`keyword_seeds`, drawn from the image's seed, so
+    reruns are identical), temperature ``temperature_hypothetical`` (0.8). When several planned
+    images ground on one photograph, the second and later ask for another wording of its
+    description (``$variation``), so they do not share one cached answer. With ``analysis``
+    the model first writes a short analysis (what is visible, which elements carry each label),
+    then the caption, in one structured answer; only the caption is kept as the caption, the
+    analysis goes to the ``analysis`` column. The model is ``llm.<provider>.model``. Both
+    temperatures are passed to the client for both providers; whether they reach the API is the
+    provider adapter's ``temperature_sent`` (Anthropic's current API version takes none, see
+    :mod:`medicsynth.llm.providers`), which is what the fingerprint and ``metrics`` record.
     Prompts are version-controlled files under ``prompts/``. Refusals are retried by the client
-    with the prompt's fallback preface; answers are cached by the client. A caption that still
-    fails is recorded and replaced by the template caption, with ``provenance`` saying so: no
-    row is ever left without a caption.
+    with the prompt's ``[fallback_preface]`` (the study's "academic humanitarian research"
+    preface); answers are cached by the client. A caption that still fails is recorded and
+    replaced by the template caption, with ``provenance`` saying so: no row is ever left without
+    a caption. LLM tables have two more columns than template ones: ``keywords`` and
+    ``analysis`` (:data:`LLM_COLUMNS`); a template table is unchanged byte for byte.
 
 Length. Captions must fit the diffusion model's text encoder (77 CLIP tokens for SD 1.x/2.x,
 begin and end tokens included). With ``caption.tokenizer`` set and available locally, the
@@ -76,6 +86,10 @@ CAPTION_COLUMNS: tuple[str, ...] = (
     "fingerprint",
 )
 
+#: Extra columns of an LLM backend's table: the keyword seeds sent (hypothetical rows) and the
+#: model's analysis (``analysis: true``). Template tables do not have them.
+LLM_COLUMNS: tuple[str, ...] = ("keywords", "analysis")
+
 FALLBACK_PROVENANCE = "template-fallback"
 
 
@@ -127,22 +141,68 @@ def grammar_hash() -> str:
     return hashlib.sha256(source.encode("utf-8")).hexdigest()[:16]
 
 
-def diversity_keywords(labels: dict[str, str], seed: int) -> list[str]:
-    """The grammar's diversity slots for a hypothetical LLM caption (no label content)."""
-    rng = random.Random(f"keywords:{int(seed)}")
+#: Keyword seeds of hypothetical captions, per slot (``caption.keywords`` lists the slots used).
+#: ``weather`` depends on the disaster type (no rain over a wildfire); the ``content_*`` slots
+#: replace the photographic ones for ``not_informative`` images (memes, posters...).
+KEYWORD_SLOTS: dict[str, tuple[str, ...]] = {
+    "time_of_day": ("at dawn", "in the early morning", "at midday", "in the late afternoon", "at dusk", "at night"),
+    "region": (
+        "in South Asia", "in Southeast Asia", "in East Asia", "in the Middle East", "in Europe",
+        "in North Africa", "in sub-Saharan Africa", "in North America", "in Central America",
+        "in the Caribbean", "in South America", "in Oceania",
+    ),
+    "hemisphere": ("in the northern hemisphere", "in the southern hemisphere", "near the equator"),
+    "season": ("in spring", "in summer", "in autumn", "in winter", "in the rainy season", "in the dry season"),
+    "camera_angle": (
+        "at eye level", "from a low angle", "from a high vantage point", "as an aerial drone view",
+        "as a wide shot", "as a close-up", "from across the street", "from a moving vehicle",
+    ),
+    "setting": ("in a dense city centre", "in a suburb", "in a rural village", "on the coast", "in the mountains", "in an informal settlement"),
+    "photographer": (
+        "taken by a resident on a phone", "taken by a news photographer", "taken by a rescue worker",
+        "taken by a passer-by", "taken from a window",
+    ),
+}
+#: Slots that only apply to photographs (``informative``), and what replaces them otherwise.
+PHOTO_SLOTS = frozenset({"time_of_day", "camera_angle", "season", "weather", "photographer", "setting"})
+CONTENT_SLOTS: tuple[str, ...] = ("content_type", "content_style")
+KEYWORD_SLOT_NAMES: tuple[str, ...] = (*KEYWORD_SLOTS, "weather")
+
+
+def keyword_seeds(labels: dict[str, str], seed: int, slots: tuple[str, ...]) -> list[str]:
+    """Random keyword seeds of one hypothetical caption: one phrase per slot in ``slots``.
+
+    Args:
+        labels: one label per task (validated).
+        seed: the planned image's seed; each slot draws from its own stream
+            ``random.Random(f"keywords:{seed}:{slot}")``, so adding or removing a slot leaves the
+            others' draws unchanged, and a rerun draws the same keywords.
+        slots: names from :data:`KEYWORD_SLOT_NAMES` (``weather`` is drawn from the template
+            grammar's weather of the row's disaster type).
+
+    Returns the phrases in slot order. For a ``not_informative`` row the photographic slots
+    (:data:`PHOTO_SLOTS`) are replaced by a content type and style (a meme, a poster...), as the
+    template grammar does.
+    """
     disaster = validate_label("disaster_types", labels["disaster_types"])
-    if validate_label("informative", labels["informative"]) == "informative":
-        return [
-            rng.choice(grammar.CAMERA),
-            rng.choice(grammar.TIME_OF_DAY),
-            rng.choice(grammar.REGION),
-            rng.choice(grammar.WEATHER.get(disaster, grammar.WEATHER_DEFAULT)),
-        ]
-    return [
-        rng.choice(grammar.CONTENT_TYPES),
-        rng.choice(grammar.CONTENT_STYLE),
-        rng.choice(grammar.REGION),
-    ]
+    informative = validate_label("informative", labels["informative"]) == "informative"
+    pools: dict[str, tuple[str, ...]] = {
+        **KEYWORD_SLOTS,
+        "weather": grammar.WEATHER.get(disaster, grammar.WEATHER_DEFAULT),
+        "content_type": grammar.CONTENT_TYPES,
+        "content_style": grammar.CONTENT_STYLE,
+    }
+    chosen = [slot for slot in slots if informative or slot not in PHOTO_SLOTS]
+    if not informative:
+        chosen = list(CONTENT_SLOTS) + chosen
+    return [random.Random(f"keywords:{int(seed)}:{slot}").choice(pools[slot]) for slot in chosen]
+
+
+def keyword_pools_hash() -> str:
+    """Hash of the keyword pools (part of the hypothetical fingerprint)."""
+    pools = {**KEYWORD_SLOTS, "weather": grammar.WEATHER, "weather_default": grammar.WEATHER_DEFAULT,
+             "content_type": grammar.CONTENT_TYPES, "content_style": grammar.CONTENT_STYLE}
+    return _hash({k: list(v) if not isinstance(v, dict) else {a: list(b) for a, b in v.items()} for k, v in pools.items()})
 
 
 # --------------------------------------------------------------------------------------------
@@ -302,6 +362,8 @@ class CaptionConfig:
     negative_prompt_common: str
     prompt_grounded: str
     prompt_hypothetical: str
+    analysis: bool
+    keywords: tuple[str, ...]
     llm: dict[str, Any]
 
     @classmethod
@@ -311,10 +373,12 @@ class CaptionConfig:
         Keys: ``backend``, ``proportion_real``, ``temperature_grounded``,
         ``temperature_hypothetical``, ``min_words``, ``max_words``, ``max_tokens``, ``tokenizer``,
         ``negative_prompts`` (``{task: {class: text}}``), ``negative_prompt_common``,
-        ``prompt_grounded``, ``prompt_hypothetical``, ``llm`` (provider settings handed to
-        :func:`medicsynth.llm.client_from_params`; its ``provider`` is set from ``backend``).
-        Every key is required (a missing one raises ``KeyError`` naming ``caption.<key>``);
-        ``train_manifest`` is a path the stage reads.
+        ``prompt_grounded``, ``prompt_hypothetical``, ``analysis`` (analysis-then-caption),
+        ``keywords`` (slot names of :func:`keyword_seeds`), ``llm`` (client settings shared by
+        both providers, e.g. ``concurrency``, ``max_calls``, ``cache_dir``, plus one mapping per
+        provider, ``llm.openai`` / ``llm.anthropic``, with at least its ``model``; see
+        :func:`llm_params`). Every key is required (a missing one raises ``KeyError`` naming
+        ``caption.<key>``); ``train_manifest`` is a path the stage reads.
         """
         p = dict(params)
 
@@ -341,6 +405,34 @@ class CaptionConfig:
         min_words, max_words = int(get("min_words")), int(get("max_words"))
         if not 1 <= min_words <= max_words:
             raise CaptionError(f"caption.min_words = {min_words}, max_words = {max_words}: need 1 <= min <= max")
+        keywords = get("keywords")
+        if not isinstance(keywords, (list, tuple)) or not all(isinstance(k, str) for k in keywords):
+            raise CaptionError(f"caption.keywords = {keywords!r}: expected a list of slot names, e.g. [time_of_day, region]")
+        unknown = [k for k in keywords if k not in KEYWORD_SLOT_NAMES]
+        if unknown:
+            raise CaptionError(f"caption.keywords: unknown slot(s) {', '.join(unknown)}; expected some of {', '.join(KEYWORD_SLOT_NAMES)}")
+        if "region" in keywords and "hemisphere" in keywords:
+            raise CaptionError(
+                "caption.keywords lists region and hemisphere: they are drawn independently and can contradict "
+                "each other (in Europe, in the southern hemisphere); keep one of them"
+            )
+        if len(set(keywords)) != len(keywords):
+            raise CaptionError(f"caption.keywords = {list(keywords)}: a slot is listed twice")
+        analysis = get("analysis")
+        if not isinstance(analysis, bool):
+            raise CaptionError(f"caption.analysis = {analysis!r}: expected true or false")
+        llm = dict(get("llm") or {})
+        if "model" in llm or "provider" in llm or "temperature" in llm:
+            raise CaptionError(
+                "caption.llm: model, provider and temperature are not shared settings: set the model per provider "
+                "(caption.llm.openai.model, caption.llm.anthropic.model), the provider with caption.backend and the "
+                "temperatures with caption.temperature_grounded/temperature_hypothetical"
+            )
+        for provider in ("openai", "anthropic"):
+            if not isinstance(llm.get(provider, {}), dict):
+                raise CaptionError(f"caption.llm.{provider}: expected a mapping such as {{model: ...}}")
+        if backend != "template" and not (llm.get(backend) or {}).get("model"):
+            raise CaptionError(f"caption.backend is {backend}: set caption.llm.{backend}.model (the captioning model id)")
         return cls(
             backend=backend,
             proportion_real=proportion,
@@ -354,7 +446,9 @@ class CaptionConfig:
             negative_prompt_common=str(get("negative_prompt_common") or ""),
             prompt_grounded=str(get("prompt_grounded")),
             prompt_hypothetical=str(get("prompt_hypothetical")),
-            llm=dict(get("llm") or {}),
+            analysis=analysis,
+            keywords=tuple(keywords),
+            llm=llm,
         )
 
 
@@ -368,9 +462,12 @@ class PromptTemplate:
 
     Each section runs from its header line to the next header. ``$name`` placeholders (Python
     ``string.Template``) are filled per image: ``$damage_severity``, ``$informative``,
-    ``$humanitarian``, ``$disaster_types`` (labels with spaces), ``$keywords``, ``$min_words``,
-    ``$max_words``. The fallback prompt (used by the client after a refusal) is the preface
-    followed by the user prompt.
+    ``$humanitarian``, ``$disaster_types`` (labels with spaces), ``$keywords`` (hypothetical
+    keyword seeds), ``$min_words``, ``$max_words``, ``$answer_format`` (:data:`ANSWER_FORMAT`:
+    caption only, or analysis then caption) and ``$variation`` (grounded: empty for the first
+    image grounded on a photograph, :data:`VARIATION` for later ones). A file may leave any of
+    them out. The fallback prompt (used by the client after a refusal) is the preface followed by
+    the user prompt.
     """
 
     path: str
@@ -424,6 +521,34 @@ CAPTION_SCHEMA: dict[str, Any] = {
     "additionalProperties": False,
 }
 
+#: Analysis-then-caption (``caption.analysis: true``): the analysis comes first in the answer, so
+#: the model writes it before the caption (both APIs generate the properties in schema order).
+ANALYSIS_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "properties": {
+        "analysis": {"type": "string", "description": "Short analysis written before the caption."},
+        "caption": {"type": "string", "description": "The image caption, plain text."},
+    },
+    "required": ["analysis", "caption"],
+    "additionalProperties": False,
+}
+
+#: ``$answer_format`` of the prompt files, by ``caption.analysis``.
+ANSWER_FORMAT: dict[bool, str] = {
+    False: 'Answer with a JSON object whose field "caption" holds the caption.',
+    True: (
+        'First write a short analysis (two to four sentences) in the field "analysis": what the '
+        "picture shows, which visible elements carry each of the four labels, and what the caption "
+        'must therefore show. Then write the caption in the field "caption".'
+    ),
+}
+
+#: ``$variation`` of a grounded prompt for the n-th (n >= 2) planned image grounded on one photo.
+VARIATION = (
+    " This photograph has been described before for another synthetic image: write description"
+    " number $n, of the same scene and labels, worded differently and noticing other visible details."
+)
+
 # Fewer words than this is not a usable caption (e.g. "text", "A flood.").
 MIN_LLM_WORDS = 5
 
@@ -434,9 +559,25 @@ def clean_llm_caption(value: Any) -> str:
     Raises ``ValueError`` (the client records ``invalid_answer``) for a missing, too short or
     refusal-like caption, so a bad answer is never written as a caption.
     """
+    return _clean_caption_text(value.get("caption") if isinstance(value, dict) else None, value)
+
+
+def clean_llm_analysis_caption(value: Any) -> dict[str, str]:
+    """``{"caption", "analysis"}`` of an analysis-then-caption answer, each whitespace-normalised.
+
+    The caption is checked as in :func:`clean_llm_caption`; a missing or empty analysis is an
+    invalid answer too (the model skipped the step it was asked for).
+    """
+    caption = clean_llm_caption(value)
+    analysis = value.get("analysis") if isinstance(value, dict) else None
+    if not isinstance(analysis, str) or not analysis.strip():
+        raise ValueError(f"no analysis string in answer {value!r}"[:200])
+    return {"caption": caption, "analysis": " ".join(analysis.split())}
+
+
+def _clean_caption_text(text: Any, value: Any) -> str:
     from medicsynth.llm.client import looks_like_refusal
 
-    text = value.get("caption") if isinstance(value, dict) else None
     if not isinstance(text, str):
         raise ValueError(f"no caption string in answer {value!r}"[:200])
     text = " ".join(text.split()).strip("\"'\u201c\u201d ")
@@ -579,11 +720,15 @@ def caption_plan(
     llm_usage: dict[str, Any] = {}
     if pending:
         failures, llm_usage = _llm_captions(rows, pending, config, clients, prompts, limit, counts, progress)
-    table = pd.DataFrame(rows, columns=list(CAPTION_COLUMNS))
+    table = pd.DataFrame(rows, columns=list(CAPTION_COLUMNS) + (list(LLM_COLUMNS) if llm else []))
     assert (table["caption"].str.strip() != "").all(), "every row must have a caption"
     metrics = _caption_metrics(table, rows, config, limit, counts, failures, len(pending), llm_usage)
     if previous_note:
         metrics["previous_note"] = previous_note
+    if llm:
+        metrics["llm_settings"] = llm_settings(config, clients)
+        metrics["analysis"] = config.analysis
+        metrics["grounded_share"] = round(float((table["mode"] == "grounded").mean()), 4) if len(table) else 0.0
     return CaptionResult(table=table, metrics=metrics)
 
 
@@ -611,7 +756,8 @@ def caption_fingerprints(
 
     ``template`` covers the grammar and the length limit; with ``clients`` (LLM backends) the
     ``grounded``/``hypothetical`` entries cover backend, model, temperature actually sent,
-    max_tokens, image size, prompt file, word range and limit. A row is reused only if its
+    max_tokens, image size, prompt file, word range, limit, analysis-then-caption and its answer
+    format; the hypothetical one also the keyword slots and pools. A row is reused only if its
     fingerprint is unchanged.
     """
     fingerprints = {"template": _hash({"backend": "template", "grammar": grammar_hash(), "limit": limit.description})}
@@ -628,6 +774,10 @@ def caption_fingerprints(
                     "prompt": prompts[mode].sha256,
                     "words": [config.min_words, config.max_words],
                     "limit": limit.description,
+                    "analysis": config.analysis,
+                    "answer_format": ANSWER_FORMAT[config.analysis],
+                    **({"variation": VARIATION} if mode == "grounded" else
+                       {"keywords": list(config.keywords), "pools": keyword_pools_hash()}),
                 }
             )
     return fingerprints
@@ -681,12 +831,15 @@ def _plan_rows(
             "provenance": "",
             "shortened": 0,
             "fingerprint": fingerprint,
+            "keywords": "; ".join(keyword_seeds(labels, seed, config.keywords)) if assignment.mode == "hypothetical" else "",
+            "analysis": "",
             "_file": assignment.grounded_file,
             "_reused": False,
         }
         old = reusable.get(rec["id"])
         if old is not None and _same(old, row):
             row["caption"], row["provenance"], row["shortened"] = str(old["caption"]), str(old["provenance"]), int(old["shortened"])
+            row["analysis"] = str(old.get("analysis", "") or "")
             row["_reused"] = True
             counts["reused"] += 1
         elif assignment.mode == "template":
@@ -696,7 +849,18 @@ def _plan_rows(
         else:
             pending.append(len(rows))
         rows.append(row)
+    _number_groundings(rows)
     return rows, pending, counts
+
+
+def _number_groundings(rows: list[dict[str, Any]]) -> None:
+    # The n-th planned image (in id order) grounded on one photograph gets `_variation` n: the
+    # first describes it plainly, later ones ask for another wording (VARIATION). Ids of a
+    # growing plan only add rows after the old ones of their combination, so n is stable.
+    seen: dict[str, int] = {}
+    for row in sorted(rows, key=lambda r: str(r["id"])):
+        if row["mode"] == "grounded":
+            seen[row["grounded_on"]] = row["_variation"] = seen.get(row["grounded_on"], 0) + 1
 
 
 def _llm_captions(
@@ -723,7 +887,9 @@ def _llm_captions(
             row = rows[i]
             model = f"{config.backend}:{client.config.model}"
             if result.ok:
-                text, cut = shorten(result.value, limit)
+                value = result.value if isinstance(result.value, dict) else {"caption": result.value}
+                row["analysis"] = value.get("analysis", "")
+                text, cut = shorten(value["caption"], limit)
                 source = "cached" if result.cached else "api"
                 fallback = " after refusal fallback" if result.used_fallback else ""
                 row.update(caption=text, provenance=f"{model} {mode} ({source}{fallback})", shortened=int(cut))
@@ -739,6 +905,19 @@ def _llm_captions(
                 )
     llm_usage = {mode: clients[mode].usage.as_dict() for mode in ("grounded", "hypothetical")}
     return failures, llm_usage
+
+
+def llm_settings(config: CaptionConfig, clients: dict[str, Any]) -> dict[str, Any]:
+    """Per mode: the model, the temperature asked for and the one the provider sends (``None``
+    where the provider's API takes none), for ``metrics/caption.json``."""
+    return {
+        mode: {
+            "model": clients[mode].config.model,
+            "temperature_requested": clients[mode].config.temperature,
+            "temperature_sent": clients[mode].provider.temperature_sent,
+        }
+        for mode in ("grounded", "hypothetical")
+    }
 
 
 def _caption_metrics(
@@ -786,33 +965,48 @@ def _request(row: dict[str, Any], config: CaptionConfig, prompt: PromptTemplate)
 
     labels = {task: row[task] for task in TASKS}
     values = {task: _readable(label) for task, label in labels.items()}
+    n = row.get("_variation", 1)
     values.update(
-        keywords=", ".join(diversity_keywords(labels, row["seed"])),
+        keywords=row["keywords"].replace("; ", ", "),
         min_words=config.min_words,
         max_words=config.max_words,
+        answer_format=ANSWER_FORMAT[config.analysis],
+        variation=string.Template(VARIATION).substitute(n=n) if n > 1 else "",
     )
     system, user, fallback = prompt.render(values)
     return LLMRequest(
         prompt=user,
         system=system,
         image_path=row["_file"] or None,
-        schema=CAPTION_SCHEMA,
+        schema=ANALYSIS_SCHEMA if config.analysis else CAPTION_SCHEMA,
         schema_name="caption",
-        validate=clean_llm_caption,
+        validate=clean_llm_analysis_caption if config.analysis else clean_llm_caption,
         fallback_prompt=fallback,
         key=row["id"],
     )
 
 
+def llm_params(config: CaptionConfig, mode: str) -> dict[str, Any]:
+    """:class:`medicsynth.llm.LLMConfig` fields of one mode's client.
+
+    The shared ``caption.llm`` settings, overlaid with ``caption.llm.<backend>`` (its ``model``,
+    and any other field such as ``base_url`` or ``max_tokens``), with ``provider`` = backend and
+    ``temperature`` = ``temperature_<mode>``. The other provider's mapping is ignored, so
+    switching ``backend`` switches the model too.
+    """
+    shared = {k: v for k, v in config.llm.items() if k not in ("openai", "anthropic")}
+    temperature = config.temperature_grounded if mode == "grounded" else config.temperature_hypothetical
+    return {**shared, **(config.llm.get(config.backend) or {}), "provider": config.backend, "temperature": temperature}
+
+
 def make_clients(config: CaptionConfig, cache_dir: str | Path | None = None, sdk_client: Any | None = None) -> dict[str, Any]:
-    """One LLM client per mode, differing only in temperature (``temperature_grounded`` /
-    ``temperature_hypothetical``); the provider is ``config.backend``. Both share the cache."""
+    """One LLM client per mode (:func:`llm_params`), differing only in temperature; the provider
+    is ``config.backend``. Both share the cache. ``{}`` for the template backend."""
     from medicsynth.llm.client import client_from_params
 
     if config.backend == "template":
         return {}
-    out = {}
-    for mode, temperature in (("grounded", config.temperature_grounded), ("hypothetical", config.temperature_hypothetical)):
-        params = {**config.llm, "provider": config.backend, "temperature": temperature}
-        out[mode] = client_from_params(params, cache_dir, sdk_client=sdk_client)
-    return out
+    return {
+        mode: client_from_params(llm_params(config, mode), cache_dir, sdk_client=sdk_client)
+        for mode in ("grounded", "hypothetical")
+    }

@@ -58,6 +58,10 @@ def main() -> None:
         f"caption ({m['backend']}): {m['rows']} rows, {m['new']} new, {m['reused']} reused, "
         f"{m['failed']} failed (template fallback), {m['shortened']} shortened"
     )
+    for mode, sent in m.get("llm_settings", {}).items():
+        if sent["temperature_sent"] != sent["temperature_requested"]:
+            print(f"caption: {mode} temperature {sent['temperature_requested']} not sent: "
+                  f"the {config.backend} API version in use takes none (metrics/caption.json llm_settings)")
 
 
 if __name__ == "__main__":

@@ -37,6 +37,8 @@ SECTIONS: dict[str, dict[str, Any]] = {
         "negative_prompt_common": "",
         "prompt_grounded": "prompts/caption_grounded.txt",
         "prompt_hypothetical": "prompts/caption_hypothetical.txt",
+        "analysis": False,
+        "keywords": ["time_of_day", "region", "camera_angle", "weather"],
         "llm": {},
     },
     "filter": {

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import string
 import subprocess
 import sys
@@ -257,7 +258,8 @@ def _grounding_images(tmp_path: Path) -> pd.DataFrame:
 def _responder(refuse_always: set[str]):
     """Caption answers built from the prompt; refuse images whose humanitarian label is
     "affected" once (the fallback prompt succeeds), and always when the disaster type is in
-    ``refuse_always``."""
+    ``refuse_always``. A grounded answer names the photo and the description number it was
+    asked for, a hypothetical one its keywords; an analysis is added when the schema asks."""
 
     def respond(req):
         prompt = req.prompt
@@ -266,9 +268,17 @@ def _responder(refuse_always: set[str]):
             return refusal()
         if "affected injured or dead people" in prompt.split("Label meanings")[0] and "academic" not in prompt:
             return refusal()
-        kind = "grounded" if req.images else "hypothetical"
-        keywords = prompt.split("keywords")[1].split(":", 1)[1].split(".")[0].strip()
-        return answer({"caption": f"A {kind} scene of a {disaster} event, {keywords}, described for the model."})
+        if req.images:
+            number = re.search(r"description number (\d+)", prompt)
+            detail = f"photo {req.image_sha256s[0][:8]} description {number.group(1) if number else 1}"
+            kind = "grounded"
+        else:
+            detail = prompt.split("setting keywords: ")[1].split(".\n")[0]
+            kind = "hypothetical"
+        out = {"caption": f"A {kind} scene of a {disaster} event, {detail}, described for the model."}
+        if '"analysis"' in prompt:
+            out = {"analysis": f"The {kind} picture must show a {disaster} event.", **out}
+        return answer(out)
 
     return respond
 
@@ -283,7 +293,7 @@ def test_llm_backend_refusal_fallback_cache_and_reuse(tmp_path, monkeypatch, pro
     with FakeLLMServer(_responder(refuse_always={"hurricane"})) as server:
         config = CaptionConfig.from_params(
             section("caption", backend=provider, proportion_real=0.5,
-                    llm={"model": "fake-model", "base_url": server.base_url(provider), "concurrency": 4,
+                    llm={provider: {"model": "fake-model", "base_url": server.base_url(provider)}, "concurrency": 4,
                          "max_retries": 0})
         )
         cache = tmp_path / "cache"
@@ -299,7 +309,8 @@ def test_llm_backend_refusal_fallback_cache_and_reuse(tmp_path, monkeypatch, pro
         for row in grounded.itertuples():
             assert all(by_path.loc[row.grounded_on, t] == getattr(row, t) for t in TASKS)
         # Grounded requests carried their image, hypothetical ones none; every request differs
-        # (keywords vary per seed), so no two rows share one cached answer.
+        # (keywords vary per seed; the 2nd, 3rd... row grounded on one photo asks for description
+        # number 2, 3...), so no two rows share one cached answer.
         import hashlib
 
         sent = {h for r in server.requests for h in r.image_sha256s}
@@ -345,7 +356,7 @@ def test_llm_budget_exhausted_falls_back_without_empty_captions(tmp_path, monkey
     with FakeLLMServer(_responder(refuse_always=set())) as server:
         config = CaptionConfig.from_params(
             section("caption", backend="openai", proportion_real=0.0,
-                    llm={"model": "m", "base_url": server.openai_base_url, "max_calls": 3, "concurrency": 1})
+                    llm={"openai": {"model": "m", "base_url": server.openai_base_url}, "max_calls": 3, "concurrency": 1})
         )
         result = caption_plan(_plan(20), config, train=train, clients=make_clients(config, tmp_path / "c"), progress=False)
     assert (result.table["caption"].str.strip() != "").all()
@@ -405,7 +416,7 @@ def test_caption_stage_llm_backend_asks_only_for_new_rows(tmp_path):
     with FakeLLMServer(_responder(refuse_always=set())) as server:
 
         def run(total):
-            llm = {"model": "fake", "base_url": server.openai_base_url, "cache_dir": "llm_cache"}
+            llm = {"openai": {"model": "fake", "base_url": server.openai_base_url}, "cache_dir": "llm_cache"}
             _write_params(tmp_path, total, section("caption", backend="openai", proportion_real=0.5, llm=llm))
             for stage in ("allocate", "caption"):
                 subprocess.run([sys.executable, str(REPO / f"stages/{stage}.py")], cwd=tmp_path, env=env,
@@ -426,3 +437,113 @@ def test_caption_stage_llm_backend_asks_only_for_new_rows(tmp_path):
         assert len(added) == 4 and server.count() - before == expected_calls
     assert len(table) == 44 and set(table["mode"]) <= {"grounded", "hypothetical"}
     assert (table["provenance"].str.startswith("openai:fake")).all()
+
+
+# -- the study's caption settings: modes, keyword seeds, analysis, per-provider model --------
+
+
+def test_keyword_seeds_are_reproducible_per_slot_and_follow_the_labels():
+    slots = ("time_of_day", "region", "season", "camera_angle", "weather")
+    first = [captions.keyword_seeds(LABELS, seed, slots) for seed in range(40)]
+    assert first == [captions.keyword_seeds(LABELS, seed, slots) for seed in range(40)]
+    assert len({tuple(k) for k in first}) > 30  # varied over seeds
+    # One stream per slot: dropping a slot leaves the others' draws unchanged.
+    assert [k[:2] + k[3:] for k in first] == [captions.keyword_seeds(LABELS, s, slots[:2] + slots[3:]) for s in range(40)]
+    # Weather follows the disaster type; not_informative content gets a content type and style
+    # instead of the photographic slots.
+    assert {k[4] for k in first} <= set(grammar.WEATHER["flood"])
+    meme = {**LABELS, "informative": "not_informative"}
+    drawn = captions.keyword_seeds(meme, 3, slots)
+    assert drawn[0] in grammar.CONTENT_TYPES and drawn[1] in grammar.CONTENT_STYLE
+    assert drawn[2:] == captions.keyword_seeds(LABELS, 3, ("region",))  # season is photographic
+
+
+def test_caption_config_names_the_key_to_fix():
+    with pytest.raises(CaptionError, match=r"caption\.llm\.openai\.model"):
+        CaptionConfig.from_params(section("caption", backend="openai", llm={"model": "gpt-4o"}))
+    with pytest.raises(CaptionError, match=r"set caption\.llm\.anthropic\.model"):
+        CaptionConfig.from_params(section("caption", backend="anthropic", llm={"openai": {"model": "gpt-4o"}}))
+    with pytest.raises(CaptionError, match=r"caption\.keywords: unknown slot\(s\) moon_phase"):
+        CaptionConfig.from_params(section("caption", keywords=["region", "moon_phase"]))
+    with pytest.raises(CaptionError, match=r"region and hemisphere.*keep one"):
+        CaptionConfig.from_params(section("caption", keywords=["region", "hemisphere"]))
+    with pytest.raises(CaptionError, match=r"caption\.analysis = 'yes'"):
+        CaptionConfig.from_params(section("caption", analysis="yes"))
+
+
+STUDY_SETTINGS = {
+    "proportion_real": 0.75, "min_words": 40, "max_words": 60, "analysis": True,
+    "temperature_grounded": 0.4, "temperature_hypothetical": 0.8,
+    "keywords": ["time_of_day", "hemisphere", "camera_angle", "weather", "setting"],
+}
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("provider", ["openai", "anthropic"])
+def test_study_modes_reach_the_server_with_model_temperature_and_keywords(tmp_path, monkeypatch, provider):
+    """Both modes through the real SDK: grounded requests describe their photo, hypothetical ones
+    carry the row's keyword seeds; the provider's own model id is sent, and each mode's
+    temperature wherever the provider's API takes one; analysis-then-caption keeps only the
+    caption as the caption."""
+    monkeypatch.setenv("OPENAI_API_KEY", "test-key")
+    monkeypatch.setenv("ANTHROPIC_API_KEY", "test-key")
+    train = _grounding_images(tmp_path)
+    plan = _plan(40)
+    with FakeLLMServer(_responder(refuse_always=set())) as server:
+        llm = {"openai": {"model": "gpt-test-2024-08-06", "base_url": server.openai_base_url},
+               "anthropic": {"model": "claude-test-20250219", "base_url": server.anthropic_base_url},
+               "concurrency": 2, "max_retries": 0}
+        config = CaptionConfig.from_params(section("caption", backend=provider, llm=llm, **STUDY_SETTINGS))
+        result = caption_plan(plan, config, train=train, clients=make_clients(config, tmp_path / "c"), progress=False)
+        requests = list(server.requests)
+    table = result.table
+    assert list(table.columns) == [*captions.CAPTION_COLUMNS, *captions.LLM_COLUMNS]
+    assert set(table["mode"]) == {"grounded", "hypothetical"} and result.metrics["failed"] == 0
+    grounded, hypothetical = table[table["mode"] == "grounded"], table[table["mode"] == "hypothetical"]
+    # 75% grounded where a real image with the same labels exists (every combination here).
+    assert 0.6 < len(grounded) / len(table) < 0.9
+
+    model = llm[provider]["model"]
+    assert {r.model for r in requests} == {model}
+    assert {r.provider for r in requests} == {provider}
+    for r in requests:
+        asked = r.body.get("temperature")
+        if provider == "openai":
+            assert asked == (0.4 if r.images else 0.8)
+        else:
+            # anthropic 2.x sends API version 2026-10-21, which rejects any temperature: none is
+            # sent (medicsynth.llm.providers), and the metrics say so.
+            assert asked is None and r.headers.get("anthropic-version") == "2026-10-21"
+        assert "40 to 60 words" in r.prompt and '"analysis"' in r.prompt
+    settings = result.metrics["llm_settings"]
+    sent = {"openai": (0.4, 0.8), "anthropic": (None, None)}[provider]
+    assert (settings["grounded"]["temperature_sent"], settings["hypothetical"]["temperature_sent"]) == sent
+    assert settings["grounded"]["temperature_requested"] == 0.4 and settings["hypothetical"]["temperature_requested"] == 0.8
+    assert settings["grounded"]["model"] == settings["hypothetical"]["model"] == model
+
+    # Grounded: describe this photograph, no keyword seeds; hypothetical: the row's seeds.
+    with_image = [r for r in requests if r.images]
+    assert with_image and all("Describe this photograph" in r.prompt and "setting keywords" not in r.prompt for r in with_image)
+    assert (grounded["keywords"] == "").all()
+    for row in hypothetical.itertuples():
+        seeds = captions.keyword_seeds({t: getattr(row, t) for t in TASKS}, row.seed, tuple(STUDY_SETTINGS["keywords"]))
+        assert row.keywords == "; ".join(seeds)
+        assert ", ".join(seeds) in row.caption  # the fake model echoes the keywords it was sent
+    # Analysis-then-caption: the analysis is recorded, and is not part of the caption.
+    assert (table["analysis"].str.startswith("The ")).all()
+    assert not table["caption"].str.contains("must show").any()
+    assert (table["caption"].str.startswith("A grounded scene") == (table["mode"] == "grounded")).all()
+
+    # Reruns draw the same keyword seeds (fresh clients, empty cache): identical table.
+    with FakeLLMServer(_responder(refuse_always=set())) as again_server:
+        llm2 = {**llm, provider: {**llm[provider], "base_url": again_server.base_url(provider)}}
+        config2 = CaptionConfig.from_params(section("caption", backend=provider, llm=llm2, **STUDY_SETTINGS))
+        again = caption_plan(plan, config2, train=train, clients=make_clients(config2, tmp_path / "c2"), progress=False)
+    assert again.table[["id", "mode", "grounded_on", "keywords", "caption"]].equals(
+        table[["id", "mode", "grounded_on", "keywords", "caption"]])
+
+
+def test_template_backend_table_has_no_llm_columns():
+    result = caption_plan(_plan(20), CaptionConfig.from_params(section("caption")), progress=False)
+    assert list(result.table.columns) == list(captions.CAPTION_COLUMNS)
+    assert "llm_settings" not in result.metrics
