@@ -875,6 +875,8 @@ def _llm_captions(
 ) -> tuple[dict[str, int], dict[str, Any]]:
     # Phase 4: ask the LLM for the pending rows, mode by mode; a failure falls back to the template.
     # Fills rows in place; returns failure counts by reason and each client's usage.
+    from medicsynth.llm.client import raise_if_failing
+
     failures: dict[str, int] = {}
     requests = [_request(rows[i], config, prompts[rows[i]["mode"]]) for i in pending]
     for mode in ("grounded", "hypothetical"):
@@ -883,6 +885,10 @@ def _llm_captions(
             continue
         client = clients[mode]
         results = client.run([req for _, req in chosen], desc=f"caption {mode}", progress=progress)
+        # Refused captions fall back to the template grammar by design (recorded per row); any
+        # other failure counts towards the stage's failure share, which stops a broken run.
+        raise_if_failing(results, client.config.max_failure_share, client.config.provider, client.config.model,
+                         what=f"{mode} captions", ignore=("budget", "refusal"))
         for (i, _), result in zip(chosen, results):
             row = rows[i]
             model = f"{config.backend}:{client.config.model}"
