@@ -61,6 +61,8 @@ def main() -> None:
 
     p = section(load_params(args.params), "adapt")
     mode = p.get("mode", "demo")
+    if mode is False:  # YAML 1.1 reads a bare `off` as false
+        mode = "off"
     out, plot = Path(args.out), Path(args.plot)
     if p.get("threads"):
         # On a shared 2-core machine one thread trained 20× faster than two (OpenMP spin-waits).

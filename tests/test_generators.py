@@ -309,3 +309,15 @@ def test_hosted_kill_mid_run_repeats_no_answered_call(images_server, tmp_path):
     assert sum(images_server.completed.values()) == 6 and max(images_server.completed.values()) == 1
     assert images_server.count() == 7
     assert len(read_manifest(tmp_path / "manifest.tsv")) == 6
+
+
+def test_study_preset_generate_section_is_valid():
+    base = yaml.safe_load((REPO / "params.yaml").read_text())
+    preset = yaml.safe_load((REPO / "presets/study.yaml").read_text())
+    assert set(preset["generate"]) <= set(base["generate"]) and set(preset["adapt"]) <= set(base["adapt"])
+    opts = gen.GenerateOptions.from_params({**base["generate"], **preset["generate"]})
+    from medicsynth.diffusion.families import FAMILIES
+
+    resolved = opts.with_family_defaults(FAMILIES["flux"])
+    assert (resolved.steps, resolved.guidance, resolved.width, resolved.height) == (30, 2.5, 512, 512)
+    assert preset["adapt"]["mode"] == "off"

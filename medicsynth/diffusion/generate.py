@@ -23,6 +23,16 @@ a ``seed``, four intended labels and a caption. :func:`generate_plan` renders th
   process writes the manifest after ``wait_for_everyone`` from the files themselves, so a
   missing image is an error rather than a silent gap.
 
+Families. The model's ``model_index.json`` names its pipeline class and so its family
+(:mod:`medicsynth.diffusion.families`): Stable Diffusion 1.x/2.x render through :class:`Renderer`,
+a denoising loop on the pipeline's components; SDXL, SD 3/3.5, FLUX.1 and any other diffusers
+text-to-image pipeline through :class:`PipelineRenderer`, the pipeline's own ``__call__`` with one
+CPU generator per image (same batch invariance). ``steps``/``guidance``/``scheduler`` set to
+``auto`` take the family's defaults; families without a negative prompt (FLUX) drop it from the
+call and from the provenance key. Big models: ``dtype: bf16``, ``cpu_offload`` (model or
+sequential), ``vae_tiling``/``vae_slicing``. ``backend: openai`` renders through the hosted
+Images API instead (:mod:`medicsynth.diffusion.hosted`).
+
 Speed options (:class:`GenerateOptions`) default to ``"auto"``: on for CUDA, no-ops on CPU.
 Execution details that do not change the recipe (dtype, batch size, compile, attention kernel)
 are recorded but not part of the provenance key, so switching them does not re-render.
@@ -49,7 +59,7 @@ from tqdm import tqdm
 
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 
-from medicsynth.diffusion.families import FAMILIES, Family, detect_family, native_size
+from medicsynth.diffusion.families import Family, detect_family, native_size
 from medicsynth.diffusion.tiny import label_prompt, read_meta
 from medicsynth.io import atomic_path
 from medicsynth.labels import TASKS, LabelError, validate_label
