@@ -321,3 +321,16 @@ def test_study_preset_generate_section_is_valid():
     resolved = opts.with_family_defaults(FAMILIES["flux"])
     assert (resolved.steps, resolved.guidance, resolved.width, resolved.height) == (30, 2.5, 512, 512)
     assert preset["adapt"]["mode"] == "off"
+
+
+def test_memory_options(models):
+    fam = detect_family(models["flux"])
+    ref = gen.resolve_model(str(models["flux"]))
+    o = gen.GenerateOptions(**generate_params(models["flux"], vae_tiling=True, vae_slicing=True))
+    res = gen.resolve_options(o, torch.device("cpu"))
+    pipe = gen.load_pipeline(ref, o, res, fam)
+    assert pipe.vae.use_tiling and pipe.vae.use_slicing
+    with pytest.raises(gen.GenerateError, match="cpu_offload .* needs device cuda"):
+        gen.load_pipeline(ref, gen.GenerateOptions(**generate_params(models["flux"], cpu_offload="model")), res, fam)
+    with pytest.raises(ValueError, match="dtype bf16 on CPU"):
+        gen.resolve_options(gen.GenerateOptions(**generate_params(models["flux"], dtype="bf16")), torch.device("cpu"))
