@@ -334,3 +334,25 @@ def test_memory_options(models):
         gen.load_pipeline(ref, gen.GenerateOptions(**generate_params(models["flux"], cpu_offload="model")), res, fam)
     with pytest.raises(ValueError, match="dtype bf16 on CPU"):
         gen.resolve_options(gen.GenerateOptions(**generate_params(models["flux"], dtype="bf16")), torch.device("cpu"))
+
+
+@pytest.mark.slow  # two torchrun processes
+def test_generate_sharded_over_two_processes_matches_one(models, tmp_path, monkeypatch):
+    """torchrun (Gloo on CPU) with 2 processes renders a FLUX plan: same images as one process."""
+    plan = write_plan(tmp_path / "captions.tsv", 4)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"generate": generate_params(models["flux"], batch_size=1)}))
+    env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+           str(REPO / "stages/generate.py"), "--captions", str(plan), "--images", "sharded", "--manifest",
+           "sharded.tsv", "--metrics", "sharded.json"]
+    proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    m = json.loads((tmp_path / "sharded.json").read_text())
+    assert m["processes"] == 2 and sorted(s["rendered"] for s in m["per_process"]) == [2, 2]
+    run_stage("stages/generate.py", tmp_path, "--captions", str(plan), "--images", "single", "--manifest",
+              "single.tsv", "--metrics", "single.json", monkeypatch=monkeypatch)
+    for name in sorted(p.name for p in (tmp_path / "single").glob("*.jpg")):
+        a = np.asarray(Image.open(tmp_path / "single" / name)).astype(int)
+        b = np.asarray(Image.open(tmp_path / "sharded" / name)).astype(int)
+        assert np.abs(a - b).max() <= 1, name
+    assert len(read_manifest(tmp_path / "sharded.tsv")) == 4
