@@ -13,7 +13,8 @@ Two modes:
     comes from its class's per-class F1 on the **dev** split of the ``original`` model: the bonus
     of the smallest threshold the F1 falls below (study: < 0.40 → +80, < 0.60 → +40,
     < 0.75 → +20, otherwise 0; the bonuses do not add up across thresholds). Combination bonuses
-    are hand-set rules (``match`` one label or a list of labels per task). The weights are then
+    are hand-set rules (``match`` one label or a list of labels per task, on one or several tasks;
+    all six of the study's are expressible, see ``presets/study.yaml``). The weights are then
     rescaled to ``total`` with an apportionment method that makes the sum exact.
 
 ``balance``
@@ -131,7 +132,8 @@ class AllocateConfig:
         [0, 1]) with ``f1_bonuses`` (list of ints, same length), ``combination_bonuses`` (list of
         ``{match: {task: label | [labels]}, bonus: int, name: str?}``), ``rounding``,
         ``balance_target_share`` (a float for every task or ``{task: float}``),
-        ``include_unseen``, ``seed``. ``train_manifest``/``dev_report`` are paths the stage reads.
+        ``include_unseen``, ``seed``. ``train_manifest``, ``dev_report`` and ``f1_reports`` are
+        paths the stage reads (see :func:`f1_source_paths`).
         Every key is required (a missing one raises ``KeyError`` naming ``allocate.<key>``).
         """
         p = dict(params)
@@ -227,15 +229,36 @@ def _combination_bonus(item: Any, i: int) -> CombinationBonus:
 
 
 def load_dev_f1(path: str | Path) -> dict[str, dict[str, float]]:
-    """Per-class F1 ``{task: {class: f1}}`` from an evaluation report on the dev split.
+    """Per-class F1 ``{task: {class: f1}}`` from one evaluation report or F1 table.
 
-    The report has ``{"tasks": {task: {"per_class": {class: {"f1": float, ...}}}}}``. Every class
-    of every task must be present with an F1 in [0, 1]; anything else raises naming the file.
+    Parameters
+    ----------
+    path
+        ``*.json``: an evaluation report, ``{"tasks": {task: {"per_class": {class: {"f1": ...}}}}}``
+        (a dev report, ``metrics/dev/<variant>-<arch>.json``) or the same under one split key
+        (a test report, ``{"test": {"tasks": ...}}``, as ``metrics/evaluate/`` writes).
+        ``*.tsv``: a table with columns ``task``, ``class``, ``f1`` (the study's
+        ``study_class_f1.tsv``), one row per class.
+
+    Returns every class of every task with an F1 in [0, 1]; a missing class, a duplicate row or a
+    value that is not a fraction raises :class:`AllocationError` naming the file and the entry.
     """
+    path = Path(path)
+    if not path.is_file():
+        raise AllocationError(
+            f"{path}: F1 source not found (allocate.dev_report / allocate.f1_reports): run the stage "
+            "that writes it (evaluate for metrics/dev/...) or fix the path"
+        )
+    if path.suffix == ".tsv":
+        return _load_f1_tsv(path)
     report = read_json(path)
     tasks = report.get("tasks") if isinstance(report, dict) else None
+    if tasks is None and isinstance(report, dict):
+        splits = [v for v in report.values() if isinstance(v, dict) and isinstance(v.get("tasks"), dict)]
+        if len(splits) == 1:
+            tasks = splits[0]["tasks"]
     if not isinstance(tasks, dict):
-        raise AllocationError(f"{path}: expected a top-level 'tasks' mapping")
+        raise AllocationError(f"{path}: expected a top-level 'tasks' mapping (or one split holding it)")
     out: dict[str, dict[str, float]] = {}
     for task in TASKS:
         per_class = (tasks.get(task) or {}).get("per_class")
@@ -245,15 +268,76 @@ def load_dev_f1(path: str | Path) -> dict[str, dict[str, float]]:
         for cls in CLASSES[task]:
             entry = per_class.get(cls)
             f1 = entry.get("f1") if isinstance(entry, dict) else None
-            if isinstance(f1, bool) or not isinstance(f1, (int, float)) or math.isnan(f1):
-                raise AllocationError(f"{path}: tasks.{task}.per_class.{cls}.f1 = {f1!r}: expected a number")
-            if not 0.0 <= f1 <= 1.0:
-                raise AllocationError(
-                    f"{path}: tasks.{task}.per_class.{cls}.f1 = {f1!r} not in [0, 1] "
-                    "(F1 is expected as a fraction, not a percentage)"
-                )
-            out[task][cls] = float(f1)
+            out[task][cls] = _check_f1(f1, f"{path}: tasks.{task}.per_class.{cls}.f1")
     return out
+
+
+def _check_f1(f1: Any, where: str) -> float:
+    if isinstance(f1, bool) or not isinstance(f1, (int, float)) or math.isnan(f1):
+        raise AllocationError(f"{where} = {f1!r}: expected a number")
+    if not 0.0 <= f1 <= 1.0:
+        raise AllocationError(f"{where} = {f1!r} not in [0, 1] (F1 is expected as a fraction, not a percentage)")
+    return float(f1)
+
+
+def _load_f1_tsv(path: Path) -> dict[str, dict[str, float]]:
+    df = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
+    missing = [c for c in ("task", "class", "f1") if c not in df.columns]
+    if missing:
+        raise AllocationError(f"{path}: missing column(s) {', '.join(missing)} (expected task, class, f1)")
+    out: dict[str, dict[str, float]] = {task: {} for task in TASKS}
+    for i, row in enumerate(df.to_dict("records")):
+        where = f"{path}: line {i + 2}"
+        task = row["task"].strip()
+        if task not in CLASSES:
+            raise AllocationError(f"{where}: unknown task {task!r}; expected one of {', '.join(TASKS)}")
+        try:
+            cls = validate_label(task, row["class"])
+        except LabelError as exc:
+            raise AllocationError(f"{where}: {exc}") from None
+        if cls in out[task]:
+            raise AllocationError(f"{where}: duplicate row for {task}/{cls}")
+        try:
+            value = float(row["f1"])
+        except ValueError:
+            raise AllocationError(f"{where}: f1 {row['f1']!r} is not a number") from None
+        out[task][cls] = _check_f1(value, f"{where}: f1")
+    for task in TASKS:
+        absent = [c for c in CLASSES[task] if c not in out[task]]
+        if absent:
+            raise AllocationError(f"{path}: no F1 row for {task} class(es) {', '.join(absent)}")
+    return out
+
+
+def f1_source_paths(params: dict[str, Any]) -> list[str]:
+    """The F1 sources named by the ``allocate`` section: ``dev_report`` then ``f1_reports``.
+
+    ``dev_report`` is one path (DVC tracks it as a dependency); ``f1_reports`` an optional list
+    of further paths (reports of other architectures, or an F1 table) whose lowest per-class F1
+    is taken together with it. A wrong type raises naming the key.
+    """
+    first = require(params, "allocate", "dev_report")
+    if not isinstance(first, str) or not first:
+        raise AllocationError(
+            f"allocate.dev_report = {first!r}: expected one path (list further reports under allocate.f1_reports)"
+        )
+    extra = require(params, "allocate", "f1_reports") or []
+    if isinstance(extra, str) or not isinstance(extra, (list, tuple)) or not all(isinstance(x, str) and x for x in extra):
+        raise AllocationError(f"allocate.f1_reports = {extra!r}: expected a list of paths ([] for none)")
+    return [first, *[x for x in extra if x != first]]
+
+
+def lowest_f1(paths: Sequence[str | Path]) -> dict[str, dict[str, float]]:
+    """Per class, the lowest F1 over several sources (reports of several models, or F1 tables).
+
+    The study allocated from the lowest per-class F1 over its three CNNs: a class that any
+    architecture finds hard gets the bonus. ``paths`` are read with :func:`load_dev_f1`; one path
+    returns its F1 unchanged. Raises :class:`AllocationError` for an empty list.
+    """
+    if not paths:
+        raise AllocationError("allocate: no F1 source given (allocate.dev_report is empty)")
+    sources = [load_dev_f1(p) for p in paths]
+    return {task: {cls: min(s[task][cls] for s in sources) for cls in CLASSES[task]} for task in TASKS}
 
 
 def combination_counts(train: pd.DataFrame) -> dict[Combination, int]:

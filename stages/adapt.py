@@ -5,9 +5,11 @@
 - ``demo`` (default): train a tiny latent-diffusion pipeline from scratch on the training images
   with label prompts, offline on a CPU in about five minutes → ``models/diffusion/demo`` (a
   standard diffusers ``StableDiffusionPipeline`` directory, ``generate.model: demo``).
-- ``lora``: LoRA on a local Stable Diffusion checkpoint's UNet (GPU, bf16, gradient
-  checkpointing) with template captions → ``models/diffusion/lora`` (set ``generate.model`` to
-  the base model and ``generate.lora: models/diffusion/lora``).
+- ``lora``: LoRA (peft) on a local base model's denoiser, any family read from its
+  ``model_index.json``: SD 1.x/2.x (UNet), SD 3/3.5 and FLUX.1 (transformer, flow matching, as
+  diffusers' DreamBooth-LoRA scripts), GPU, bf16, gradient checkpointing, template captions →
+  ``models/diffusion/lora`` (set ``generate.model`` to the base model and
+  ``generate.lora: models/diffusion/lora``). See :mod:`medicsynth.diffusion.lora`.
 - ``off``: nothing is trained; ``models/diffusion/ADAPT_OFF`` records that.
 
 Outputs: ``models/diffusion/``, ``metrics/adapt.json``, ``plots/adapt_loss.png``.
@@ -25,17 +27,15 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 from medicsynth.diffusion.tiny import label_prompt
+from medicsynth.diffusion.lora import adapt_lora
 from medicsynth.diffusion.train import (
     DemoTrainConfig,
-    LoraTrainConfig,
-    _atomic_dir,
+    atomic_dir,
     demo_metrics,
     load_images,
     plot_losses,
     save_demo_pipeline,
-    save_lora,
     train_demo,
-    train_lora,
 )
 from medicsynth.io import atomic_path, write_json
 from medicsynth.manifest import read_manifest
@@ -61,13 +61,15 @@ def main() -> None:
 
     p = section(load_params(args.params), "adapt")
     mode = p.get("mode", "demo")
+    if mode is False:  # YAML 1.1 reads a bare `off` as false
+        mode = "off"
     out, plot = Path(args.out), Path(args.plot)
     if p.get("threads"):
         # On a shared 2-core machine one thread trained 20× faster than two (OpenMP spin-waits).
         torch.set_num_threads(int(p["threads"]))
 
     if mode == "off":
-        _atomic_dir(out, lambda tmp: (tmp / "ADAPT_OFF").write_text(
+        atomic_dir(out, lambda tmp: (tmp / "ADAPT_OFF").write_text(
             "adapt.mode is off: no model was trained\n", encoding="utf-8"))
         write_json({"mode": "off"}, args.metrics)
         _placeholder_plot(plot, "adapt.mode: off — nothing trained")
@@ -91,36 +93,11 @@ def main() -> None:
             "train_images": len(df),
             "tiny_config": cfg.tiny.to_dict(),
         }
-        _atomic_dir(out, lambda tmp: save_demo_pipeline(pipe, tmp / "demo", meta))
+        atomic_dir(out, lambda tmp: save_demo_pipeline(pipe, tmp / "demo", meta))
         metrics = demo_metrics(cfg, pipe, logs, len(df))
     elif mode == "lora":
-        from diffusers import StableDiffusionPipeline
-
-        from medicsynth.diffusion.generate import resolve_model
-
-        lora_params = dict(p.get("lora") or {})
-        captions = lora_params.pop("captions", "template")
-        cfg = LoraTrainConfig.from_params({**lora_params, "balance": balance or "", "seed": p.get("seed", 0)})
-        device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                              ("cpu" if cfg.device == "auto" else cfg.device))
-        ref = resolve_model(cfg.base_model)
-        pipe = StableDiffusionPipeline.from_pretrained(ref.path, local_files_only=True, safety_checker=None,
-                                                       requires_safety_checker=False)
-        rows = df.to_dict("records")
-        if captions == "template":
-            from medicsynth.captions import template_caption
-
-            prompts = [template_caption(r, seed=i) for i, r in enumerate(rows)]
-        elif captions == "labels":
-            prompts = [label_prompt(r) for r in rows]
-        else:
-            raise ValueError(f"adapt.lora.captions must be template or labels, got {captions!r}")
-        log = train_lora(pipe, df["file"].tolist(), prompts, df[balance].tolist() if balance else None, cfg, device)
-        _atomic_dir(out, lambda tmp: save_lora(pipe, tmp / "lora"))
-        logs = {"lora": log}
-        metrics = {"mode": "lora", "base_model": cfg.base_model, "base_fingerprint": ref.fingerprint,
-                   "train_images": len(df), "device": str(device), "captions": captions,
-                   "phases": {"lora": log.summary()}, "config": {**vars(cfg), "target_modules": list(cfg.target_modules)}}
+        # Any family (SD 1.x/2.x, SD 3/3.5, FLUX.1), read from the base model's model_index.json.
+        logs, metrics = adapt_lora(p, df, out)
     else:
         raise ValueError(f"adapt.mode must be demo, lora or off, got {mode!r}")
 

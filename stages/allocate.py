@@ -1,7 +1,8 @@
 """Stage ``allocate``: plan the synthetic images per label combination.
 
 Reads ``allocate`` from params.yaml, the (relabelled) training manifest and, in ``weakness``
-mode, the ``original`` model's per-class F1 on the dev split. Writes:
+mode, the ``original`` model's per-class F1 on the dev split (``dev_report``; with
+``f1_reports`` the lowest per class over several reports or F1 tables). Writes:
 
 - ``data/allocation/allocation.tsv``: one row per candidate combination with its count and why;
 - ``data/allocation/plan.tsv``: one row per planned image (stable ``id``, ``seed``, 4 labels);
@@ -12,7 +13,7 @@ mode, the ``original`` model's per-class F1 on the dev split. Writes:
 from __future__ import annotations
 
 import argparse
-from medicsynth.allocation import AllocateConfig, allocate, load_dev_f1
+from medicsynth.allocation import AllocateConfig, allocate, f1_source_paths, lowest_f1
 from medicsynth.io import write_json
 from medicsynth.manifest import read_manifest, write_tsv
 from medicsynth.params import load_params, require, section
@@ -38,11 +39,15 @@ def main() -> None:
     if len(train) < len(manifest):
         print(f"allocate: ignoring {len(manifest) - len(train)} non-train or synthetic rows of {manifest_path}")
 
-    f1 = None
+    f1, sources = None, []
     if config.mode == "weakness":
-        f1 = load_dev_f1(require(params, "allocate", "dev_report"))
+        sources = f1_source_paths(params)
+        f1 = lowest_f1(sources)
+        if len(sources) > 1:
+            print(f"allocate: per-class F1 = lowest over {', '.join(sources)}")
 
     result = allocate(train, config, f1)
+    result.metrics["f1_sources"] = sources
     write_tsv(result.table, ALLOCATION_TSV)
     write_tsv(result.plan, PLAN_TSV)
     write_json(result.metrics, METRICS_JSON)

@@ -18,9 +18,11 @@ from medicsynth.allocation import (
     allocate,
     apportion,
     combination_slug,
+    f1_source_paths,
     image_seed,
     label_bonus,
     load_dev_f1,
+    lowest_f1,
 )
 from medicsynth.labels import CLASSES, TASKS
 from medicsynth.manifest import write_manifest
@@ -302,9 +304,12 @@ def test_stage_writes_declared_outputs(tmp_path):
     report["tasks"]["damage_severity"]["per_class"]["mild"]["f1"] = 0.3
     (tmp_path / "metrics/dev").mkdir(parents=True)
     (tmp_path / "metrics/dev/original-resnet50.json").write_text(json.dumps(report))
+    # A second model's report: its lower F1 for 'earthquake' (combination C) counts.
+    _report(tmp_path / "metrics/dev", "original-mobilenet_v2.json", {("disaster_types", "earthquake"): 0.1})
     allocate_params = section("allocate", total=50) | {
         "train_manifest": "data/variants/relabelled/train.tsv",
         "dev_report": "metrics/dev/original-resnet50.json",
+        "f1_reports": ["metrics/dev/original-mobilenet_v2.json"],
     }
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"allocate": allocate_params}))
     subprocess.run(
@@ -317,4 +322,94 @@ def test_stage_writes_declared_outputs(tmp_path):
     assert len(plan) == 50 == table["count"].sum() == metrics["total"]
     assert list(plan.columns) == ["id", "seed", *TASKS]
     assert (tmp_path / "plots/allocate.png").stat().st_size > 10_000
-    assert metrics["per_class"]["damage_severity"]["mild"]["planned"] > 25  # mild is the weak class
+    assert metrics["per_class"]["damage_severity"]["mild"]["planned"] > 20  # mild is a weak class (earthquake too)
+    assert table.loc[table["disaster_types"] == "earthquake", "bonus_disaster_types"].tolist() == [80]
+    assert metrics["f1_sources"] == ["metrics/dev/original-resnet50.json", "metrics/dev/original-mobilenet_v2.json"]
+
+
+# -- the study's published allocation -------------------------------------------------------
+
+STUDY = REPO / "tests/fixtures/study"
+
+
+def study_allocate_params():
+    """params.yaml's allocate section with presets/study.yaml's allocate keys applied."""
+    import yaml
+
+    base = yaml.safe_load((REPO / "params.yaml").read_text())["allocate"]
+    preset = yaml.safe_load((REPO / "presets/study.yaml").read_text())["allocate"]
+    assert set(preset) <= set(base), f"preset keys not in params.yaml: {set(preset) - set(base)}"
+    return {**base, **preset}
+
+
+def test_study_preset_reproduces_published_allocation_exactly():
+    published = pd.read_csv(STUDY / "published_allocation.tsv", sep="\t")
+    params = study_allocate_params()
+    config = AllocateConfig.from_params(params)
+    assert config.total == 9988 and config.rounding == "webster" and len(config.combination_bonuses) == 6
+    # The published table lists the combinations seen in the study's training split.
+    train = published[list(TASKS)].copy()
+    f1 = lowest_f1([STUDY / "study_class_f1.tsv"])
+    table = allocate(train, config, f1).table
+    merged = published.merge(table, on=list(TASKS), how="outer", suffixes=("_study", ""), indicator=True)
+    assert (merged["_merge"] == "both").all() and len(merged) == 101
+    wrong_weight = merged[merged["weight_study"] != merged["weight"]]
+    wrong_count = merged[merged["count_study"] != merged["count"]]
+    assert wrong_weight.empty, wrong_weight[[*TASKS, "weight_study", "weight", "reason"]].to_string()
+    assert wrong_count.empty, wrong_count[[*TASKS, "count_study", "count"]].to_string()
+    assert table["count"].sum() == published["count"].sum() == 9988
+
+
+def test_default_bonuses_do_not_reproduce_the_study():
+    # The three default bonuses miss half the study's: many combinations land elsewhere.
+    published = pd.read_csv(STUDY / "published_allocation.tsv", sep="\t")
+    import yaml
+
+    params = {**yaml.safe_load((REPO / "params.yaml").read_text())["allocate"], "total": 9988}
+    table = allocate(published[list(TASKS)].copy(), AllocateConfig.from_params(params),
+                     lowest_f1([STUDY / "study_class_f1.tsv"])).table
+    merged = published.merge(table, on=list(TASKS), suffixes=("_study", ""))
+    assert (merged["count_study"] != merged["count"]).sum() > 30
+
+
+def _report(tmp_path, name, overrides, split=None):
+    report = {"tasks": {t: {"per_class": {c: {"f1": 0.9} for c in CLASSES[t]}} for t in TASKS}}
+    for (task, cls), v in overrides.items():
+        report["tasks"][task]["per_class"][cls]["f1"] = v
+    if split:
+        report = {split: report}
+    path = tmp_path / name
+    path.write_text(json.dumps(report))
+    return path
+
+
+def test_lowest_f1_over_reports_and_tables(tmp_path):
+    a = _report(tmp_path, "a.json", {("damage_severity", "mild"): 0.3, ("humanitarian", "not_humanitarian"): 0.8})
+    b = _report(tmp_path, "b.json", {("damage_severity", "mild"): 0.5, ("humanitarian", "not_humanitarian"): 0.7},
+                split="test")  # a test report nests its tasks under the split
+    tsv = tmp_path / "f1.tsv"
+    tsv.write_text("task\tclass\tf1\n" + "".join(
+        f"{t}\t{c}\t{0.2 if c == 'fire' else 0.95}\n" for t in TASKS for c in CLASSES[t]))
+    f1 = lowest_f1([a, b, tsv])
+    assert f1["damage_severity"]["mild"] == 0.3
+    assert f1["humanitarian"]["not_humanitarian"] == 0.7
+    assert f1["disaster_types"]["fire"] == 0.2
+    assert f1["informative"]["informative"] == 0.9
+    assert lowest_f1([b])["damage_severity"]["mild"] == 0.5
+
+
+def test_f1_sources_errors_name_file_and_key(tmp_path):
+    tsv = tmp_path / "f1.tsv"
+    tsv.write_text("task\tclass\tf1\ndamage_severity\tmild\t28.4\n")
+    with pytest.raises(AllocationError, match=r"f1\.tsv: line 2: f1 = 28\.4 not in \[0, 1\]"):
+        lowest_f1([tsv])
+    tsv.write_text("task\tclass\tf1\ndamage_severity\tmild\t0.3\n")
+    with pytest.raises(AllocationError, match="no F1 row for damage_severity class"):
+        lowest_f1([tsv])
+    with pytest.raises(AllocationError, match="missing.json: F1 source not found"):
+        lowest_f1([tmp_path / "missing.json"])
+    with pytest.raises(AllocationError, match="allocate.f1_reports"):
+        f1_source_paths({"dev_report": "a.json", "f1_reports": "b.json"})
+    with pytest.raises(AllocationError, match="allocate.dev_report"):
+        f1_source_paths({"dev_report": ["a.json", "b.json"]})
+    assert f1_source_paths({"dev_report": "a.json", "f1_reports": ["b.json", "a.json"]}) == ["a.json", "b.json"]

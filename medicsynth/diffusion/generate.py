@@ -23,6 +23,16 @@ a ``seed``, four intended labels and a caption. :func:`generate_plan` renders th
   process writes the manifest after ``wait_for_everyone`` from the files themselves, so a
   missing image is an error rather than a silent gap.
 
+Families. The model's ``model_index.json`` names its pipeline class and so its family
+(:mod:`medicsynth.diffusion.families`): Stable Diffusion 1.x/2.x render through :class:`Renderer`,
+a denoising loop on the pipeline's components; SDXL, SD 3/3.5, FLUX.1 and any other diffusers
+text-to-image pipeline through :class:`PipelineRenderer`, the pipeline's own ``__call__`` with one
+CPU generator per image (same batch invariance). ``steps``/``guidance``/``scheduler`` set to
+``auto`` take the family's defaults; families without a negative prompt (FLUX) drop it from the
+call and from the provenance key. Big models: ``dtype: bf16``, ``cpu_offload`` (model or
+sequential), ``vae_tiling``/``vae_slicing``. ``backend: openai`` renders through the hosted
+Images API instead (:mod:`medicsynth.diffusion.hosted`).
+
 Speed options (:class:`GenerateOptions`) default to ``"auto"``: on for CUDA, no-ops on CPU.
 Execution details that do not change the recipe (dtype, batch size, compile, attention kernel)
 are recorded but not part of the provenance key, so switching them does not re-render.
@@ -49,6 +59,7 @@ from tqdm import tqdm
 
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 
+from medicsynth.diffusion.families import Family, detect_family, native_size
 from medicsynth.diffusion.tiny import label_prompt, read_meta
 from medicsynth.io import atomic_path
 from medicsynth.labels import TASKS, LabelError, validate_label
@@ -79,11 +90,17 @@ class GenerateOptions:
     """
 
     model: str = "demo"
+    backend: str = "diffusers"  # diffusers (local pipeline) | openai (hosted Images API, medicsynth.diffusion.hosted)
+    hosted: dict = field(default_factory=dict)  # backend openai: HostedConfig fields
     lora: str = ""
     lora_scale: float = 1.0
-    scheduler: str = "dpmsolver++"
-    steps: int = 20
-    guidance: float = 7.0
+    scheduler: str = "dpmsolver++"  # a SCHEDULERS name, "default" (the model's own) or "auto" (the family's default)
+    steps: int | str = 20  # or "auto": the family's default
+    guidance: float | str = 7.0  # or "auto": the family's default (FLUX.1-dev: embedded guidance 3.5)
+    max_sequence_length: int = 0  # T5 prompt tokens (SD3/FLUX); 0 = the pipeline's default
+    cpu_offload: str = "none"  # none | model (one component on the GPU at a time) | sequential (per layer; slowest, least memory)
+    vae_tiling: bool = False  # decode in overlapping tiles (big images on small GPUs)
+    vae_slicing: bool = False  # decode one image of the batch at a time
     guidance_rescale: float = 0.0  # CFG rescale φ (Lin et al. 2024); counters over-saturated colours
     width: int = 0  # 0: the model's native size (UNet sample size × VAE scale factor)
     height: int = 0
@@ -116,6 +133,21 @@ class GenerateOptions:
         if unknown:
             raise KeyError(f"generate: unknown key(s) {sorted(unknown)}; known: {sorted(names)}")
         return cls(**params)
+
+    def with_family_defaults(self, family: Family) -> "GenerateOptions":
+        """A copy with ``auto`` steps/guidance/scheduler replaced by ``family``'s defaults.
+
+        Explicit values are kept, so the demo's settings (an ``sd``-family model) are unchanged.
+        A negative prompt for a family without one is dropped by :func:`plan_jobs`, not here.
+        """
+        from dataclasses import replace
+
+        return replace(
+            self,
+            steps=family.steps if self.steps == "auto" else int(self.steps),
+            guidance=family.guidance if self.guidance == "auto" else float(self.guidance),
+            scheduler=family.scheduler if self.scheduler == "auto" else self.scheduler,
+        )
 
 
 def _flag(value: bool | str, cuda: bool, name: str) -> bool:
@@ -251,23 +283,50 @@ def prompt_source(opts: GenerateOptions, ref: ModelRef) -> str:
     return read_meta(ref.path).get("prompt_source", "caption")
 
 
-def load_pipeline(ref: ModelRef, opts: GenerateOptions, res: Resolved):
-    """Load the pipeline from local disk in ``res.dtype`` on ``res.device``, LoRA fused in."""
-    from diffusers import StableDiffusionPipeline
+def load_pipeline(ref: ModelRef, opts: GenerateOptions, res: Resolved, family: Family | None = None):
+    """Load the pipeline from local disk in ``res.dtype`` on ``res.device``, LoRA fused in.
 
+    ``family`` (default: read from ``model_index.json``) picks the class: Stable Diffusion 1.x/2.x
+    through :class:`~diffusers.StableDiffusionPipeline` (its safety checker optional), any other
+    family through :class:`~diffusers.DiffusionPipeline` (the class ``model_index.json`` names).
+    Memory options: ``cpu_offload`` (``model``/``sequential``, CUDA only) instead of moving the
+    whole pipeline to the device; ``vae_tiling``/``vae_slicing`` on the VAE.
+    """
+    family = family or detect_family(ref.path)
     kwargs: dict[str, Any] = {"local_files_only": True, "dtype": res.dtype}
-    if not opts.safety_checker:
-        kwargs.update(safety_checker=None, requires_safety_checker=False)
-    pipe = StableDiffusionPipeline.from_pretrained(ref.path, **kwargs)
+    if family.name == "sd":
+        from diffusers import StableDiffusionPipeline
+
+        if not opts.safety_checker:
+            kwargs.update(safety_checker=None, requires_safety_checker=False)
+        pipe = StableDiffusionPipeline.from_pretrained(ref.path, **kwargs)
+    else:
+        from diffusers import DiffusionPipeline
+
+        pipe = DiffusionPipeline.from_pretrained(ref.path, **kwargs)
     if opts.lora:
         lora_dir = Path(opts.lora)
         if not lora_dir.exists():
             raise GenerateError(f"generate.lora {opts.lora!r} does not exist (run adapt with adapt.mode: lora)")
         pipe.load_lora_weights(lora_dir, adapter_name="medicsynth")
         # Fusing folds the low-rank update into the weights: zero cost per step, compile-friendly.
-        pipe.fuse_lora(components=["unet"], lora_scale=opts.lora_scale)
+        pipe.fuse_lora(components=[family.denoiser], lora_scale=opts.lora_scale)
         pipe.unload_lora_weights()
     pipe.set_progress_bar_config(disable=True)
+    if opts.vae_tiling:
+        pipe.vae.enable_tiling()
+    if opts.vae_slicing:
+        pipe.vae.enable_slicing()
+    if opts.cpu_offload not in ("none", "model", "sequential"):
+        raise ValueError(f"generate.cpu_offload must be none, model or sequential, got {opts.cpu_offload!r}")
+    if opts.cpu_offload != "none":
+        if res.device.type != "cuda":
+            raise GenerateError("generate.cpu_offload offloads to the CPU between GPU uses: it needs device cuda")
+        if opts.cpu_offload == "model":
+            pipe.enable_model_cpu_offload(device=res.device)
+        else:
+            pipe.enable_sequential_cpu_offload(device=res.device)
+        return pipe
     return pipe.to(res.device)
 
 
@@ -283,12 +342,20 @@ SCHEDULERS: dict[str, tuple[str, dict]] = {
 }
 
 
-def make_scheduler(name: str, base_config: dict):
-    """A fresh scheduler of kind ``name`` sharing the model's noise schedule (``base_config``)."""
+def make_scheduler(name: str, base_config: dict, default_class: type | None = None):
+    """A fresh scheduler of kind ``name`` sharing the model's noise schedule (``base_config``).
+
+    ``default``: the model's own scheduler class (``default_class``), e.g. FLUX's and SD3's
+    flow-matching Euler scheduler.
+    """
     import diffusers
 
+    if name == "default":
+        if default_class is None:
+            raise ValueError("generate.scheduler default needs the model's scheduler class")
+        return default_class.from_config(base_config)
     if name not in SCHEDULERS:
-        raise ValueError(f"generate.scheduler {name!r} unknown; choose one of {sorted(SCHEDULERS)}")
+        raise ValueError(f"generate.scheduler {name!r} unknown; choose default, auto or one of {sorted(SCHEDULERS)}")
     cls_name, extra = SCHEDULERS[name]
     return getattr(diffusers, cls_name).from_config(base_config, **extra)
 
@@ -316,7 +383,8 @@ class Renderer:
     def __init__(self, pipe, opts: GenerateOptions, res: Resolved):
         self.pipe, self.opts, self.res = pipe, opts, res
         self.scheduler_config = dict(pipe.scheduler.config)
-        make_scheduler(opts.scheduler, self.scheduler_config)  # fail early on a bad name
+        self.scheduler_class = type(pipe.scheduler)
+        make_scheduler(opts.scheduler, self.scheduler_config, self.scheduler_class)  # fail early on a bad name
         vae_scale = 2 ** (len(pipe.vae.config.block_out_channels) - 1)
         native = pipe.unet.config.sample_size * vae_scale
         self.height, self.width = opts.height or native, opts.width or native
@@ -389,7 +457,7 @@ class Renderer:
                 list(prompts), res.device, 1, do_cfg, negative_prompt=list(negatives) if do_cfg else None,
             )
             embeds = torch.cat([uncond, cond]) if do_cfg else cond
-            scheduler = make_scheduler(opts.scheduler, self.scheduler_config)
+            scheduler = make_scheduler(opts.scheduler, self.scheduler_config, self.scheduler_class)
             scheduler.set_timesteps(opts.steps, device=res.device)
             if hasattr(scheduler, "set_begin_index"):
                 scheduler.set_begin_index(0)  # skips a per-batch timestep search (a host sync)
@@ -440,6 +508,76 @@ class Renderer:
         return torch.cat(outs)
 
 
+class PipelineRenderer:
+    """Rendering through the pipeline's own ``__call__``: SDXL, SD 3/3.5, FLUX.1 and any other
+    diffusers text-to-image pipeline.
+
+    Same contract as :class:`Renderer` (``__call__(prompts, negatives, seeds) -> RenderOutput``,
+    ``res``, ``height``, ``width``): each image's initial noise comes from its own CPU
+    ``torch.Generator`` (the pipelines draw a list of generators image by image), so an image
+    does not depend on its batch. Negative prompts are passed only to families that take them;
+    FLUX.1-dev's ``guidance`` is its embedded guidance value. ``compile`` compiles the denoiser.
+    """
+
+    def __init__(self, pipe, opts: GenerateOptions, res: Resolved, family: Family, width: int, height: int):
+        self.pipe, self.opts, self.res, self.family = pipe, opts, res, family
+        self.width, self.height = width, height
+        if opts.scheduler != "default":
+            if family.objective == "flow":
+                raise ValueError(
+                    f"generate.scheduler {opts.scheduler!r}: {family.name} is a flow-matching model; "
+                    "use scheduler: default (its own flow-matching scheduler) or auto"
+                )
+            pipe.scheduler = make_scheduler(opts.scheduler, dict(pipe.scheduler.config), type(pipe.scheduler))
+        if res.cudnn_benchmark:
+            torch.backends.cudnn.benchmark = True
+        if res.tf32:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        denoiser = getattr(pipe, family.denoiser)
+        if res.fuse_qkv and hasattr(denoiser, "fuse_qkv_projections"):
+            denoiser.fuse_qkv_projections()
+        if res.compile:
+            denoiser.compile(mode=opts.compile_mode, fullgraph=False)
+        self._call_params = set(__import__("inspect").signature(pipe.__call__).parameters)
+
+    @torch.inference_mode()
+    def __call__(self, prompts: Sequence[str], negatives: Sequence[str], seeds: Sequence[int]) -> RenderOutput:
+        n = len(prompts)
+        if not (n == len(negatives) == len(seeds)) or n == 0:
+            raise ValueError("render needs equally many (≥1) prompts, negatives and seeds")
+        opts = self.opts
+        kwargs: dict[str, Any] = dict(
+            prompt=list(prompts), num_inference_steps=int(opts.steps), guidance_scale=float(opts.guidance),
+            height=self.height, width=self.width, output_type="pt",
+            generator=[torch.Generator("cpu").manual_seed(int(s)) for s in seeds],
+        )
+        if self.family.negative_prompt and any(negatives) and "negative_prompt" in self._call_params:
+            kwargs["negative_prompt"] = list(negatives)
+        if opts.max_sequence_length and "max_sequence_length" in self._call_params:
+            kwargs["max_sequence_length"] = int(opts.max_sequence_length)
+        if opts.guidance_rescale and "guidance_rescale" in self._call_params:
+            kwargs["guidance_rescale"] = float(opts.guidance_rescale)
+        out = self.pipe(**kwargs)
+        images = out.images if isinstance(out.images, torch.Tensor) else torch.as_tensor(np.asarray(out.images)).permute(0, 3, 1, 2)
+        nsfw_flags = getattr(out, "nsfw_content_detected", None)
+        nsfw = np.asarray([bool(f) for f in nsfw_flags], dtype=bool) if nsfw_flags else np.zeros(n, dtype=bool)
+        pixels = (images.float().clamp(0, 1) * 255).round()
+        std = pixels.flatten(1).std(dim=1)
+        pixels = torch.nan_to_num(pixels, nan=0.0).to(torch.uint8).permute(0, 2, 3, 1)
+        return RenderOutput(pixels.cpu().numpy(), std.cpu().numpy(), nsfw)
+
+
+def make_renderer(pipe, opts: GenerateOptions, res: Resolved, family: Family, width: int, height: int):
+    """:class:`Renderer` (the fast SD 1.x/2.x loop) or :class:`PipelineRenderer` (any other family)."""
+    if family.name == "sd":
+        renderer = Renderer(pipe, opts, res)
+        if (renderer.width, renderer.height) != (width, height):
+            raise GenerateError(f"generate: renderer size {renderer.width}×{renderer.height} differs from the planned {width}×{height}")
+        return renderer
+    return PipelineRenderer(pipe, opts, res, family, width, height)
+
+
 def _accepts(fn: Callable, name: str) -> bool:
     import inspect
 
@@ -483,15 +621,22 @@ def read_plan(path: str | Path) -> pd.DataFrame:
 
 
 def provenance_record(row: dict, prompt: str, negative: str, opts: GenerateOptions, ref: ModelRef,
-                      lora_fp: str, width: int, height: int) -> dict:
-    """What determines an image's pixels (execution details such as dtype or batch excluded)."""
-    return {
+                      lora_fp: str, width: int, height: int, family: Family | None = None) -> dict:
+    """What determines an image's pixels (execution details such as dtype or batch excluded).
+
+    Records of Stable Diffusion 1.x/2.x models keep their original keys (so images rendered
+    before families existed still match); other families add ``family`` and the T5 length.
+    """
+    record = {
         "id": row["id"], "seed": int(row["seed"]), "prompt": prompt, "negative_prompt": negative,
         "model": ref.fingerprint, "lora": lora_fp, "lora_scale": opts.lora_scale if lora_fp else None,
         "scheduler": opts.scheduler, "steps": int(opts.steps), "guidance": float(opts.guidance),
         "guidance_rescale": float(opts.guidance_rescale),
         "width": int(width), "height": int(height),
     }
+    if family is not None and family.name != "sd":
+        record.update(family=family.name, max_sequence_length=int(opts.max_sequence_length))
+    return record
 
 
 def provenance_key(record: dict) -> str:
@@ -542,12 +687,15 @@ class PlanStatus:
 
 
 def plan_jobs(plan: pd.DataFrame, images_dir: Path, opts: GenerateOptions, ref: ModelRef, lora_fp: str,
-              source: str, width: int, height: int, plan_path: str = "<plan>") -> PlanStatus:
+              source: str, width: int, height: int, plan_path: str = "<plan>",
+              family: Family | None = None) -> PlanStatus:
     """Decide for each planned image its prompt, provenance key and whether it must be rendered.
 
     Rows with nothing to render (an empty caption when prompting by caption) are quarantined and
-    reported instead of producing an unconditioned image.
+    reported instead of producing an unconditioned image. For a ``family`` without negative
+    prompts (FLUX) the negative prompt is dropped, so it neither reaches the model nor the key.
     """
+    takes_negative = family is None or family.negative_prompt
     jobs, todo, quarantined = [], [], []
     skipped = stale = 0
     for i, row in enumerate(plan.to_dict("records")):
@@ -555,11 +703,11 @@ def plan_jobs(plan: pd.DataFrame, images_dir: Path, opts: GenerateOptions, ref: 
             prompt, negative = label_prompt(row), ""  # the demo text encoder knows only label words
         else:
             prompt = row["caption"].strip()
-            negative = row["negative_prompt"].strip() or opts.negative_prompt
+            negative = (row["negative_prompt"].strip() or opts.negative_prompt) if takes_negative else ""
             if not prompt:
                 quarantined.append({"id": row["id"], "line": i + 2, "file": plan_path, "reason": "empty caption"})
                 continue
-        record = provenance_record(row, prompt, negative, opts, ref, lora_fp, width, height)
+        record = provenance_record(row, prompt, negative, opts, ref, lora_fp, width, height, family)
         job = Job(row["id"], int(row["seed"]), prompt, negative, provenance_key(record), images_dir / f"{row['id']}.jpg", row)
         jobs.append(job)
         if job.path.exists():
@@ -694,6 +842,12 @@ def generate_plan(
     manifest and the returned metrics are complete only on the main process (others return
     their own share). ``renderer_hook`` lets tests wrap the renderer (count calls, inject a kill).
     """
+    if opts.backend == "openai":
+        from medicsynth.diffusion.hosted import generate_hosted
+
+        return generate_hosted(plan_path, images_dir, manifest_path, opts, progress=progress)
+    if opts.backend != "diffusers":
+        raise GenerateError(f"generate.backend must be diffusers or openai, got {opts.backend!r}")
     from accelerate import PartialState
     from accelerate.utils import gather_object
 
@@ -704,6 +858,8 @@ def generate_plan(
     images_dir, manifest_path = Path(images_dir), Path(manifest_path)
     plan = read_plan(plan_path)
     ref = resolve_model(opts.model, demo_dir)
+    family = detect_family(ref.path)
+    opts = opts.with_family_defaults(family)
     lora_fp = _hash_dir(Path(opts.lora)) if opts.lora else ""
     source = prompt_source(opts, ref)
     device = _device(opts, state)
@@ -711,8 +867,8 @@ def generate_plan(
     images_dir.mkdir(parents=True, exist_ok=True)
 
     # Model size must be known before deciding what is stale, so read it from the configs.
-    width, height = _native_size(ref.path, opts)
-    status = plan_jobs(plan, images_dir, opts, ref, lora_fp, source, width, height, str(plan_path))
+    width, height = _native_size(ref.path, opts, family)
+    status = plan_jobs(plan, images_dir, opts, ref, lora_fp, source, width, height, str(plan_path), family)
     # Every process has read the same files; none may write before all have decided.
     state.wait_for_everyone()
 
@@ -721,8 +877,8 @@ def generate_plan(
     with state.split_between_processes(status.todo) as mine:
         if mine:
             tl = time.perf_counter()
-            pipe = load_pipeline(ref, opts, res)
-            renderer = Renderer(pipe, opts, res)
+            pipe = load_pipeline(ref, opts, res, family)
+            renderer = make_renderer(pipe, opts, res, family, width, height)
             if renderer_hook is not None:
                 renderer = renderer_hook(renderer)
             t_load = time.perf_counter() - tl
@@ -733,7 +889,7 @@ def generate_plan(
     all_stats = gather_object([per_process]) if state.num_processes > 1 else [per_process]
 
     metrics: dict[str, Any] = {
-        "model": opts.model, "model_fingerprint": ref.fingerprint, "lora": opts.lora or None,
+        "model": opts.model, "model_fingerprint": ref.fingerprint, "family": family.name, "lora": opts.lora or None,
         "prompt_source": source, "planned": len(plan), "renderable": len(status.jobs),
         "quarantined": len(status.quarantined), "quarantined_rows": status.quarantined[:50],
         "skipped": status.skipped, "stale_rerendered": status.stale,
@@ -757,11 +913,9 @@ def generate_plan(
     return metrics
 
 
-def _native_size(model_dir: Path, opts: GenerateOptions) -> tuple[int, int]:
+def _native_size(model_dir: Path, opts: GenerateOptions, family: Family | None = None) -> tuple[int, int]:
     """``(width, height)`` to render: the options, or the model's native size read from configs."""
     if opts.width and opts.height:
         return opts.width, opts.height
-    unet_cfg = json.loads((model_dir / "unet" / "config.json").read_text())
-    vae_cfg = json.loads((model_dir / "vae" / "config.json").read_text())
-    native = int(unet_cfg["sample_size"]) * 2 ** (len(vae_cfg["block_out_channels"]) - 1)
+    native = native_size(model_dir, family or detect_family(model_dir))
     return opts.width or native, opts.height or native

@@ -635,8 +635,12 @@ def save_lora(pipe, out_dir: str | Path) -> Path:
         tmp, unet_lora_layers=state, safe_serialization=True))
 
 
-def _atomic_dir(out_dir: str | Path, write: Callable[[Path], None]) -> Path:
-    """Call ``write(tmp_dir)`` then swap ``tmp_dir`` into ``out_dir`` (replacing an old one)."""
+def atomic_dir(out_dir: str | Path, write: Callable[[Path], None]) -> Path:
+    """Call ``write(tmp_dir)`` then swap ``tmp_dir`` into ``out_dir`` (replacing an old one).
+
+    A kill before the swap leaves ``out_dir`` as it was (the temporary sibling is removed on
+    the next call's cleanup or by hand); readers never see a half-written directory.
+    """
     out_dir = Path(out_dir)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(dir=out_dir.parent, prefix=f".{out_dir.name}."))
@@ -654,6 +658,9 @@ def _atomic_dir(out_dir: str | Path, write: Callable[[Path], None]) -> Path:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
     return out_dir
+
+
+_atomic_dir = atomic_dir  # the old private name, kept for callers not yet updated
 
 
 def save_demo_pipeline(pipe, out_dir: str | Path, meta: dict) -> Path:

@@ -1,0 +1,295 @@
+"""``adapt.mode: lora`` for every generator family: SD 1.x/2.x, SD 3/3.5 and FLUX.1.
+
+The family is read from the base model's ``model_index.json`` (:mod:`medicsynth.diffusion.families`).
+
+- **SD 1.x/2.x** (UNet, DDPM objective): :func:`medicsynth.diffusion.train.train_lora`
+  (ε/v-prediction, min-SNR-γ weighting).
+- **SD 3/3.5 and FLUX.1** (transformer, rectified flow): :func:`train_flow_lora`, the recipe of
+  diffusers' ``train_dreambooth_lora_sd3.py`` / ``train_dreambooth_lora_flux.py``: frozen VAE and
+  text encoders, LoRA (peft) on the transformer's attention projections; latents
+  ``(z - shift_factor) * scaling_factor``; a timestep drawn by
+  ``compute_density_for_timestep_sampling`` (logit-normal by default) and looked up in the
+  flow-matching scheduler's sigmas; ``x_t = (1 - σ) x_0 + σ ε``; the target is the velocity
+  ``ε - x_0``, the loss weighted by ``compute_loss_weighting_for_sd3``. FLUX latents are packed
+  into 2×2 patches with their position ids, and the guidance-distilled FLUX.1-dev gets its
+  embedded guidance value (the scripts' default 3.5).
+
+Whatever the family, :func:`save_lora_weights` writes ``pytorch_lora_weights.safetensors`` with
+the family's own ``save_lora_weights``, into a directory swapped in atomically; generate loads it
+with ``load_lora_weights`` and fuses it into the denoiser.
+
+:func:`adapt_lora` is the whole ``lora`` mode of the adapt stage (load, caption, train, save).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import pandas as pd
+import torch
+
+from medicsynth.diffusion.families import Family, detect_family
+from medicsynth.diffusion.train import (
+    LoraTrainConfig,
+    TrainLog,
+    _autocast_dtype,
+    _ImageFiles,
+    atomic_dir,
+    balanced_weights,
+    train_lora,
+)
+
+#: adapt.lora keys used only by the flow families (the rest are LoraTrainConfig fields).
+FLOW_KEYS = ("guidance", "weighting_scheme", "max_sequence_length")
+
+
+@dataclass(frozen=True)
+class FlowOptions:
+    """Flow-matching extras (``adapt.lora`` keys): the scripts' defaults."""
+
+    guidance: float = 3.5  # FLUX.1-dev's embedded guidance during training (ignored without guidance_embeds)
+    weighting_scheme: str = "logit_normal"  # timestep density: logit_normal | mode | cosmap | sigma_sqrt | none
+    max_sequence_length: int = 0  # T5 tokens; 0 = the pipeline's default (SD3 256, FLUX 512)
+
+
+def load_base_pipeline(model_dir: str | Path, family: Family):
+    """The base pipeline on the CPU in fp32, without safety checker (moved/cast by the trainer)."""
+    kwargs = {"local_files_only": True}
+    if family.name == "sd":
+        from diffusers import StableDiffusionPipeline
+
+        return StableDiffusionPipeline.from_pretrained(model_dir, safety_checker=None, requires_safety_checker=False, **kwargs)
+    from diffusers import DiffusionPipeline
+
+    return DiffusionPipeline.from_pretrained(model_dir, **kwargs)
+
+
+def _get_sigmas(scheduler, timesteps: torch.Tensor, n_dim: int, dtype: torch.dtype) -> torch.Tensor:
+    """σ of each timestep from the flow-matching scheduler's table, shaped to broadcast over latents."""
+    schedule = scheduler.timesteps.to(timesteps.device)
+    sigmas = scheduler.sigmas.to(timesteps.device, dtype)
+    idx = torch.stack([(schedule == t).nonzero()[0, 0] for t in timesteps])
+    sigma = sigmas[idx].flatten()
+    while sigma.ndim < n_dim:
+        sigma = sigma.unsqueeze(-1)
+    return sigma
+
+
+def train_flow_lora(
+    pipe,
+    family: Family,
+    files: Sequence[str],
+    prompts: Sequence[str],
+    balance_labels: Sequence[str] | None,
+    cfg: LoraTrainConfig,
+    flow: FlowOptions,
+    device: torch.device,
+    root: str | Path = ".",
+    progress: bool = True,
+) -> TrainLog:
+    """Add LoRA adapters to ``pipe.transformer`` (SD 3/3.5 or FLUX.1) and train them.
+
+    Parameters
+    ----------
+    pipe
+        A loaded ``StableDiffusion3Pipeline`` or ``FluxPipeline``; VAE and text encoders stay
+        frozen (in the autocast dtype on CUDA), the LoRA weights train in fp32.
+    files, prompts
+        Training images (``root``-relative paths) and their captions, same length.
+    balance_labels
+        One label per image: images are drawn inversely to their class counts (``None``: uniform).
+    cfg, flow
+        ``adapt.lora`` settings (steps, batch, lr, warm-up, rank/alpha/targets, resolution,
+        caption dropout, gradient checkpointing, mixed precision, time cap, seed) and the flow
+        extras (:class:`FlowOptions`).
+
+    Returns the phase's :class:`TrainLog`; the adapters stay attached to ``pipe.transformer``
+    (save them with :func:`save_lora_weights`). Seeded: the same inputs give the same adapters
+    on the same device.
+    """
+    from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
+    from peft import LoraConfig
+    from tqdm import tqdm
+
+    if len(files) != len(prompts) or not files:
+        raise ValueError(f"adapt lora: {len(files)} images and {len(prompts)} prompts (need the same, > 0)")
+    autocast_dtype = _autocast_dtype(cfg.mixed_precision, device)
+    weight_dtype = autocast_dtype or torch.float32
+    transformer, vae = pipe.transformer, pipe.vae
+    encoders = [getattr(pipe, n) for n in ("text_encoder", "text_encoder_2", "text_encoder_3") if getattr(pipe, n, None) is not None]
+    for module in (transformer, vae, *encoders):
+        module.requires_grad_(False)
+        module.to(device, dtype=weight_dtype)
+    transformer.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, init_lora_weights="gaussian",
+                                       target_modules=list(cfg.target_modules)))
+    lora_params = [p for p in transformer.parameters() if p.requires_grad]
+    for p in lora_params:
+        p.data = p.data.float()
+    if cfg.gradient_checkpointing:
+        transformer.enable_gradient_checkpointing()
+    optimiser = torch.optim.AdamW(lora_params, lr=cfg.lr, weight_decay=1e-4)
+
+    # Step 1: data, sampled (class-balanced) by a seeded generator.
+    gen = torch.Generator("cpu").manual_seed(cfg.seed)
+    dataset = _ImageFiles(files, prompts, cfg.resolution, root)
+    weights = balanced_weights(balance_labels) if balance_labels is not None else torch.ones(len(dataset), dtype=torch.float64)
+    sampler = torch.utils.data.WeightedRandomSampler(weights, num_samples=cfg.steps * cfg.batch, generator=gen)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch, sampler=sampler, num_workers=cfg.num_workers,
+                                         pin_memory=device.type == "cuda", drop_last=True)
+    scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)  # a copy: the pipeline's stays untouched
+    n_train = scheduler.config.num_train_timesteps
+    scaling, shift = vae.config.scaling_factor, getattr(vae.config, "shift_factor", None) or 0.0
+    seq_kwargs = {"max_sequence_length": flow.max_sequence_length} if flow.max_sequence_length else {}
+    is_flux = family.name == "flux"
+
+    def encode(batch_prompts: list[str]):
+        with torch.no_grad():
+            if is_flux:
+                embeds, pooled, text_ids = pipe.encode_prompt(batch_prompts, prompt_2=None, device=device, **seq_kwargs)
+                return embeds, pooled, text_ids
+            embeds, _, pooled, _ = pipe.encode_prompt(batch_prompts, None, None, device=device,
+                                                      do_classifier_free_guidance=False, **seq_kwargs)
+            return embeds, pooled, None
+
+    log = TrainLog(name=f"lora-{family.name}")
+    start = time.perf_counter()
+    transformer.train()
+    bar = tqdm(total=cfg.steps, desc=f"adapt lora {family.name}", disable=not progress, leave=False)
+    step, reason = 0, "steps"
+    for pixels, batch_prompts in loader:
+        if cfg.max_seconds and time.perf_counter() - start >= cfg.max_seconds:
+            reason = "time"
+            break
+        # Step 2: learning rate: linear warm-up, then constant (the scripts' default schedule).
+        for group in optimiser.param_groups:
+            group["lr"] = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
+        # Step 3: captions dropped for the unconditional prediction; latents of the batch.
+        drop = torch.rand(len(batch_prompts), generator=gen) < cfg.caption_dropout
+        batch_prompts = ["" if d else p for p, d in zip(batch_prompts, drop.tolist())]
+        embeds, pooled, text_ids = encode(batch_prompts)
+        with torch.no_grad():
+            posterior = vae.encode(pixels.to(device, weight_dtype)).latent_dist
+            x0 = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen).to(device, posterior.mean.dtype)
+            x0 = ((x0 - shift) * scaling).to(weight_dtype)
+        # Step 4: timesteps from the density, σ from the scheduler, the noisy latents.
+        bsz = x0.shape[0]
+        u = compute_density_for_timestep_sampling(weighting_scheme=flow.weighting_scheme, batch_size=bsz,
+                                                  logit_mean=0.0, logit_std=1.0, mode_scale=1.29, generator=gen)
+        idx = (u * n_train).long().clamp(max=n_train - 1)
+        timesteps = scheduler.timesteps[idx].to(device)
+        sigmas = _get_sigmas(scheduler, timesteps, x0.ndim, x0.dtype)
+        noise = torch.randn(x0.shape, generator=gen).to(device, x0.dtype)
+        noisy = (1.0 - sigmas) * x0 + sigmas * noise
+        # Step 5: the velocity prediction.
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            if is_flux:
+                b, c, h, w = noisy.shape
+                packed = pipe._pack_latents(noisy, b, c, h, w)
+                img_ids = pipe._prepare_latent_image_ids(b, h // 2, w // 2, device, weight_dtype)
+                guidance = (torch.full((b,), flow.guidance, device=device)
+                            if transformer.config.guidance_embeds else None)
+                pred = transformer(hidden_states=packed, timestep=timesteps / 1000, guidance=guidance,
+                                   pooled_projections=pooled, encoder_hidden_states=embeds, txt_ids=text_ids,
+                                   img_ids=img_ids, return_dict=False)[0]
+                scale = pipe.vae_scale_factor
+                pred = pipe._unpack_latents(pred, height=h * scale, width=w * scale, vae_scale_factor=scale)
+            else:
+                pred = transformer(hidden_states=noisy, timestep=timesteps, encoder_hidden_states=embeds,
+                                   pooled_projections=pooled, return_dict=False)[0]
+        target = noise - x0
+        weighting = compute_loss_weighting_for_sd3(weighting_scheme=flow.weighting_scheme, sigmas=sigmas)
+        loss = (weighting.float() * (pred.float() - target.float()) ** 2).reshape(bsz, -1).mean(1).mean()
+        # Step 6: update.
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(lora_params, 1.0)
+        optimiser.step()
+        step += 1
+        log.losses.append(float(loss.detach()))
+        bar.update(1)
+        if step >= cfg.steps:
+            break
+    bar.close()
+    transformer.eval()
+    log.steps, log.seconds, log.stopped_by = step, time.perf_counter() - start, reason
+    return log
+
+
+def save_lora_weights(pipe, family: Family, out_dir: str | Path) -> Path:
+    """Write the denoiser's LoRA as ``pytorch_lora_weights.safetensors`` in ``out_dir``, atomically.
+
+    Uses the family's pipeline class (``StableDiffusionPipeline``/``StableDiffusion3Pipeline``/
+    ``FluxPipeline``) ``save_lora_weights``, so ``load_lora_weights`` of that class reads it.
+    """
+    import diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    if not family.lora_pipeline:
+        raise ValueError(f"adapt lora: no LoRA format known for the {family.name} family")
+    denoiser = getattr(pipe, family.denoiser)
+    state = get_peft_model_state_dict(denoiser)
+    if family.denoiser == "unet":
+        from diffusers.utils import convert_state_dict_to_diffusers
+
+        state = convert_state_dict_to_diffusers(state)
+    state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in state.items()}
+    cls = getattr(diffusers, family.lora_pipeline)
+    key = "unet_lora_layers" if family.denoiser == "unet" else "transformer_lora_layers"
+    return atomic_dir(out_dir, lambda tmp: cls.save_lora_weights(tmp, **{key: state}, safe_serialization=True))
+
+
+def adapt_lora(params: dict, train: pd.DataFrame, out_dir: str | Path, progress: bool = True) -> tuple[dict, dict]:
+    """The adapt stage's ``lora`` mode: returns ``(logs, metrics)`` and writes ``{out_dir}/lora``.
+
+    Parameters
+    ----------
+    params
+        The ``adapt`` section: ``lora`` (``base_model``, ``captions``: template | labels, the
+        :class:`~medicsynth.diffusion.train.LoraTrainConfig` fields and the flow extras of
+        :class:`FlowOptions`), ``balance``, ``seed``.
+    train
+        Training rows (``file`` and the four labels).
+
+    The base model is resolved offline (a directory or the local HF cache, never downloaded).
+    """
+    from medicsynth.diffusion.generate import resolve_model
+    from medicsynth.diffusion.tiny import label_prompt
+
+    lora_params = dict(params.get("lora") or {})
+    captions = lora_params.pop("captions", "template")
+    flow = FlowOptions(**{k: lora_params.pop(k) for k in FLOW_KEYS if k in lora_params})
+    balance = params.get("balance") or None
+    cfg = LoraTrainConfig.from_params({**lora_params, "balance": balance or "", "seed": params.get("seed", 0)})
+    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
+                          ("cpu" if cfg.device == "auto" else cfg.device))
+    ref = resolve_model(cfg.base_model)
+    family = detect_family(ref.path)
+    pipe = load_base_pipeline(ref.path, family)
+    rows = train.to_dict("records")
+    if captions == "template":
+        from medicsynth.captions import template_caption
+
+        prompts = [template_caption(r, seed=i) for i, r in enumerate(rows)]
+    elif captions == "labels":
+        prompts = [label_prompt(r) for r in rows]
+    else:
+        raise ValueError(f"adapt.lora.captions must be template or labels, got {captions!r}")
+    files = train["file"].tolist()
+    labels = train[balance].tolist() if balance else None
+    if family.objective == "flow":
+        log = train_flow_lora(pipe, family, files, prompts, labels, cfg, flow, device, progress=progress)
+    elif family.name == "sd":
+        log = train_lora(pipe, files, prompts, labels, cfg, device, progress=progress)
+    else:
+        raise ValueError(f"adapt.mode lora: the {family.name} family ({cfg.base_model}) has no LoRA trainer here; "
+                         "supported: sd, sd3, flux")
+    # The whole output directory is swapped in at once: no stale demo model or old adapter survives.
+    atomic_dir(Path(out_dir), lambda tmp: save_lora_weights(pipe, family, tmp / "lora"))
+    metrics = {"mode": "lora", "family": family.name, "base_model": cfg.base_model, "base_fingerprint": ref.fingerprint,
+               "train_images": len(train), "device": str(device), "captions": captions,
+               "phases": {"lora": log.summary()},
+               "config": {**vars(cfg), "target_modules": list(cfg.target_modules), **vars(flow)}}
+    return {"lora": log}, metrics
