@@ -46,6 +46,12 @@ def test_merge_keeps_real_rows_and_reports_short_pool(make_manifest):
     assert set(TASKS) <= set(zero.train.columns)
 
 
+def _rows(labels, n, prefix, source):
+    # Plain row dicts (image_path = prefix + i): the oversampling tests build overlapping real sets.
+    return [{"image_id": "x", "event_name": "x", "image_path": f"{prefix}{i}", **labels, "split": "train",
+             "source": source, "provenance": "t", "file": f"{prefix}{i}"} for i in range(n)]
+
+
 def _augmented(real_rows, synthetic_rows):
     return pd.DataFrame(real_rows + synthetic_rows)
 
