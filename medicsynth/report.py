@@ -634,7 +634,7 @@ th{background:#f0f3f7}table.num td{font-variant-numeric:tabular-nums}table.small
 .verdict.worse{background:#f8d7d3;color:#8c1d12}.verdict.none{background:#eee;color:#555}
 p.note{font-size:12px;color:#555}p.missing{color:#8c1d12}
 figure.chart{display:inline-block;margin:8px 16px 8px 0;vertical-align:top}figcaption{font-size:13px;font-weight:600;margin-bottom:4px}
-.grid{display:flex;flex-wrap:wrap;gap:8px}.cell{width:170px;border:1px solid #ccc;border-radius:4px;padding:5px;font-size:11px;background:#fcfcfc}
+.grid{display:flex;flex-wrap:wrap;gap:8px}.cell{width:170px;border:1px solid #ccc;border-radius:4px;padding:5px;font-size:11px;background:#fcfcfc;overflow-wrap:anywhere}
 .cell.kept{border-color:#5aa55a}.cell.rejected{border-color:#d08a80}.cell img{width:96px;height:96px;image-rendering:pixelated;display:block}
 .noimg{width:96px;height:96px;background:repeating-linear-gradient(45deg,#eee,#eee 6px,#e2e2e2 6px,#e2e2e2 12px);font-size:10px;
 color:#777;display:flex;align-items:center;justify-content:center;text-align:center}

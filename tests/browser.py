@@ -224,10 +224,21 @@ def open_page(html_path: str | Path, screenshot: str | Path | None = None, *, wi
     return result
 
 
-def ensure_chromium() -> str | None:
-    """The chromium path; None (with nothing installed) when absent. Installation is the job of
-    ``.ci/run`` / ``make test`` (apt-get as root), not of a test."""
-    return find_chromium()
+def assert_offline_and_drawn(result: PageResult, expected_charts: int | None = None) -> None:
+    """Fail unless the page made only file:/data: requests, threw nothing and drew every chart."""
+    assert result.foreign_requests() == [], "requests that left the file"
+    assert result.exceptions == []
+    assert result.ready, f"charts did not finish: {result.charts}"
+    assert result.charts, "no chart on the page"
+    if expected_charts is not None:
+        assert len(result.charts) == expected_charts
+    for chart in result.charts:
+        assert not chart["error"], chart
+        assert chart["width"] > 0 and chart["height"] > 0, chart
+        if chart["svg"]:
+            assert chart["marks"] > 0, chart
+        else:
+            assert chart["canvas"] and chart["painted"] > 0, chart
 
 
 if __name__ == "__main__":  # manual use: python -m tests.browser page.html shot.png

@@ -47,7 +47,7 @@ def test_repro_writes_declared_outputs(pipeline_repo):
     compare = json.loads((repo / "metrics/compare.json").read_text())
     assert "augmented-original" in compare["mean_macro_f1_diff"]
     shown = run(["dvc", "metrics", "show"], repo).stdout
-    assert "mean_macro_f1" in shown and "augmented-small_cnn" in shown
+    assert "metrics/summary.json" in shown and "augmented.mean" in shown  # the headline (the report stage)
 
 
 def test_second_repro_is_a_noop(pipeline_repo):
@@ -60,10 +60,10 @@ def test_exp_run_mix_ratio_reruns_only_downstream_stages(pipeline_repo):
     # The tiny pool holds ~24 images: a ratio below the default's share changes the augmented set
     # (a larger one would be capped at the same 24 images, and DVC would rightly stop at merge).
     out = run(["dvc", "exp", "run", "-S", "mix_ratio=0.02"], pipeline_repo).stdout
-    assert ran_stages(out) == {"merge", "train@augmented-small_cnn", "evaluate@augmented-small_cnn", "compare"}
+    assert ran_stages(out) == {"merge", "train@augmented-small_cnn", "evaluate@augmented-small_cnn", "compare", "report"}
     merge = json.loads((pipeline_repo / "metrics/merge.json").read_text())
     assert merge["mix_ratio"] == 0.02 and merge["synthetic_selected"] == merge["synthetic_requested"] == 5
     table = run(["dvc", "exp", "show", "--no-pager", "--md"], pipeline_repo).stdout
     assert "mix_ratio" in table
     diff = run(["dvc", "metrics", "diff", "HEAD"], pipeline_repo).stdout
-    assert "metrics/merge.json" in diff
+    assert "metrics/summary.json" in diff and "synthetic_share" in diff

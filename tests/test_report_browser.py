@@ -19,7 +19,7 @@ from pathlib import Path
 import pytest
 
 from medicsynth.report import SECTIONS, Provenance, ReportConfig, ReportInputs, build_report
-from tests.browser import find_chromium, open_page
+from tests.browser import assert_offline_and_drawn, find_chromium, open_page
 from tests.report_fixture import VARIANTS, build_project
 
 REPO = Path(__file__).resolve().parents[1]
@@ -29,22 +29,6 @@ BIN = Path(sys.executable).parent
 pytestmark = [pytest.mark.slow, pytest.mark.skipif(
     find_chromium() is None,
     reason="chromium is not installed: run `apt-get install -y chromium` (as root; .ci/run and make test do it)")]
-
-
-def assert_offline_and_drawn(result, expected_charts: int | None = None) -> None:
-    assert result.foreign_requests() == [], "requests that left the file"
-    assert result.exceptions == []
-    assert result.ready, f"charts did not finish: {result.charts}"
-    assert result.charts, "no chart on the page"
-    if expected_charts is not None:
-        assert len(result.charts) == expected_charts
-    for chart in result.charts:
-        assert not chart["error"], chart
-        assert chart["width"] > 0 and chart["height"] > 0, chart
-        if chart["svg"]:
-            assert chart["marks"] > 0, chart
-        else:
-            assert chart["canvas"] and chart["painted"] > 0, chart
 
 
 @pytest.fixture(scope="module")
