@@ -30,7 +30,7 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture(scope="module")
 def demo_repo(tmp_path_factory):
     repo = make_repo_copy(tmp_path_factory.mktemp("report-e2e"))
-    run(["dvc", "repro"], repo)
+    run(["dvc", "repro"], repo, timeout=3600)  # ~1-2 min alone on 2 cores; a shared machine takes far longer
     run(["git", "add", "-A"], repo)
     run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "pipeline run"], repo)
     return repo
@@ -70,7 +70,7 @@ def test_demo_dvc_plots_show_renders_offline(demo_repo):
 
 def test_headline_tables_fit_one_screen(demo_repo):
     for ratio in ("0.02", "0.05"):
-        run(["dvc", "exp", "run", "-S", f"mix_ratio={ratio}"], demo_repo)
+        run(["dvc", "exp", "run", "-S", f"mix_ratio={ratio}"], demo_repo, timeout=3600)
     e = {**env(), "COLUMNS": "200", "LINES": "50"}
     shown = subprocess.run(["dvc", "exp", "show", "--only-changed", "--no-pager"], cwd=demo_repo, env=e,
                            capture_output=True, text=True, check=True).stdout
