@@ -176,3 +176,13 @@ def test_committed_dvc_plots_template_is_current_and_offline():
     assert "<script src" not in template
     config = (REPO / ".dvc/config").read_text()
     assert re.search(r"html_template\s*=\s*plots_offline\.html", config)
+
+
+def test_dvc_yaml_routes_only_the_private_edition_to_the_private_remote_and_declares_only_the_summary():
+    import yaml
+
+    stages = yaml.safe_load((REPO / "dvc.yaml").read_text())["stages"]
+    outs = {next(iter(o)): next(iter(o.values())) for o in stages["report"]["outs"]}
+    assert outs == {"report/public.html": {"cache": False}, "report/private.html": {"remote": "private"}}
+    declared = [next(iter(m)) for s in stages.values() for m in s.get("metrics", [])]
+    assert declared == ["metrics/summary.json"]  # the headline; the detail is plain outputs
