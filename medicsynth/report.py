@@ -254,10 +254,6 @@ class ChartIds:
         return f"chart-{stem}-{self.n}"
 
 
-def _sort(variants: Sequence[str]) -> list[str]:
-    return list(variants)
-
-
 def section_verdict(v: dict[str, Any] | None, ids: ChartIds) -> str:
     if v is None:
         return missing("metrics/compare.json", "compare")
