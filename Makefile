@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: demo test test-fast repro venv clean-venv
+.PHONY: demo test test-fast repro venv clean-venv chromium
 
 venv: $(VENV)/.installed
 
@@ -22,12 +22,21 @@ $(VENV)/.installed: requirements.txt pyproject.toml
 ## Create .venv, install pinned requirements, run the whole pipeline on the embedded demo (CPU).
 demo: venv
 	$(BIN)/dvc repro
-	@# `dvc metrics show` lists hundreds of columns; the headline is the comparison table.
+	@# The headline is the comparison table; everything else is in the report page.
 	@awk '/^## Macro-F1 per task/{p=1} /^## damage_severity/{p=0} p' metrics/compare.md
-	@echo "All metrics: dvc metrics show; full report: metrics/compare.md; plots: plots/"
+	@echo "Report (open in a browser, works offline): $(abspath report/public.html)"
+	@echo "  with images (private edition, do not publish): $(abspath report/private.html)"
+	@echo "Headline metrics: dvc metrics show; per-class detail: metrics/compare.md; curves: dvc plots show"
 
-## Run the test suite.
-test: venv
+## Debian's headless chromium for the browser tests (installed with apt-get when missing and run as root).
+chromium:
+	@command -v chromium >/dev/null 2>&1 || command -v chromium-browser >/dev/null 2>&1 || \
+	if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then \
+		apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends chromium; \
+	else echo "chromium missing and not root: the browser tests will skip (sudo apt-get install -y chromium)"; fi
+
+## Run the test suite (installs chromium for the browser tests when missing, see `chromium`).
+test: venv chromium
 	$(BIN)/python -m pytest -q tests
 
 ## The quick tests only: skips the end-to-end DVC runs and other slow tests (markers in pyproject.toml).

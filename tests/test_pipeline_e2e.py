@@ -68,8 +68,7 @@ def test_repro_writes_declared_outputs(pipeline_repo):
     md = (repo / "metrics/compare.md").read_text()
     assert "two-way bootstrap" in md and "## Verdicts" in md and "oversampled" in md and "classic_aug" in md
     shown = run(["dvc", "metrics", "show"], repo).stdout
-    assert "mean_macro_f1" in shown
-    assert all(f"{v}-small_cnn-s0" in shown for v in VARIANTS)
+    assert "metrics/summary.json" in shown and "augmented.mean" in shown  # the headline (the report stage)
 
 
 def test_second_repro_is_a_noop(pipeline_repo):
@@ -83,7 +82,7 @@ def test_exp_run_mix_ratio_reruns_only_downstream_stages(pipeline_repo):
     # (a larger one would be capped at the same 24 images, and DVC would rightly stop at merge).
     out = run(["dvc", "exp", "run", "-S", "mix_ratio=0.02"], pipeline_repo, timeout=REPRO_TIMEOUT).stdout
     # The oversampled baseline follows the augmented set; classic_aug's rows do not change.
-    assert ran_stages(out) == {"merge", "baselines", "compare"} | {
+    assert ran_stages(out) == {"merge", "baselines", "compare"} | {"report"} | {
         f"{stage}@{v}-small_cnn-{s}" for stage in ("train", "evaluate") for v in ("augmented", "oversampled")
         for s in SEEDS}
     merge = json.loads((pipeline_repo / "metrics/merge.json").read_text())
@@ -91,7 +90,7 @@ def test_exp_run_mix_ratio_reruns_only_downstream_stages(pipeline_repo):
     table = run(["dvc", "exp", "show", "--no-pager", "--md"], pipeline_repo).stdout
     assert "mix_ratio" in table
     diff = run(["dvc", "metrics", "diff", "HEAD"], pipeline_repo).stdout
-    assert "metrics/merge.json" in diff
+    assert "metrics/summary.json" in diff and "synthetic_share" in diff
 
 
 def test_exp_run_new_seed_reruns_only_its_trainings_and_compare(pipeline_repo):
@@ -101,7 +100,7 @@ def test_exp_run_new_seed_reruns_only_its_trainings_and_compare(pipeline_repo):
     assert ran_stages(run(["dvc", "repro", "--dry"], pipeline_repo).stdout) == set()
     out = run(["dvc", "exp", "run", "-S", "train.seeds=[0,1]"], pipeline_repo, timeout=REPRO_TIMEOUT).stdout
     new = {f"{stage}@{v}-small_cnn-1" for stage in ("train", "evaluate") for v in VARIANTS}
-    assert ran_stages(out) == new | {"compare"}  # nothing upstream: relabel reads relabel.model only
+    assert ran_stages(out) == new | {"compare", "report"}  # nothing upstream: relabel reads relabel.model only
     compare = json.loads((pipeline_repo / "metrics/compare.json").read_text())
     assert compare["seeds"] == [0, 1]
     assert set(compare["mean_macro_f1"]["augmented"]["per_seed"]) == {"0", "1"}

@@ -1,0 +1,93 @@
+"""End to end: a fresh copy of the repository runs the (tiny) demo pipeline with the real `dvc`
+CLI; then the report's two editions and the `dvc plots show` page open in headless Chromium
+with zero network requests and every chart drawn, and `dvc exp show --only-changed` over two
+experiments fits in 200 columns.
+
+Screenshots: ``test-screenshots/report_demo_{public,private}.png``, ``dvc_plots_demo.png``.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import subprocess
+from pathlib import Path
+
+import pytest
+import yaml
+
+from medicsynth.report import SECTIONS
+from tests.browser import assert_offline_and_drawn, find_chromium, open_page
+from tests.e2e_helpers import env, make_repo_copy, run
+
+SHOTS = Path(__file__).resolve().parents[1] / "test-screenshots"
+DATA_IMAGE = re.compile(r"data:image/[a-z+]+;base64,")
+NEEDS_CHROMIUM = pytest.mark.skipif(find_chromium() is None, reason="chromium is not installed: apt-get install -y chromium")
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture(scope="module")
+def demo_repo(tmp_path_factory):
+    repo = make_repo_copy(tmp_path_factory.mktemp("report-e2e"))
+    run(["dvc", "repro"], repo, timeout=3600)  # ~1-2 min alone on 2 cores; a shared machine takes far longer
+    run(["git", "add", "-A"], repo)
+    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "pipeline run"], repo)
+    return repo
+
+
+def test_report_outputs_and_editions(demo_repo):
+    public = (demo_repo / "report/public.html").read_text()
+    private = (demo_repo / "report/private.html").read_text()
+    assert not DATA_IMAGE.search(public)
+    assert len(DATA_IMAGE.findall(private)) > 10
+    # The public edition is committed with git; the private one is a cached output for the private remote.
+    tracked = run(["git", "ls-files", "report"], demo_repo).stdout.split()
+    assert "report/public.html" in tracked and "report/private.html" not in tracked
+    outs = yaml.safe_load((demo_repo / "dvc.yaml").read_text())["stages"]["report"]["outs"]
+    flags = {next(iter(o)): next(iter(o.values())) for o in outs}
+    assert flags["report/private.html"] == {"remote": "private"} and flags["report/public.html"] == {"cache": False}
+    summary = json.loads((demo_repo / "metrics/summary.json").read_text())
+    assert {"original", "relabelled", "augmented", "synthetic_share"} <= set(summary)
+
+
+@NEEDS_CHROMIUM
+@pytest.mark.parametrize("edition", ["public", "private"])
+def test_demo_report_renders_offline(demo_repo, edition):
+    result = open_page(demo_repo / f"report/{edition}.html", SHOTS / f"report_demo_{edition}.png")
+    assert_offline_and_drawn(result)
+    assert result.section_ids == [s[0] for s in SECTIONS]
+    assert "Not available" not in result.text  # every section found its inputs after a demo run
+
+
+@NEEDS_CHROMIUM
+def test_demo_dvc_plots_show_renders_offline(demo_repo):
+    run(["dvc", "plots", "show", "-o", "dvc_plots"], demo_repo)
+    result = open_page(demo_repo / "dvc_plots/index.html", SHOTS / "dvc_plots_demo.png")
+    assert_offline_and_drawn(result)
+    assert len(result.charts) >= 3  # the training curves of the three variants at least
+
+
+def test_headline_tables_fit_one_screen(demo_repo):
+    for ratio in ("0.02", "0.05"):
+        run(["dvc", "exp", "run", "-S", f"mix_ratio={ratio}"], demo_repo, timeout=3600)
+    e = {**env(), "COLUMNS": "200", "LINES": "50"}
+    shown = subprocess.run(["dvc", "exp", "show", "--only-changed", "--no-pager"], cwd=demo_repo, env=e,
+                           capture_output=True, text=True, check=True).stdout
+    assert max(len(line) for line in shown.splitlines()) <= 200, shown
+    header = next(line for line in shown.splitlines() if "Experiment" in line)
+    headline = ["augmented.mean", "augmented.damage", "augmented.inform", "augmented.human", "augmented.disaster",
+                "augmented.minority", "synthetic_share", "mix_ratio"]
+    assert all(name in header for name in headline), shown
+    # Only the changed dependencies' 32-character hashes may collapse, into one trailing "…" column.
+    for line in shown.splitlines():
+        assert "…" not in line.rstrip().rstrip("…"), shown
+    clean = subprocess.run(["dvc", "exp", "show", "--only-changed", "--no-pager", "--drop", "data/|models/|metrics/"],
+                           cwd=demo_repo, env=e, capture_output=True, text=True, check=True).stdout
+    assert "…" not in clean and max(len(line) for line in clean.splitlines()) <= 200, clean
+    metrics = subprocess.run(["dvc", "metrics", "show"], cwd=demo_repo, env=e, capture_output=True, text=True,
+                             check=True).stdout
+    assert len(metrics.splitlines()) <= 40, metrics
+    # The per-class detail stays one command away.
+    detail = run(["dvc", "metrics", "show", "metrics/evaluate/augmented-small_cnn.json"], demo_repo).stdout
+    assert "per_class" in detail
