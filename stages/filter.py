@@ -20,7 +20,7 @@ from medicsynth.filtering import (
     load_prompt,
     plot_filter_grid,
 )
-from medicsynth.io import write_json
+from medicsynth.timing import write_metrics
 from medicsynth.manifest import read_manifest, write_manifest, write_tsv
 from medicsynth.params import load_params, section
 
@@ -62,7 +62,7 @@ def main(argv: list[str] | None = None) -> None:
     out_dir = Path(args.out_dir)
     write_tsv(result.decisions, out_dir / "decisions.tsv")
     write_manifest(kept_manifest(result.kept), out_dir / "manifest.tsv")
-    write_json(result.metrics, args.metrics)
+    write_metrics(result.metrics, args.metrics, "filter")  # judge latencies -> timing/filter.json
     plot_filter_grid(result.decisions, args.plot, per_class=config.grid_per_class)
 
     m = result.metrics

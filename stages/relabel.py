@@ -17,7 +17,7 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from medicsynth.io import write_json
+from medicsynth.timing import write_metrics
 from medicsynth.labels import CLASSES, TASKS
 from medicsynth.manifest import label_matrix, read_manifest, write_manifest, write_tsv
 from medicsynth.params import load_params, section
@@ -150,7 +150,7 @@ def main() -> None:
     clean_path = Path("data/prepared/clean_labels.tsv")
     if clean_path.exists():
         metrics["against_clean_labels"] = score_corrections(pool, relabelled, pd.read_csv(clean_path, sep="\t", dtype=str))
-    write_json(metrics, "metrics/relabel.json")
+    write_metrics(metrics, "metrics/relabel.json", "relabel")  # voter latencies -> timing/relabel.json
     print({k: metrics[k] for k in ("flagged_images", "changed_labels")}, metrics.get("against_clean_labels", {}).get("mean_precision"))
 
 

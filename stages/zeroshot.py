@@ -28,7 +28,7 @@ from typing import Any
 
 import pandas as pd
 
-from medicsynth.io import write_json
+from medicsynth.timing import write_metrics
 from medicsynth.labels import TASKS
 from medicsynth.manifest import read_manifest, write_tsv
 from medicsynth.params import load_params, section
@@ -161,7 +161,7 @@ def main(argv: list[str] | None = None) -> None:
     llm = params.get("llm") or {}
     metrics, predictions = run_zeroshot(args.manifest, zs, llm, prompt_dir=args.prompts)
     write_tsv(predictions, args.predictions)
-    write_json(metrics, args.metrics)
+    write_metrics(metrics, args.metrics, "zeroshot")  # API latencies -> timing/zeroshot.json
     if metrics["skipped"]:
         print(f"zeroshot skipped: {metrics['reason']}")
     else:
