@@ -128,7 +128,9 @@ def main() -> None:
         raise ValueError(f"adapt.mode must be demo, lora or off, got {mode!r}")
 
     write_json(metrics, args.metrics)
+    # cpu_seconds (user+sys of this process) ≈ the wall time on an idle machine with threads: 1.
     write_timing("adapt", {"seconds_wall": round(time.perf_counter() - t0, 2),
+                           "cpu_seconds": round(time.process_time(), 2),
                            "phases": {n: log.timing() for n, log in logs.items()}})
     plot_losses(logs, plot)
     print(f"adapt {mode}: " + ", ".join(f"{n} {log.steps} steps in {log.seconds:.0f}s" for n, log in logs.items()))
