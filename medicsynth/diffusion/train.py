@@ -13,11 +13,12 @@ classifier-free guidance needs, AdamW with linear warm-up and cosine decay to ze
   (a LoRA run's optional ``max_seconds`` fails the stage instead of training less). Wall-clock
   figures go to ``timing/adapt.json``, not to the metrics.
 
-  Measured on the demo data (2 shared cores, 1 thread, ~4.7 min wall for the stage): the
-  project's ``original`` small CNN assigned 64%, 85% and 89% of 280 generated images (the
-  allocate/caption plan, guidance 6) to their intended disaster type in three training runs of
-  this recipe (chance 14%; run-to-run spread is large). Damage severity and humanitarian cues
-  (2–8 px figures and debris) are not reliably rendered.
+  Measured on the demo data before its damage/humanitarian cues were drawn at scene scale
+  (2 shared cores, 1 thread, ~4.7 min wall for the stage): the project's ``original`` small CNN
+  assigned 64%, 85% and 89% of 280 generated images (the allocate/caption plan, guidance 6) to
+  their intended disaster type in three training runs of this recipe (chance 14%; run-to-run
+  spread is large); the 2–8 px damage and humanitarian cues of that data were not reliably
+  rendered (20–28% agreement). Not yet re-measured on the scene-scale cues.
 - **lora** (:func:`train_lora`): loads a local Stable Diffusion checkpoint, freezes it, adds LoRA
   adapters to the UNet's attention projections (``unet.add_adapter(LoraConfig(...))``), trains
   them in bf16 autocast with gradient checkpointing, and saves them with
