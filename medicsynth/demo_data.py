@@ -19,10 +19,19 @@ It is built to behave like MEDIC where that matters for this project:
     fire: flame triangles on a dark-orange sky; flood: a blue water band with wave lines;
     hurricane: grey-green sky with diagonal streaks; landslide: a brown diagonal slope;
     not_disaster: blue sky, green ground, sun; other_disaster: purple haze with smoke blobs);
-  - damage_severity: the number and size of dark debris marks (none 0–1, mild 2–5, severe 5–10:
-    the ranges overlap, so mild is genuinely hard);
-  - humanitarian: small figures — red lying blobs (affected), yellow standing vests (rescue),
-    pale broken building blocks (infrastructure), nothing (not_humanitarian).
+  - damage_severity: a rubble mound on the ground that grows and darkens with severity (none:
+    at most a speck; mild: a grey-brown mound 12–24 px wide; severe: a dark one 22–48 px wide,
+    at 64 px; the widths overlap and brightness jitter narrows the colour gap, so some mild and
+    severe images are ambiguous);
+  - humanitarian: figures at scene scale (12–18 px) — 2–4 red figures lying on white sheets
+    (affected), 3–5 standing figures in yellow vests with a white band (rescue), 1–3 pale broken
+    buildings (infrastructure), nothing (not_humanitarian); figures can overlap rubble and
+    subjects.
+
+  Damage and humanitarian cues are drawn large enough for the demo classifier to learn the
+  minority classes (mild, affected, rescue) and for the demo diffusion model (4×32×32 latents)
+  to render them: with 2–8 px figures and debris neither happened (mild F1 0, generated images
+  matched their damage/humanitarian labels 20–28% of the time).
 
   Every image gets colour jitter, position jitter, Gaussian pixel noise and, sometimes, blur.
 * **Label noise**: in train and dev, each task's label is replaced with probability
@@ -154,6 +163,27 @@ def _jitter(colour, rng, amount=18):
     return tuple(int(np.clip(c + rng.integers(-amount, amount + 1), 0, 255)) for c in colour)
 
 
+# Rubble of damage_severity: a mound with pale blocks; its width in px (at 64 px) and colour by
+# class (severe: larger and darker; widths overlap, and brightness jitter narrows the colour gap).
+RUBBLE = {"little_or_none": (52, 46, 42), "mild": (92, 84, 76), "severe": (46, 41, 38)}
+RUBBLE_WIDTH = {"mild": (12.0, 24.0), "severe": (22.0, 48.0)}
+
+
+def _rubble_pile(d: ImageDraw.ImageDraw, box, poly, width: float, colour, rng: np.random.Generator) -> None:
+    """Draw a rubble mound ``width`` units wide (height ≈ 0.45-0.65 × width) on the ground."""
+    x0 = float(rng.uniform(1, max(2.0, 63 - width)))
+    base = float(rng.uniform(46, 56))  # above the bottom 8 px that a 56 px random crop may cut
+    height = width * float(rng.uniform(0.45, 0.65))
+    n = 6
+    top = [(x0 + width * k / n, base - height * np.sin(np.pi * k / n) * float(rng.uniform(0.7, 1.0)))
+           for k in range(n + 1)]
+    d.polygon(poly(top + [(x0 + width, base), (x0, base)]), fill=_jitter(colour, rng, 10))
+    for _ in range(int(2 + width // 5)):
+        bx = x0 + float(rng.uniform(0.1, 0.8)) * width
+        by = base - float(rng.uniform(0.15, 0.6)) * height
+        d.rectangle(box(bx, by, bx + rng.integers(2, 4), by + rng.integers(1, 3)), fill=_jitter((140, 128, 116), rng, 14))
+
+
 def render_image(labels: dict[str, str], size: int, rng: np.random.Generator) -> Image.Image:
     """Draw one demo image whose visual cues encode ``labels`` (see module docstring)."""
     s = size / 64.0
@@ -228,30 +258,39 @@ def render_image(labels: dict[str, str], size: int, rng: np.random.Generator) ->
             d.ellipse(box(cx - r, cy - 1.3 * r, cx + r, cy + 1.3 * r), fill=colour,
                       outline=tuple(c // 2 for c in colour), width=max(1, int(s)))
 
-    # Damage: dark debris marks; the count ranges overlap between mild and severe on purpose.
-    lo, hi, big = {"little_or_none": (0, 1, 3), "mild": (2, 5, 4), "severe": (5, 10, 6)}[labels["damage_severity"]]
-    for _ in range(rng.integers(lo, hi + 1)):
-        x, y = rng.integers(2, 58), rng.integers(20, 60)
-        w, h = rng.integers(2, big + 1), rng.integers(1, big)
-        d.rectangle(box(x, y, x + w, y + h), fill=_jitter((34, 30, 30), rng, 10))
+    # Damage: a rubble pile whose width grows with severity (scene scale, so a 32×32-latent
+    # generator can draw it); mild and severe widths overlap on purpose. None: at most a speck.
+    damage = labels["damage_severity"]
+    if damage == "little_or_none":
+        if rng.random() < 0.5:
+            x, y = rng.integers(2, 60), rng.integers(36, 60)
+            d.rectangle(box(x, y, x + rng.integers(1, 3), y + 1), fill=_jitter(RUBBLE[damage], rng, 10))
+    else:
+        lo, hi = RUBBLE_WIDTH[damage]
+        _rubble_pile(d, box, poly, float(rng.uniform(lo, hi)), RUBBLE[damage], rng)
 
+    # Humanitarian: figures at scene scale (12-18 px at 64 px), drawn over the rubble.
     hum = labels["humanitarian"]
-    if hum == "affected_injured_or_dead_people":
-        for _ in range(rng.integers(1, 4)):
-            x, y = rng.integers(4, 54), rng.integers(44, 60)
-            d.rectangle(box(x, y, x + 6, y + 2), fill=_jitter((205, 28, 32), rng, 12))
-            d.rectangle(box(x + 6, y, x + 8, y + 2), fill=_jitter((230, 190, 160), rng, 10))
-    elif hum == "rescue_volunteering_or_donation_effort":
+    if hum == "affected_injured_or_dead_people":  # red figures lying on white sheets
         for _ in range(rng.integers(2, 5)):
-            x, y = rng.integers(4, 58), rng.integers(38, 54)
-            d.rectangle(box(x, y, x + 2, y + 6), fill=_jitter((245, 212, 24), rng, 10))
-            d.rectangle(box(x, y - 2, x + 2, y), fill=_jitter((230, 190, 160), rng, 10))
-    elif hum == "infrastructure_and_utility_damage":
+            x, y = rng.integers(2, 46), rng.integers(40, 56)
+            length = rng.integers(12, 17)
+            d.rectangle(box(x - 1, y - 1, x + length + 5, y + 5), fill=_jitter((236, 236, 232), rng, 10))
+            d.rectangle(box(x, y, x + length, y + 4), fill=_jitter((205, 28, 32), rng, 12))
+            d.ellipse(box(x + length, y, x + length + 4, y + 4), fill=_jitter((230, 190, 160), rng, 10))
+    elif hum == "rescue_volunteering_or_donation_effort":  # standing figures in yellow vests
+        for _ in range(rng.integers(3, 6)):
+            x, y = rng.integers(2, 58), rng.integers(38, 50)
+            height = rng.integers(11, 15)
+            d.rectangle(box(x, y, x + 5, y + height), fill=_jitter((245, 212, 24), rng, 10))
+            d.rectangle(box(x, y + height // 2, x + 4, y + height // 2 + 1), fill=_jitter((240, 240, 240), rng, 8))
+            d.ellipse(box(x, y - 4, x + 4, y), fill=_jitter((230, 190, 160), rng, 10))
+    elif hum == "infrastructure_and_utility_damage":  # pale broken buildings
         for _ in range(rng.integers(1, 4)):
-            x, y = rng.integers(2, 52), rng.integers(22, 36)
-            w, h = rng.integers(6, 11), rng.integers(10, 18)
+            x, y = rng.integers(2, 50), rng.integers(20, 32)
+            w, h = rng.integers(8, 14), rng.integers(12, 20)
             d.polygon(
-                poly([(x, y + h), (x, y + 2), (x + w // 2, y + rng.integers(3, 7)), (x + w, y), (x + w, y + h)]),
+                poly([(x, y + h), (x, y + 2), (x + w // 2, y + rng.integers(3, 8)), (x + w, y), (x + w, y + h)]),
                 fill=_jitter((196, 196, 188), rng, 14),
             )
 

@@ -47,6 +47,7 @@ import pandas as pd
 from PIL import Image
 from tqdm import tqdm
 
+from medicsynth.timing import write_metrics
 from medicsynth.io import atomic_path, write_json
 from medicsynth.labels import CLASSES, NUM_CLASSES, TASKS, label_index, validate_label
 from medicsynth.manifest import COLUMNS, canonical_labels, read_manifest, resolve_file, write_manifest, write_tsv
@@ -831,5 +832,5 @@ def write_filter_outputs(result: FilterResult, config: FilterConfig, paths: Filt
     out_dir = Path(paths.out_dir)
     write_tsv(result.decisions, out_dir / "decisions.tsv")
     write_manifest(kept_manifest(result.kept), out_dir / "manifest.tsv")
-    write_json(result.metrics, paths.metrics)
+    write_metrics(result.metrics, paths.metrics, "filter")  # judge latencies -> timing/filter.json
     plot_filter_grid(result.decisions, paths.plot, per_class=config.grid_per_class)

@@ -45,6 +45,8 @@ def _fold_key(files: np.ndarray, labels: np.ndarray, hold_idx: np.ndarray, confi
     digest = hashlib.sha256()
     digest.update(json.dumps(asdict(config), sort_keys=True).encode())
     digest.update("\0".join(files.tolist()).encode())
+    for f in files.tolist():  # the images' bytes too: a re-rendered image under the same path must miss
+        digest.update(hashlib.sha256(Path(f).read_bytes()).digest())
     digest.update(labels.tobytes())
     digest.update(hold_idx.tobytes())
     return digest.hexdigest()[:32]
@@ -66,9 +68,9 @@ def out_of_fold_probs(
     stopping, because the held-out fold must stay unseen.
 
     With ``cache_dir``, each fold's held-out probabilities are saved atomically under a key of
-    (files, labels, held-out indices, training config), so a stage killed later (e.g. while
-    voting) does not retrain finished folds when it is rerun. The file contents are not hashed:
-    like DVC, a changed image under the same path is expected to come with a changed manifest.
+    (files and their bytes, labels, held-out indices, training config), so a stage killed later
+    (e.g. while voting) does not retrain finished folds when it is rerun, and re-rendered images
+    under the same paths (a changed demo renderer) never reuse stale probabilities.
     """
     files = np.asarray(files)
     n = len(files)

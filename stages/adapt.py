@@ -12,7 +12,8 @@
   ``generate.lora: models/diffusion/lora``). See :mod:`medicsynth.diffusion.lora`.
 - ``off``: nothing is trained; ``models/diffusion/ADAPT_OFF`` records that.
 
-Outputs: ``models/diffusion/``, ``metrics/adapt.json``, ``plots/adapt_loss.png``.
+Outputs: ``models/diffusion/``, ``metrics/adapt.json``, ``plots/adapt_loss.png``; wall-clock
+figures (seconds, steps/s) go to ``timing/adapt.json`` (not tracked: steps decide the model).
 """
 
 from __future__ import annotations
@@ -40,6 +41,7 @@ from medicsynth.diffusion.train import (
 from medicsynth.io import atomic_path, write_json
 from medicsynth.manifest import read_manifest
 from medicsynth.params import load_params, section
+from medicsynth.timing import write_timing
 
 
 def _placeholder_plot(path: Path, text: str) -> None:
@@ -72,6 +74,7 @@ def main() -> None:
         atomic_dir(out, lambda tmp: (tmp / "ADAPT_OFF").write_text(
             "adapt.mode is off: no model was trained\n", encoding="utf-8"))
         write_json({"mode": "off"}, args.metrics)
+        write_timing("adapt", {})
         _placeholder_plot(plot, "adapt.mode: off — nothing trained")
         return
 
@@ -101,11 +104,13 @@ def main() -> None:
     else:
         raise ValueError(f"adapt.mode must be demo, lora or off, got {mode!r}")
 
-    metrics["seconds_wall"] = round(time.perf_counter() - t0, 2)
     write_json(metrics, args.metrics)
+    # cpu_seconds (user+sys of this process) ≈ the wall time on an idle machine with threads: 1.
+    write_timing("adapt", {"seconds_wall": round(time.perf_counter() - t0, 2),
+                           "cpu_seconds": round(time.process_time(), 2),
+                           "phases": {n: log.timing() for n, log in logs.items()}})
     plot_losses(logs, plot)
-    print(f"adapt {mode}: " + ", ".join(f"{n} {log.steps} steps in {log.seconds:.0f}s ({log.stopped_by})"
-                                        for n, log in logs.items()))
+    print(f"adapt {mode}: " + ", ".join(f"{n} {log.steps} steps in {log.seconds:.0f}s" for n, log in logs.items()))
 
 
 if __name__ == "__main__":

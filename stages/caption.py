@@ -17,7 +17,7 @@ from pathlib import Path
 import pandas as pd
 
 from medicsynth.captions import CaptionConfig, caption_plan, load_length_limit, make_clients
-from medicsynth.io import write_json
+from medicsynth.timing import write_metrics
 from medicsynth.manifest import read_manifest, write_tsv
 from medicsynth.params import load_params, require, section
 
@@ -52,7 +52,7 @@ def main() -> None:
         print(f"caption: {limit.note}")
     result = caption_plan(plan, config, train=train, previous=previous, limit=limit, clients=clients)
     write_tsv(result.table, CAPTIONS_TSV)
-    write_json(result.metrics, METRICS_JSON)
+    write_metrics(result.metrics, METRICS_JSON, "caption")  # LLM latencies -> timing/caption.json
     m = result.metrics
     print(
         f"caption ({m['backend']}): {m['rows']} rows, {m['new']} new, {m['reused']} reused, "

@@ -20,7 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from accelerate import PartialState
 
 from medicsynth.diffusion.generate import GenerateOptions, generate_plan
-from medicsynth.io import write_json
+from medicsynth.timing import write_metrics
 from medicsynth.params import load_params, section
 
 
@@ -38,10 +38,10 @@ def main() -> None:
     metrics = generate_plan(args.captions, args.images, args.manifest, opts, demo_dir=args.demo_dir)
     state = PartialState()
     if state.is_main_process:  # only the main process has the complete picture
-        write_json(metrics, args.metrics)
+        timing = write_metrics(metrics, args.metrics, "generate")  # seconds, img/s -> timing/generate.json
         print(f"generate: {metrics['rendered']} rendered, {metrics['skipped']} skipped, "
               f"{metrics['blank_flagged']} blank-flagged, {metrics['quarantined']} quarantined, "
-              f"{metrics['images_per_second']} img/s")
+              f"{timing.get('images_per_second')} img/s")
     # Under a distributed launcher, leave the process group cleanly (gloo aborts otherwise).
     state.destroy_process_group()
 

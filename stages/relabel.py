@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from medicsynth.io import write_json
+from medicsynth.timing import write_metrics
 from medicsynth.manifest import read_manifest, write_manifest, write_tsv
 from medicsynth.params import load_params, section
 from medicsynth.plots import plot_relabel_changes
@@ -41,7 +41,7 @@ def main() -> None:
             write_manifest(read_manifest(SPLIT_FILES[split]), OUT / f"{split}.tsv")
     write_tsv(result.changes, "data/relabel/changes.tsv")
     plot_relabel_changes(result.changes, "plots/relabel_changes.png")
-    write_json(result.metrics, "metrics/relabel.json")
+    write_metrics(result.metrics, "metrics/relabel.json", "relabel")  # voter latencies -> timing/relabel.json
     m = result.metrics
     print({k: m[k] for k in ("flagged_images", "changed_labels")}, m.get("against_clean_labels", {}).get("mean_precision"))
 

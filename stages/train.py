@@ -18,7 +18,7 @@ from pathlib import Path
 
 from dvclive import Live
 
-from medicsynth.io import write_json
+from medicsynth.timing import write_metrics
 from medicsynth.manifest import label_matrix, read_manifest
 from medicsynth.models import save_classifier
 from medicsynth.params import load_params, section
@@ -73,7 +73,7 @@ def main() -> None:
     meta = {"arch": args.arch, "variant": args.variant, "seed": args.seed, "resize": config.resize, "crop": config.crop,
             "dropout": config.dropout, "config": config_dict(config)}
     save_classifier(result.model, Path("models") / name / "model.pt", meta)
-    write_json(
+    write_metrics(  # seconds and images/s go to timing/train/<name>.json, not the metrics
         {
             "best_epoch": result.best_epoch,
             "epochs_run": len(result.history),
@@ -90,6 +90,7 @@ def main() -> None:
             "lr": result.lr,
         },
         f"metrics/train/{name}.json",
+        f"train/{name}",
     )
     print(f"{name}: best epoch {result.best_epoch}, dev mean macro-F1 {result.best_dev_macro_f1:.3f}, "
           f"{result.seconds:.0f}s ({result.loader_backend}, {result.world_size} process(es))")

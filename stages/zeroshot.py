@@ -13,7 +13,7 @@ import argparse
 import os
 import sys
 
-from medicsynth.io import write_json
+from medicsynth.timing import write_metrics
 from medicsynth.llm import LLMBudgetError, LLMStageError
 from medicsynth.manifest import write_tsv
 from medicsynth.params import load_params, section
@@ -37,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
     except (LLMStageError, LLMBudgetError) as exc:
         sys.exit(f"zeroshot failed: {exc}")
     write_tsv(predictions, args.predictions)
-    write_json(metrics, args.metrics)
+    write_metrics(metrics, args.metrics, "zeroshot")  # API latencies -> timing/zeroshot.json
     print(summary_line(metrics))
 
 

@@ -47,3 +47,27 @@ def test_class_shares_mimic_medic_imbalance():
     assert 0.02 < share["humanitarian"]["affected_injured_or_dead_people"] < 0.06
     assert 0.06 < share["humanitarian"]["rescue_volunteering_or_donation_effort"] < 0.11
     assert 0.45 < share["disaster_types"]["not_disaster"] < 0.57
+
+
+def _cue_share(labels: dict, mask, n: int = 40) -> float:
+    """Mean share of pixels selected by ``mask(rgb array)`` over ``n`` renderings of ``labels``."""
+    from medicsynth.demo_data import render_image
+
+    rng = np.random.default_rng(7)
+    return float(np.mean([mask(np.asarray(render_image(labels, 64, rng), dtype=int)).mean() for _ in range(n)]))
+
+
+def test_damage_and_humanitarian_cues_are_drawn_at_scene_scale():
+    # The minority classes must be visible to the demo classifier and to a 32×32-latent generator:
+    # rubble area grows with severity (mild clearly above none, severe above mild), and the
+    # affected/rescue figures cover a visible share of the image (not 2-8 px specks).
+    base = {"informative": "informative", "disaster_types": "not_disaster", "humanitarian": "not_humanitarian"}
+    dull = lambda a: (a.max(axis=2) < 110)  # noqa: E731 - rubble on a blue/green calm scene
+    rubble = {d: _cue_share({**base, "damage_severity": d}, dull) for d in ("little_or_none", "mild", "severe")}
+    assert rubble["little_or_none"] < 0.006 < 0.015 < rubble["mild"] < rubble["severe"] / 2.5
+    calm = {**base, "disaster_types": "flood", "damage_severity": "little_or_none"}  # no sun, no flames
+    red = lambda a: (a[..., 0] > 150) & (a[..., 1] < 90) & (a[..., 2] < 90)  # noqa: E731
+    yellow = lambda a: (a[..., 0] > 190) & (a[..., 1] > 160) & (a[..., 2] < 100)  # noqa: E731
+    assert _cue_share({**calm, "humanitarian": "affected_injured_or_dead_people"}, red) > 0.02
+    assert _cue_share({**calm, "humanitarian": "rescue_volunteering_or_donation_effort"}, yellow) > 0.02
+    assert _cue_share(calm, red) < 0.002 and _cue_share(calm, yellow) < 0.002

@@ -8,17 +8,17 @@ classifier-free guidance needs, AdamW with linear warm-up and cosine decay to ze
 - **demo** (:func:`train_demo`): builds :mod:`medicsynth.diffusion.tiny`'s pipeline, trains the VAE
   on class-balanced random crops (phase 1), folds a per-channel standardisation of its latents
   into its 1×1 convolutions, encodes the training images once, then trains UNet and text encoder
-  jointly on class-balanced batches (phase 2). Every phase stops at ``steps`` or at
-  ``max_seconds`` (when set), whichever comes first. Whether the learning-rate schedule follows
-  steps (reproducible) or elapsed time (for a machine too slow to finish within the cap, so its
-  cosine still ends at zero) is decided once, from the pace measured early in the phase, and
-  recorded as ``schedule`` in the phase's summary.
+  jointly on class-balanced batches (phase 2). Steps alone decide every phase and its
+  learning-rate schedule: no wall-clock cap, so a busy machine gives the same model, later
+  (a LoRA run's optional ``max_seconds`` fails the stage instead of training less). Wall-clock
+  figures go to ``timing/adapt.json``, not to the metrics.
 
-  Measured on the demo data (2 shared cores, 1 thread, ~4.7 min wall for the stage): the
-  project's ``original`` small CNN assigned 64%, 85% and 89% of 280 generated images (the
-  allocate/caption plan, guidance 6) to their intended disaster type in three training runs of
-  this recipe (chance 14%; run-to-run spread is large). Damage severity and humanitarian cues
-  (2–8 px figures and debris) are not reliably rendered.
+  Measured on the demo data before its damage/humanitarian cues were drawn at scene scale
+  (2 shared cores, 1 thread, ~4.7 min wall for the stage): the project's ``original`` small CNN
+  assigned 64%, 85% and 89% of 280 generated images (the allocate/caption plan, guidance 6) to
+  their intended disaster type in three training runs of this recipe (chance 14%; run-to-run
+  spread is large); the 2–8 px damage and humanitarian cues of that data were not reliably
+  rendered (20–28% agreement). Not yet re-measured on the scene-scale cues.
 - **lora** (:func:`train_lora`): loads a local Stable Diffusion checkpoint, freezes it, adds LoRA
   adapters to the UNet's attention projections (``unet.add_adapter(LoraConfig(...))``), trains
   them in bf16 autocast with gradient checkpointing, and saves them with
@@ -48,26 +48,26 @@ from medicsynth.io import atomic_path
 
 @dataclass
 class TrainLog:
-    """What one training phase did: per-step losses, steps, wall time and why it stopped."""
+    """What one training phase did: per-step losses, steps, and its wall time (timing only)."""
 
     name: str
     losses: list[float] = field(default_factory=list)
     steps: int = 0
     seconds: float = 0.0
-    stopped_by: str = "steps"  # steps | time
-    schedule: str = "steps"  # what the learning-rate schedule followed: steps | time
 
     def summary(self) -> dict:
+        """Results of the phase: a function of data, code and params only (no wall-clock figure)."""
         tail = self.losses[-50:]
         return {
             "steps": self.steps,
-            "seconds": round(self.seconds, 2),
-            "steps_per_second": round(self.steps / max(self.seconds, 1e-9), 3),
-            "stopped_by": self.stopped_by,
-            "schedule": self.schedule,
             "loss_first": self.losses[0] if self.losses else None,
             "loss_last50_mean": float(np.mean(tail)) if tail else None,
         }
+
+    def timing(self) -> dict:
+        """Wall-clock figures of the phase, for ``timing/adapt.json`` (see :mod:`medicsynth.timing`)."""
+        return {"seconds": round(self.seconds, 2),
+                "steps_per_second": round(self.steps / max(self.seconds, 1e-9), 3)}
 
 
 def _lr_factor(progress: float, warmup_fraction: float) -> float:
@@ -78,62 +78,36 @@ def _lr_factor(progress: float, warmup_fraction: float) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(rest, 1.0)))
 
 
-class _Budget:
-    """Progress through a phase bounded by a step count and, optionally, a wall-clock limit.
+class PhaseTimeout(RuntimeError):
+    """A training phase ran past its wall-clock limit; no model is written."""
 
-    The learning-rate schedule follows the step count, so a run that finishes its steps is
-    reproducible, unless the pace measured between step ``WARMUP`` and step ``decide_step``
-    (20% of the phase) projects the phase more than ``TOLERANCE`` past ``max_seconds``: then,
-    from that step on, it follows elapsed time, so a run cut short by a slow machine still ends
-    its cosine at zero instead of stopping at a high rate. The decision is taken once: a
-    transient slowdown later in the phase cannot switch a run's schedule (it used to, making
-    reruns differ). Within the tolerance a step-scheduled run may end by time, but only after
-    ≥ 1/1.1 of its steps, where the cosine is below 2.5% of the peak rate. (On the demo the UNet
-    phase finishes in ~94% of its 225 s cap; deciding at 10% without tolerance still switched
-    one of two runs to time.)
+
+class _Deadline:
+    """Optional wall-clock limit of a phase: past it the stage fails, it never trains less.
+
+    Steps alone decide the model (and the learning-rate schedule follows steps), so a rerun on a
+    busier or slower machine gives the same model, only later. A limit exists to stop a stage
+    that would take unreasonably long, with an error naming the params key to change.
     """
 
-    WARMUP = 10  # first steps (allocations, first kernels) are slower than the rest
-    TOLERANCE = 1.1
-
-    def __init__(self, steps: int, max_seconds: float | None, decide_fraction: float = 0.2):
+    def __init__(self, max_seconds: float | None, what: str, steps: int, key: str):
         if steps < 1:
-            raise ValueError(f"a training phase needs steps >= 1, got {steps}")
-        self.steps = steps
+            raise ValueError(f"{what}: a training phase needs steps >= 1, got {steps}")
         self.max_seconds = max_seconds if max_seconds and max_seconds > 0 else None
-        self.decide_step = max(2 * self.WARMUP, int(steps * decide_fraction))
+        self.what, self.steps, self.key = what, steps, key
         self.start = time.perf_counter()
-        self.time_bound = False
-        self._warm_at: float | None = None
 
     def elapsed(self) -> float:
         return time.perf_counter() - self.start
 
-    @property
-    def schedule(self) -> str:
-        return "time" if self.time_bound else "steps"
-
-    def progress(self, step: int) -> float:
-        """Schedule position in [0, 1]; called once per step, with steps 0, 1, 2, ..."""
-        p = step / self.steps
-        if self.max_seconds is not None:
-            if step == self.WARMUP:
-                self._warm_at = self.elapsed()
-            elif step == self.decide_step:
-                # Whole-phase wall time at the pace measured since the warm-up steps.
-                pace = (self.elapsed() - self._warm_at) / (step - self.WARMUP)
-                projected = self._warm_at + pace * (self.steps - self.WARMUP)
-                self.time_bound = projected > self.TOLERANCE * self.max_seconds
-            if self.time_bound:
-                p = max(p, self.elapsed() / self.max_seconds)
-        return min(p, 1.0)
-
-    def done(self, step: int) -> str | None:
-        if step >= self.steps:
-            return "steps"
-        if self.max_seconds is not None and self.elapsed() >= self.max_seconds:
-            return "time"
-        return None
+    def check(self, step: int) -> None:
+        """Raise :class:`PhaseTimeout` when the limit is passed before ``steps`` steps."""
+        if self.max_seconds is not None and step < self.steps and self.elapsed() > self.max_seconds:
+            raise PhaseTimeout(
+                f"{self.what}: {step} of {self.steps} steps done after {self.elapsed():.0f} s, past the "
+                f"limit {self.key} = {self.max_seconds:g} s. Stopping early would silently give a different "
+                f"model, so the stage fails instead: raise {self.key} (0 = no limit) or lower the steps."
+            )
 
 
 def _set_lr(optimiser: torch.optim.Optimizer, base_lr: float, factor: float) -> None:
@@ -173,6 +147,7 @@ def train_denoiser(
     caption_dropout: float = 0.1,
     max_grad_norm: float = 1.0,
     max_seconds: float | None = None,
+    limit_key: str = "max_seconds",
     autocast_dtype: torch.dtype | None = None,
     ema_decay: float = 0.0,
     seed: int = 0,
@@ -193,7 +168,7 @@ def train_denoiser(
     trainable = [p for g in optimiser.param_groups for p in g["params"]]
     ema = [p.detach().clone() for p in trainable] if ema_decay > 0 else None
     text_trainable = any(p.requires_grad for p in text_encoder.parameters())
-    budget = _Budget(steps, max_seconds)
+    deadline = _Deadline(max_seconds, f"adapt {name}", steps, limit_key)
     warmup_fraction = min(warmup_steps / steps, 0.5) if warmup_steps else 0.0
     log = TrainLog(name=name)
     num_train_timesteps = noise_scheduler.config.num_train_timesteps
@@ -201,8 +176,9 @@ def train_denoiser(
     text_encoder.train(text_trainable)
     bar = tqdm(total=steps, desc=f"adapt {name}", disable=not progress, leave=False)
     step = 0
-    while (reason := budget.done(step)) is None:
-        _set_lr(optimiser, lr, _lr_factor(budget.progress(step), warmup_fraction))
+    while step < steps:
+        deadline.check(step)
+        _set_lr(optimiser, lr, _lr_factor(step / steps, warmup_fraction))
         latents, prompts = sample_batch(gen)
         bsz = latents.shape[0]
         drop = torch.rand(bsz, generator=gen) < caption_dropout
@@ -246,7 +222,7 @@ def train_denoiser(
                 p.copy_(e)
     unet.eval()
     text_encoder.eval()
-    log.steps, log.seconds, log.stopped_by, log.schedule = step, budget.elapsed(), reason, budget.schedule
+    log.steps, log.seconds = step, deadline.elapsed()
     return log
 
 
@@ -266,11 +242,9 @@ class DemoTrainConfig:
     vae_crop: int = 32  # random crops: the notes found full-image VAE training less reliable
     vae_lr: float = 2e-3
     vae_kl_weight: float = 1e-6
-    vae_max_seconds: float = 0.0  # 0 = no time cap
     unet_steps: int = 1400
     unet_batch: int = 8
     unet_lr: float = 2e-3
-    unet_max_seconds: float = 0.0
     warmup_steps: int = 25
     caption_dropout: float = 0.1
     snr_gamma: float = 5.0
@@ -284,6 +258,13 @@ class DemoTrainConfig:
     def from_params(cls, params: dict) -> "DemoTrainConfig":
         params = dict(params)
         tiny = TinyConfig.from_dict(params.pop("tiny", {}) or {})
+        removed = sorted(k for k in params if k in ("vae_max_seconds", "unet_max_seconds"))
+        if removed:
+            raise KeyError(
+                f"adapt.demo: {removed} no longer exist: the demo model is decided by its steps alone "
+                "(a time cap made it depend on how busy the machine was). Delete them from params.yaml "
+                "and set adapt.demo.vae_steps / unet_steps instead."
+            )
         unknown = set(params) - {f for f in cls.__dataclass_fields__ if f != "tiny"}
         if unknown:
             raise KeyError(f"adapt.demo: unknown key(s) {sorted(unknown)}")
@@ -332,15 +313,15 @@ def train_vae(vae, images: torch.Tensor, cfg: DemoTrainConfig, weights: torch.Te
     """
     gen = torch.Generator("cpu").manual_seed(cfg.seed)
     optimiser = torch.optim.AdamW(vae.parameters(), lr=cfg.vae_lr, weight_decay=1e-4)
-    budget = _Budget(cfg.vae_steps, cfg.vae_max_seconds)
+    deadline = _Deadline(None, "adapt vae", cfg.vae_steps, "")
     log = TrainLog(name="vae")
     n, _, h, w = images.shape
     crop = min(cfg.vae_crop, h, w)
     vae.train()
     bar = tqdm(total=cfg.vae_steps, desc="adapt vae", disable=not progress, leave=False)
     step = 0
-    while (reason := budget.done(step)) is None:
-        _set_lr(optimiser, cfg.vae_lr, _lr_factor(budget.progress(step), 0.05))
+    while step < cfg.vae_steps:
+        _set_lr(optimiser, cfg.vae_lr, _lr_factor(step / cfg.vae_steps, 0.05))
         if weights is not None:
             idx = torch.multinomial(weights, cfg.vae_batch, replacement=True, generator=gen)
         else:
@@ -365,7 +346,7 @@ def train_vae(vae, images: torch.Tensor, cfg: DemoTrainConfig, weights: torch.Te
             bar.set_postfix(loss=f"{np.mean(log.losses[-10:]):.4f}")
     bar.close()
     vae.eval()
-    log.steps, log.seconds, log.stopped_by, log.schedule = step, budget.elapsed(), reason, budget.schedule
+    log.steps, log.seconds = step, deadline.elapsed()
     return log
 
 
@@ -458,7 +439,7 @@ def train_demo(
         unet, text_encoder, pipe.tokenizer, pipe.scheduler, sample_batch, params,
         steps=cfg.unet_steps, lr=cfg.unet_lr, warmup_steps=cfg.warmup_steps,
         snr_gamma=cfg.snr_gamma, caption_dropout=cfg.caption_dropout,
-        max_seconds=cfg.unet_max_seconds, ema_decay=cfg.ema_decay, seed=cfg.seed + 1, progress=progress,
+        ema_decay=cfg.ema_decay, seed=cfg.seed + 1, progress=progress,
         name="unet+text",
     )
     return pipe, {"vae": vae_log, "unet": unet_log}
@@ -476,7 +457,6 @@ def demo_metrics(cfg: DemoTrainConfig, pipe, logs: dict[str, TrainLog], n_images
         },
         "vae_scaling_factor": float(pipe.vae.config.scaling_factor),
         "phases": {name: log.summary() for name, log in logs.items()},
-        "seconds_total": round(sum(log.seconds for log in logs.values()), 2),
         "config": asdict(cfg),
     }
 
@@ -503,7 +483,7 @@ class LoraTrainConfig:
     gradient_checkpointing: bool = True
     mixed_precision: str = "bf16"  # bf16 | fp16 | no (fp32; what CPU tests use)
     balance: str = "disaster_types"
-    max_seconds: float = 0.0
+    max_seconds: float = 0.0  # wall-clock limit: past it the stage fails (never a shorter run); 0 = none
     num_workers: int = 4
     seed: int = 0
     device: str = "auto"
@@ -614,7 +594,7 @@ def train_lora(
     return train_denoiser(
         unet, text_encoder, pipe.tokenizer, pipe.scheduler, sample_batch, lora_params,
         steps=cfg.steps, lr=cfg.lr, warmup_steps=cfg.warmup_steps, snr_gamma=cfg.snr_gamma,
-        caption_dropout=cfg.caption_dropout, max_seconds=cfg.max_seconds,
+        caption_dropout=cfg.caption_dropout, max_seconds=cfg.max_seconds, limit_key="adapt.lora.max_seconds",
         autocast_dtype=autocast_dtype, seed=cfg.seed, progress=progress, name="lora",
     )
 
@@ -680,7 +660,7 @@ def plot_losses(logs: dict[str, TrainLog], path: str | Path, smooth: int = 20) -
         if len(y) >= smooth:
             ma = np.convolve(y, np.ones(smooth) / smooth, mode="valid")
             ax.plot(np.arange(smooth, len(y) + 1), ma, color="#3b75af", lw=1.5, label=f"mean of {smooth}")
-        ax.set_title(f"{log.name}: {log.steps} steps, {log.seconds:.0f} s")
+        ax.set_title(f"{log.name}: {log.steps} steps")  # no seconds: the plot is a tracked output
         ax.set_xlabel("step")
         ax.set_ylabel("loss")
         ax.set_yscale("log")
