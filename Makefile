@@ -78,3 +78,17 @@ push-private: venv
 ## Agreement, credentials, the outputs routed to the private remote, and outputs routed nowhere.
 private-status: venv
 	$(BIN)/python -m medicsynth.private_remote status
+
+.PHONY: study-apply study-exp
+## The study (presets/study.yaml) as a DVC experiment named `study`: queued with the preset applied,
+## params.yaml restored afterwards; `dvc queue start` runs it, `dvc exp show` lists it.
+study-exp: venv
+	$(BIN)/python -m medicsynth.presets check presets/study.yaml
+	cp params.yaml .params.yaml.before-study
+	$(BIN)/python -m medicsynth.presets apply presets/study.yaml
+	$(BIN)/dvc exp run --queue -n study; status=$$?; mv .params.yaml.before-study params.yaml; exit $$status
+	@echo "queued: run it with 'dvc queue start', then 'dvc exp show'"
+
+## Apply presets/study.yaml to params.yaml in the workspace (comments kept; `git diff params.yaml` shows it).
+study-apply: venv
+	$(BIN)/python -m medicsynth.presets apply presets/study.yaml
