@@ -73,9 +73,23 @@ class ReportConfig:
     allocation_rows: int = 25
     prices: dict[str, dict[str, float]] = field(default_factory=dict)
 
+    @staticmethod
+    def prices_from_llm(llm_prices: Mapping[str, Any] | None) -> dict[str, dict[str, float]]:
+        """``{model: {input, output}}`` (USD per 1M tokens) from params.yaml's ``llm.prices``, the
+        one price table of the project (the paid stages' cost estimates read it too)."""
+        models = (llm_prices or {}).get("models") or {}
+        return {str(m): {"input": p.get("input_per_mtok"), "output": p.get("output_per_mtok")}
+                for m, p in models.items() if isinstance(p, Mapping)}
+
     @classmethod
-    def from_params(cls, cfg: Mapping[str, Any]) -> ReportConfig:
-        """Validate the ``report`` section; errors name the key and the accepted values."""
+    def from_params(cls, cfg: Mapping[str, Any], llm_prices: Mapping[str, Any] | None = None) -> ReportConfig:
+        """Validate the ``report`` section; errors name the key and the accepted values.
+
+        Prices come from ``llm_prices`` (params.yaml ``llm.prices``) when given, else from
+        ``cfg["prices"]`` (``{model: {input, output}}``, for callers without a params file).
+        """
+        if llm_prices is not None:
+            cfg = {**cfg, "prices": cls.prices_from_llm(llm_prices)}
         out = cls()
         for key in ("relabel_examples", "synthetic_per_class", "thumbnail_px", "allocation_rows"):
             if key in cfg:
@@ -573,12 +587,12 @@ def section_usage(u: dict[str, Any], prices: Mapping[str, Any]) -> str:
         parts.append(table(["stage", "client", "model", "requests", "API calls", "cache hits", "input tokens", "output tokens",
                             "failed", "cost"], rows, "num"))
         parts.append(f"<p>Total priced cost: <b>${u['total_cost_usd']:.2f}</b>"
-                     + (f"; no price in <code>report.prices</code> for {esc(', '.join(u['unpriced']))}" if u["unpriced"] else "")
+                     + (f"; no price in <code>llm.prices</code> for {esc(', '.join(u['unpriced']))}" if u["unpriced"] else "")
                      + ". Cache hits are free (answers stored in <code>.llm_cache/</code>).</p>")
     else:
         parts.append("<p>No paid call: every stage ran offline (model voter, template captions, classifier filter, zero-shot skipped).</p>")
     if prices:
-        parts.append("<p class='note'>Prices (USD per 1M tokens, <code>report.prices</code>): "
+        parts.append("<p class='note'>Prices (USD per 1M tokens, <code>llm.prices</code>): "
                      + esc("; ".join(f"{m} in {p['input']:g} / out {p['output']:g}" for m, p in prices.items())) + "</p>")
     if u["seconds"]:
         rows = [[s["stage"], f"{s['seconds']:.1f}", s["source"]] for s in u["seconds"]]

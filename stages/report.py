@@ -46,7 +46,7 @@ def main() -> None:
     args = parser.parse_args()
 
     params = load_params(args.params)
-    config = ReportConfig.from_params(section(params, "report"))
+    config = ReportConfig.from_params(section(params, "report"), section(params, "llm").get("prices"))
     rev = (git("rev-parse", "--short=12", "HEAD") or "").strip() or "unknown (not a git checkout)"
     committed = git("show", f"HEAD:{Path(args.params).as_posix()}")
     provenance = Provenance(

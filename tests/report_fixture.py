@@ -18,6 +18,7 @@ from medicsynth.compare import run_compare
 from medicsynth.labels import CLASSES, TASKS
 from medicsynth.manifest import COLUMNS
 
+SEEDS = (0, 1)
 VARIANTS = ("original", "relabelled", "augmented")
 
 
@@ -62,23 +63,24 @@ def build_project(root: Path, seed: int = 0) -> Path:
     n_test = 80
     truth = _labels(rng, n_test)
     for v, acc in zip(VARIANTS, (0.6, 0.7, 0.75)):
-        pred = {}
-        for t in TASKS:
-            k = len(CLASSES[t])
-            right = rng.random(n_test) < acc
-            pred[t] = [y if r else CLASSES[t][rng.integers(k)] for y, r in zip(truth[t], right)]
-        df = pd.DataFrame({"image_path": [f"data/prepared/images/test/test_{i:05d}.jpg" for i in range(n_test)],
-                           **{f"{t}_true": truth[t] for t in TASKS}, **{f"{t}_pred": pred[t] for t in TASKS}})
-        (root / f"data/predictions/{v}-small_cnn").mkdir(parents=True, exist_ok=True)
-        df.to_csv(root / f"data/predictions/{v}-small_cnn/test.tsv", sep="\t", index=False)
-    run_compare(predictions_dir=root / "data/predictions", variants=list(VARIANTS), arch="small_cnn",
+        for seed_ in SEEDS:  # one model per training seed, as the train/evaluate matrix writes
+            pred = {}
+            for t in TASKS:
+                k = len(CLASSES[t])
+                right = rng.random(n_test) < acc
+                pred[t] = [y if r else CLASSES[t][rng.integers(k)] for y, r in zip(truth[t], right)]
+            df = pd.DataFrame({"image_path": [f"data/prepared/images/test/test_{i:05d}.jpg" for i in range(n_test)],
+                               **{f"{t}_true": truth[t] for t in TASKS}, **{f"{t}_pred": pred[t] for t in TASKS}})
+            (root / f"data/predictions/{v}-small_cnn-s{seed_}").mkdir(parents=True, exist_ok=True)
+            df.to_csv(root / f"data/predictions/{v}-small_cnn-s{seed_}/test.tsv", sep="\t", index=False)
+    run_compare(predictions_dir=root / "data/predictions", variants=list(VARIANTS), arch="small_cnn", seeds=SEEDS,
                 train_manifest=root / "data/variants/original/train.tsv", out_json=root / "metrics/compare.json",
                 out_md=root / "metrics/compare.md", macro_plot=root / "plots/m.png", per_class_plot=root / "plots/c.png",
-                n_boot=50, minority_share=0.2)
+                diff_plot=root / "plots/d.png", n_boot=50, minority_share=0.2)
 
     # DVCLive training logs.
     for v in VARIANTS:
-        base = root / f"metrics/train/{v}-small_cnn/plots/metrics"
+        base = root / f"metrics/train/{v}-small_cnn-s0/plots/metrics"
         (base / "dev_macro_f1").mkdir(parents=True, exist_ok=True)
         steps = np.arange(5)
         pd.DataFrame({"step": steps, "dev_mean_macro_f1": 0.5 + 0.05 * steps}).to_csv(base / "dev_mean_macro_f1.tsv", sep="\t", index=False)

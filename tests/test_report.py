@@ -77,7 +77,7 @@ def test_verdict_and_per_class_follow_compare(project):
     compare = json.loads((project / "metrics/compare.json").read_text())
     page = make(project, with_images=False).html
     for v in VARIANTS:
-        assert f"{compare['mean_macro_f1'][v]['value']:.3f}" in page
+        assert f"{compare['mean_macro_f1'][v]['mean']:.3f}" in page  # mean over training seeds
     d = compare["mean_macro_f1_diff"]["augmented-original"]
     assert f"{d['diff']:+.3f} [{d['low']:+.3f}, {d['high']:+.3f}]" in page
     minority = [c for t in compare["tasks"].values() for c, x in t["classes"].items() if x["minority"]]
@@ -118,8 +118,8 @@ def test_headline_summary_is_small_and_follows_compare(project):
     summary = headline_summary(compare, {"achieved_share": 0.10009})
     assert set(summary) == {*VARIANTS, "synthetic_share"}
     assert set(summary["original"]) == {"mean", "damage", "inform", "human", "disaster", "minority"}
-    assert summary["augmented"]["mean"] == round(compare["mean_macro_f1"]["augmented"]["value"], 4)
-    minority = [x["f1"]["relabelled"]["value"] for t in compare["tasks"].values() for x in t["classes"].values() if x["minority"]]
+    assert summary["augmented"]["mean"] == round(compare["mean_macro_f1"]["augmented"]["mean"], 4)
+    minority = [x["f1"]["relabelled"]["mean"] for t in compare["tasks"].values() for x in t["classes"].values() if x["minority"]]
     assert summary["relabelled"]["minority"] == round(sum(minority) / len(minority), 4)
     assert summary["synthetic_share"] == 0.1001
     assert sum(len(v) if isinstance(v, dict) else 1 for v in summary.values()) <= 20
@@ -186,3 +186,14 @@ def test_dvc_yaml_routes_only_the_private_edition_to_the_private_remote_and_decl
     assert outs == {"report/public.html": {"cache": False}, "report/private.html": {"remote": "private"}}
     declared = [next(iter(m)) for s in stages.values() for m in s.get("metrics", [])]
     assert declared == ["metrics/summary.json"]  # the headline; the detail is plain outputs
+
+
+def test_prices_come_from_the_one_table_in_llm_prices():
+    import yaml
+
+    params = yaml.safe_load((REPO / "params.yaml").read_text())
+    llm_prices = {"models": {"gpt-4o": {"input_per_mtok": 2.5, "output_per_mtok": 10.0}}}
+    cfg = ReportConfig.from_params({}, llm_prices)
+    assert cfg.prices == {"gpt-4o": {"input": 2.5, "output": 10.0}}
+    assert "prices" not in params["report"]  # no second price table to drift
+    assert ReportConfig.from_params(params["report"], params["llm"]["prices"]).prices
