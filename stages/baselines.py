@@ -18,7 +18,7 @@ from pathlib import Path
 from medicsynth.io import write_json
 from medicsynth.manifest import read_manifest, write_manifest
 from medicsynth.merge import oversample_like
-from medicsynth.params import load_params, section
+from medicsynth.params import load_params, require, section
 
 RELABELLED = Path("data/variants/relabelled")
 AUGMENTED_TRAIN = Path("data/variants/augmented/train.tsv")
@@ -30,7 +30,7 @@ def main() -> None:
     p = section(load_params(), "baselines")
     real = read_manifest(RELABELLED / "train.tsv")
     dev = read_manifest(RELABELLED / "dev.tsv")
-    result = oversample_like(real, read_manifest(AUGMENTED_TRAIN), seed=int(p.get("seed", 0)))
+    result = oversample_like(real, read_manifest(AUGMENTED_TRAIN), seed=int(require(p, "baselines", "seed")))
     write_manifest(result.train, OVERSAMPLED / "train.tsv")
     write_manifest(dev, OVERSAMPLED / "dev.tsv")
     write_manifest(real, CLASSIC_AUG / "train.tsv")

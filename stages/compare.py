@@ -20,7 +20,7 @@ import argparse
 from pathlib import Path
 
 from medicsynth.compare import run_compare
-from medicsynth.params import load_params, section
+from medicsynth.params import load_params, require, section
 
 PREDICTIONS_DIR = "data/predictions"
 TRAIN_MANIFEST = "data/variants/original/train.tsv"
@@ -39,11 +39,11 @@ def main() -> None:
     params = load_params(args.params)
     cfg = section(params, "compare")
     # Defaults follow the pipeline's own matrix, so compare needs no edit when variants change.
-    variants = cfg.get("variants") or params.get("variants") or ["original"]
-    arch = cfg.get("arch") or params.get("train", {}).get("archs", [None])[0]
+    variants = require(cfg, "compare", "variants") or require(params, "params", "variants")
+    arch = require(cfg, "compare", "arch") or require(section(params, "train"), "train", "archs")[0]
     if not arch:
         raise SystemExit("params.yaml: set compare.arch (or train.archs) to choose the models to compare")
-    seeds = cfg.get("seeds") or params.get("train", {}).get("seeds")
+    seeds = require(cfg, "compare", "seeds") or require(section(params, "train"), "train", "seeds")
     if not seeds:
         raise SystemExit("params.yaml: set train.seeds (or compare.seeds) to the training seeds to compare")
 
@@ -58,10 +58,10 @@ def main() -> None:
         macro_plot=MACRO_PNG,
         per_class_plot=PER_CLASS_PNG,
         diff_plot=DIFF_PNG,
-        minority_share=float(cfg.get("minority_share", 0.10)),
-        n_boot=int(cfg.get("n_boot", 1000)),
-        seed=int(cfg.get("seed", 0)),
-        ci=float(cfg.get("ci", 0.95)),
+        minority_share=float(require(cfg, "compare", "minority_share")),
+        n_boot=int(require(cfg, "compare", "n_boot")),
+        seed=int(require(cfg, "compare", "seed")),
+        ci=float(require(cfg, "compare", "ci")),
     )
     for v, reason in result["skipped"].items():
         print(f"compare: skipped {v}: {reason}")
