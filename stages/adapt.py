@@ -40,7 +40,7 @@ from medicsynth.diffusion.train import (
 )
 from medicsynth.io import atomic_path, write_json
 from medicsynth.manifest import read_manifest
-from medicsynth.params import load_params, section
+from medicsynth.params import load_params, require, section
 from medicsynth.timing import write_timing
 
 
@@ -62,11 +62,11 @@ def main() -> None:
     args = parser.parse_args()
 
     p = section(load_params(args.params), "adapt")
-    mode = p.get("mode", "demo")
+    mode = require(p, "adapt", "mode")
     if mode is False:  # YAML 1.1 reads a bare `off` as false
         mode = "off"
     out, plot = Path(args.out), Path(args.plot)
-    if p.get("threads"):
+    if require(p, "adapt", "threads"):
         # On a shared 2-core machine one thread trained 20× faster than two (OpenMP spin-waits).
         torch.set_num_threads(int(p["threads"]))
 
@@ -78,14 +78,14 @@ def main() -> None:
         _placeholder_plot(plot, "adapt.mode: off — nothing trained")
         return
 
-    manifest_path = p["train_manifest"]
+    manifest_path = require(p, "adapt", "train_manifest")
     df = read_manifest(manifest_path)
     df = df[df["split"] == "train"].reset_index(drop=True)
-    balance = p.get("balance") or None
+    balance = require(p, "adapt", "balance") or None
     t0 = time.perf_counter()
 
     if mode == "demo":
-        cfg = DemoTrainConfig.from_params({**(p.get("demo") or {}), "balance": balance or "", "seed": p.get("seed", 0)})
+        cfg = DemoTrainConfig.from_params({**require(p, "adapt", "demo"), "balance": balance or "", "seed": require(p, "adapt", "seed")})
         images = load_images(df["file"].tolist(), cfg.tiny.image_size)
         prompts = [label_prompt(r) for r in df.to_dict("records")]
         pipe, logs = train_demo(images, prompts, df[balance].tolist() if balance else None, cfg)

@@ -16,7 +16,7 @@ import pandas as pd
 
 from medicsynth.timing import write_metrics
 from medicsynth.manifest import read_manifest, write_manifest, write_tsv
-from medicsynth.params import load_params, section
+from medicsynth.params import load_params, require, section
 from medicsynth.plots import plot_relabel_changes
 from medicsynth.relabel import run_relabel
 
@@ -29,10 +29,10 @@ CLEAN_LABELS = Path("data/prepared/clean_labels.tsv")  # the demo's known clean 
 def main() -> None:
     params = load_params()
     p = section(params, "relabel")
-    splits = list(p.get("splits", ["train", "dev"]))
+    splits = list(require(p, "relabel", "splits"))
     pool = pd.concat([read_manifest(SPLIT_FILES[s]) for s in splits], ignore_index=True)
     clean = pd.read_csv(CLEAN_LABELS, sep="\t", dtype=str) if CLEAN_LABELS.exists() else None
-    result = run_relabel(pool, p, llm_cache_dir=params.get("llm", {}).get("cache_dir", ".llm_cache"), clean=clean)
+    result = run_relabel(pool, p, llm_cache_dir=require(section(params, "llm"), "llm", "cache_dir"), clean=clean)
 
     for split in splits:
         write_manifest(result.relabelled[result.relabelled["split"] == split], OUT / f"{split}.tsv")
