@@ -451,3 +451,36 @@ def plot_relabel_changes(changes: Any, path: str | Path) -> Path:
         ax.set_title(f"{task} ({len(sub)} changes)", fontsize=9)
     axes[0].legend(fontsize=7)
     return _save(fig, path)
+
+
+def plot_diffusion_losses(logs: Mapping[str, Any], path: str | Path, smooth: int = 20) -> Path:
+    """adapt's training curves: one panel per phase (``logs``: name -> an object with ``name``,
+    ``steps`` and per-step ``losses``), the raw loss and its moving average over ``smooth``
+    steps, log scale; written atomically. No wall-clock figure: the plot is a tracked output."""
+    fig = Figure(figsize=(4.2 * max(1, len(logs)), 3.2))
+    for k, (_, log) in enumerate(logs.items()):
+        ax = fig.add_subplot(1, len(logs), k + 1)
+        y = np.asarray(log.losses, dtype=float)
+        ax.plot(np.arange(1, len(y) + 1), y, color="#bbbbbb", lw=0.6, label="step")
+        if len(y) >= smooth:
+            ma = np.convolve(y, np.ones(smooth) / smooth, mode="valid")
+            ax.plot(np.arange(smooth, len(y) + 1), ma, color="#3b75af", lw=1.5, label=f"mean of {smooth}")
+        ax.set_title(f"{log.name}: {log.steps} steps")
+        ax.set_xlabel("step")
+        ax.set_ylabel("loss")
+        ax.set_yscale("log")
+        ax.legend(fontsize=7)
+    fig.tight_layout()
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    return Path(path)
+
+
+def plot_placeholder(path: str | Path, text: str) -> Path:
+    """A small PNG that only says ``text``: a declared plot of a stage that had nothing to draw
+    (e.g. ``adapt.mode: off``), so DVC still finds the output it was promised."""
+    fig = Figure(figsize=(4, 1.2))
+    fig.text(0.5, 0.5, text, ha="center", va="center")
+    with atomic_path(path) as tmp:
+        fig.savefig(tmp, format="png", dpi=110)
+    return Path(path)

@@ -34,23 +34,14 @@ from medicsynth.diffusion.train import (
     atomic_dir,
     demo_metrics,
     load_images,
-    plot_losses,
     save_demo_pipeline,
     train_demo,
 )
-from medicsynth.io import atomic_path, write_json
+from medicsynth.io import write_json
 from medicsynth.manifest import read_manifest
 from medicsynth.params import load_params, require, section
+from medicsynth.plots import plot_diffusion_losses, plot_placeholder
 from medicsynth.timing import write_timing
-
-
-def _placeholder_plot(path: Path, text: str) -> None:
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(4, 1.2))
-    fig.text(0.5, 0.5, text, ha="center", va="center")
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
 
 
 def main() -> None:
@@ -75,7 +66,7 @@ def main() -> None:
             "adapt.mode is off: no model was trained\n", encoding="utf-8"))
         write_json({"mode": "off"}, args.metrics)
         write_timing("adapt", {})
-        _placeholder_plot(plot, "adapt.mode: off — nothing trained")
+        plot_placeholder(plot, "adapt.mode: off — nothing trained")
         return
 
     manifest_path = require(p, "adapt", "train_manifest")
@@ -109,7 +100,7 @@ def main() -> None:
     write_timing("adapt", {"seconds_wall": round(time.perf_counter() - t0, 2),
                            "cpu_seconds": round(time.process_time(), 2),
                            "phases": {n: log.timing() for n, log in logs.items()}})
-    plot_losses(logs, plot)
+    plot_diffusion_losses(logs, plot)
     print(f"adapt {mode}: " + ", ".join(f"{n} {log.steps} steps in {log.seconds:.0f}s" for n, log in logs.items()))
 
 

@@ -43,7 +43,6 @@ from PIL import Image
 from tqdm import tqdm
 
 from medicsynth.diffusion.tiny import TinyConfig, build_pipeline, count_parameters, save_pipeline
-from medicsynth.io import atomic_path
 
 
 @dataclass
@@ -646,26 +645,3 @@ _atomic_dir = atomic_dir  # the old private name, kept for callers not yet updat
 def save_demo_pipeline(pipe, out_dir: str | Path, meta: dict) -> Path:
     """Save the demo pipeline atomically (see :func:`medicsynth.diffusion.tiny.save_pipeline`)."""
     return _atomic_dir(out_dir, lambda tmp: save_pipeline(pipe, tmp, meta))
-
-
-def plot_losses(logs: dict[str, TrainLog], path: str | Path, smooth: int = 20) -> Path:
-    """One panel per phase: raw per-step loss and its moving average; written atomically."""
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=(4.2 * max(1, len(logs)), 3.2))
-    for k, (name, log) in enumerate(logs.items()):
-        ax = fig.add_subplot(1, len(logs), k + 1)
-        y = np.asarray(log.losses, dtype=float)
-        ax.plot(np.arange(1, len(y) + 1), y, color="#bbbbbb", lw=0.6, label="step")
-        if len(y) >= smooth:
-            ma = np.convolve(y, np.ones(smooth) / smooth, mode="valid")
-            ax.plot(np.arange(smooth, len(y) + 1), ma, color="#3b75af", lw=1.5, label=f"mean of {smooth}")
-        ax.set_title(f"{log.name}: {log.steps} steps")  # no seconds: the plot is a tracked output
-        ax.set_xlabel("step")
-        ax.set_ylabel("loss")
-        ax.set_yscale("log")
-        ax.legend(fontsize=7)
-    fig.tight_layout()
-    with atomic_path(path) as tmp:
-        fig.savefig(tmp, format="png", dpi=110)
-    return Path(path)
