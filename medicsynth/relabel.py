@@ -37,6 +37,7 @@ from sklearn.model_selection import StratifiedKFold
 
 from medicsynth.io import atomic_path
 from medicsynth.labels import CLASSES, TASKS
+from medicsynth.params import require
 from medicsynth.manifest import label_matrix
 from medicsynth.training import TrainConfig, predict_files, train_classifier
 
@@ -301,9 +302,9 @@ def collect_votes(voters: Sequence[str], probs: dict[str, np.ndarray], order: np
     votes, answers, usage = [], {}, {}
     for voter in voters:
         if voter == "model":
-            votes.append(model_votes(probs, relabel_params.get("model_threshold", 0.5)))
+            votes.append(model_votes(probs, require(relabel_params, "relabel", "model_threshold")))
         elif voter in ("openai", "anthropic"):
-            v, answers[voter], usage[voter] = vlm_votes(voter, relabel_params.get(voter, {}), cache_dir,
+            v, answers[voter], usage[voter] = vlm_votes(voter, require(relabel_params, "relabel", voter), cache_dir,
                                                         files, order, n)
             votes.append(v)
         else:
@@ -377,18 +378,18 @@ def run_relabel(pool: pd.DataFrame, relabel_params: dict[str, Any], *, llm_cache
     p = relabel_params
     files = pool["file"].tolist()
     labels = label_matrix(pool)
-    config = fold_model_config(p.get("model"))  # 1
-    probs = out_of_fold_probs(files, labels, config, k=p.get("k_folds", 3), seed=config.seed,  # 2
-                              cache_dir=p.get("cache_dir"), progress=progress)
-    flags, scores = flag_labels(labels, probs, p.get("flag", "confident_learning"), p.get("min_disagreements", 2))  # 3
+    config = fold_model_config(require(p, "relabel", "model"))  # 1
+    probs = out_of_fold_probs(files, labels, config, k=require(p, "relabel", "k_folds"), seed=config.seed,  # 2
+                              cache_dir=require(p, "relabel", "cache_dir"), progress=progress)
+    flags, scores = flag_labels(labels, probs, require(p, "relabel", "flag"), require(p, "relabel", "min_disagreements"))  # 3
     flagged_before_budget = int(flags.any(1).sum())
-    flags, order = apply_budget(flags, scores, p.get("max_flagged"))  # 4
-    voters = list(p.get("voters", ["model"]))
+    flags, order = apply_budget(flags, scores, require(p, "relabel", "max_flagged"))  # 4
+    voters = list(require(p, "relabel", "voters"))
     votes, answers, usage = collect_votes(voters, probs, order, files, p, llm_cache_dir)  # 5
-    new = consensus(labels, flags, votes, p.get("consensus", "unanimous"))  # 6
+    new = consensus(labels, flags, votes, require(p, "relabel", "consensus"))  # 6
     relabelled, changes = change_table(pool, labels, new, flags, scores, voters, votes, answers)  # 7
-    settings = {"flag": p.get("flag", "confident_learning"), "voters": voters,
-                "consensus": p.get("consensus", "unanimous")}
+    settings = {"flag": require(p, "relabel", "flag"), "voters": voters,
+                "consensus": require(p, "relabel", "consensus")}
     metrics = relabel_metrics(labels, new, flags, flagged_before_budget, settings, usage)  # 8
     if clean is not None:
         metrics["against_clean_labels"] = score_corrections(pool, relabelled, clean)

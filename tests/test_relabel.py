@@ -325,6 +325,8 @@ def workdir(prepared: Path, dest: Path, server: FakeLLMServer, **relabel_params)
     relabel_section = {
         "splits": ["train", "dev"], "flag": "confident_learning", "k_folds": 2, "model": FOLD_MODEL,
         "max_flagged": 12, "voters": ["openai", "anthropic"], "consensus": "unanimous",
+        # every key the stage reads (params.yaml is the one source of values: no code defaults)
+        "min_disagreements": 2, "model_threshold": 0.8, "cache_dir": None,
         "openai": {"model": "gpt-test", "base_url": server.openai_base_url, "concurrency": 1, "max_retries": 0,
                    "timeout_s": 30, "max_tokens": 300},
         "anthropic": {"model": "claude-test", "base_url": server.anthropic_base_url, "concurrency": 1,
