@@ -31,6 +31,21 @@ def atomic_path(path: str | Path, suffix: str = ".tmp") -> Iterator[Path]:
             os.unlink(tmp)
 
 
+def write_bytes_durably(data: bytes, path: str | Path) -> Path:
+    """Write ``data`` atomically *and* fsync it before the rename.
+
+    For answers that were paid for (LLM and image-API caches): the file must survive a power cut,
+    not only a kill, so a rerun never pays for the same answer twice. Returns ``path``.
+    """
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        with open(tmp, "wb") as fh:
+            fh.write(data)
+            fh.flush()
+            os.fsync(fh.fileno())
+    return path
+
+
 def write_text(text: str, path: str | Path) -> None:
     """Write ``text`` (UTF-8) atomically."""
     with atomic_path(path) as tmp:

@@ -17,7 +17,11 @@ from pathlib import Path
 import pandas as pd
 
 from medicsynth.captions import CaptionConfig, caption_plan, load_length_limit, make_clients
-from medicsynth.timing import write_metrics
+from medicsynth.timing import write_metrics, write_timing
+
+# How many captions this run wrote or reused depends on what an earlier (possibly killed) run left
+# in data/captions: a run fact for timing/caption.json, not a cached metric of the captions.
+RUN_KEYS = ("new", "reused", "shortened_new", "template_calls", "llm_requests")
 from medicsynth.manifest import read_manifest, write_tsv
 from medicsynth.params import load_params, require, section
 
@@ -52,10 +56,12 @@ def main() -> None:
         print(f"caption: {limit.note}")
     result = caption_plan(plan, config, train=train, previous=previous, limit=limit, clients=clients)
     write_tsv(result.table, CAPTIONS_TSV)
-    write_metrics(result.metrics, METRICS_JSON, "caption")  # LLM latencies -> timing/caption.json
     m = result.metrics
+    run = {k: m.pop(k) for k in RUN_KEYS if k in m}
+    timing = write_metrics(m, METRICS_JSON, "caption")  # LLM latencies -> timing/caption.json
+    write_timing("caption", {**timing, "run": run})
     print(
-        f"caption ({m['backend']}): {m['rows']} rows, {m['new']} new, {m['reused']} reused, "
+        f"caption ({m['backend']}): {m['rows']} rows, {run['new']} new, {run['reused']} reused, "
         f"{m['failed']} failed (template fallback), {m['shortened']} shortened"
     )
     for mode, sent in m.get("llm_settings", {}).items():

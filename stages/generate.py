@@ -20,7 +20,12 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 from accelerate import PartialState
 
 from medicsynth.diffusion.generate import GenerateOptions, generate_plan
-from medicsynth.timing import write_metrics
+from medicsynth.timing import write_metrics, write_timing
+
+# What this run did (how many images it rendered or found already rendered, per process) depends
+# on what an earlier, possibly killed run left behind, not only on data, code and params: it goes
+# to timing/generate.json with the wall-clock figures, never into the cached metrics.
+RUN_KEYS = ("skipped", "stale_rerendered", "rendered", "processes", "per_process")
 from medicsynth.params import load_params, section
 
 
@@ -38,8 +43,10 @@ def main() -> None:
     metrics = generate_plan(args.captions, args.images, args.manifest, opts, demo_dir=args.demo_dir)
     state = PartialState()
     if state.is_main_process:  # only the main process has the complete picture
+        run = {k: metrics.pop(k) for k in RUN_KEYS if k in metrics}
         timing = write_metrics(metrics, args.metrics, "generate")  # seconds, img/s -> timing/generate.json
-        print(f"generate: {metrics['rendered']} rendered, {metrics['skipped']} skipped, "
+        write_timing("generate", {**timing, "run": run})
+        print(f"generate: {run['rendered']} rendered, {run['skipped']} skipped, "
               f"{metrics['blank_flagged']} blank-flagged, {metrics['quarantined']} quarantined, "
               f"{timing.get('images_per_second')} img/s")
     # Under a distributed launcher, leave the process group cleanly (gloo aborts otherwise).

@@ -22,6 +22,7 @@ SECTIONS: dict[str, dict[str, Any]] = {
         "rounding": "webster",
         "balance_target_share": 0.10,
         "include_unseen": False,
+        "f1_reports": [],
         "seed": 0,
     },
     "caption": {

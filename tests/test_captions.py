@@ -389,7 +389,9 @@ def test_stages_allocate_then_caption_incrementally(tmp_path):
         for stage in ("allocate", "caption"):
             subprocess.run([sys.executable, str(REPO / f"stages/{stage}.py")], cwd=tmp_path, env=env,
                            check=True, capture_output=True)
-        return json.loads((tmp_path / "metrics/caption.json").read_text())
+        # counts of what the run did live in timing/ (stages/caption.py RUN_KEYS)
+        return {**json.loads((tmp_path / "metrics/caption.json").read_text()),
+                **json.loads((tmp_path / "timing/caption.json").read_text())["run"]}
 
     assert run(100)["new"] == 100
     metrics = run(110)
@@ -421,7 +423,9 @@ def test_caption_stage_llm_backend_asks_only_for_new_rows(tmp_path):
             for stage in ("allocate", "caption"):
                 subprocess.run([sys.executable, str(REPO / f"stages/{stage}.py")], cwd=tmp_path, env=env,
                                check=True, capture_output=True)
-            return json.loads((tmp_path / "metrics/caption.json").read_text())
+            # counts of what the run did live in timing/ (stages/caption.py RUN_KEYS)
+            return {**json.loads((tmp_path / "metrics/caption.json").read_text()),
+                    **json.loads((tmp_path / "timing/caption.json").read_text())["run"]}
 
         first = run(40)
         assert first["new"] == 40 and first["failed"] == 0

@@ -86,7 +86,8 @@ def test_generate_stage_renders_every_family(models, tmp_path, family, monkeypat
     args = ["--captions", str(plan), "--images", "images", "--manifest", "manifest.tsv", "--metrics", "generate.json"]
     run_stage("stages/generate.py", tmp_path, *args, monkeypatch=monkeypatch)
     metrics = json.loads((tmp_path / "generate.json").read_text())
-    assert metrics["family"] == family and metrics["rendered"] == 3 and metrics["skipped"] == 0
+    run = json.loads((tmp_path / "timing/generate.json").read_text())["run"]  # what this run did
+    assert metrics["family"] == family and run["rendered"] == 3 and run["skipped"] == 0
     expected = {"flux": (2, 3.5, "default"), "sd3": (2, 7.0, "default"), "sd": (2, 7.5, "dpmsolver++")}[family]
     assert (metrics["options"]["steps"], metrics["options"]["guidance"], metrics["options"]["scheduler"]) == expected
     manifest = read_manifest(tmp_path / "manifest.tsv")
@@ -98,8 +99,10 @@ def test_generate_stage_renders_every_family(models, tmp_path, family, monkeypat
         assert stamp["key"] == row["provenance_key"]
     # Resume: a rerun renders nothing.
     run_stage("stages/generate.py", tmp_path, *args, monkeypatch=monkeypatch)
-    again = json.loads((tmp_path / "generate.json").read_text())
+    again = json.loads((tmp_path / "timing/generate.json").read_text())["run"]
     assert again["rendered"] == 0 and again["skipped"] == 3
+    # ...and the cached metrics are the same bytes as after the first run: they describe the outputs.
+    assert json.loads((tmp_path / "generate.json").read_text()) == metrics
 
 
 def _render(model: Path, seeds, prompts=None, **kw):
@@ -192,7 +195,8 @@ def test_adapt_lora_trains_every_family_and_generate_loads_it(models, tmp_path, 
     run_stage("stages/generate.py", tmp_path, "--captions", str(plan), "--images", "images_out", "--manifest",
               "manifest.tsv", "--metrics", "generate.json", monkeypatch=monkeypatch)
     gmetrics = json.loads((tmp_path / "generate.json").read_text())
-    assert gmetrics["rendered"] == 2 and gmetrics["lora"] == "models/diffusion/lora"
+    grun = json.loads((tmp_path / "timing/generate.json").read_text())["run"]
+    assert grun["rendered"] == 2 and gmetrics["lora"] == "models/diffusion/lora"
 
 
 # ---------------------------------------------------------------------------------------------
@@ -219,12 +223,18 @@ def stage_args() -> list[str]:
     return ["--captions", "captions.tsv", "--images", "images", "--manifest", "manifest.tsv", "--metrics", "generate.json"]
 
 
+def _generate_report(root: Path) -> dict:
+    """The stage's cached metrics plus what the run did (rendered/skipped per run live in timing/)."""
+    run = json.loads((root / "timing/generate.json").read_text()).get("run", {})
+    return {**json.loads((root / "generate.json").read_text()), **run}
+
+
 def test_hosted_backend_caches_resumes_and_budgets(images_server, tmp_path, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "test-key")
     write_plan(tmp_path / "captions.tsv", 5)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"generate": hosted_params(images_server, tmp_path, max_calls=3)}))
     run_stage("stages/generate.py", tmp_path, *stage_args(), monkeypatch=monkeypatch)
-    m = json.loads((tmp_path / "generate.json").read_text())
+    m = _generate_report(tmp_path)
     # Budget: 3 paid calls, the other 2 planned images are missing (counted, not faked).
     assert images_server.count() == 3 and m["hosted"]["calls"] == 3
     assert m["hosted"]["failures"]["budget"] == 2 and m["missing"] == 2
@@ -238,7 +248,7 @@ def test_hosted_backend_caches_resumes_and_budgets(images_server, tmp_path, monk
     # Resume with a larger budget: only the 2 missing images are requested.
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"generate": hosted_params(images_server, tmp_path)}))
     run_stage("stages/generate.py", tmp_path, *stage_args(), monkeypatch=monkeypatch)
-    m = json.loads((tmp_path / "generate.json").read_text())
+    m = _generate_report(tmp_path)
     assert images_server.count() == 5 and m["skipped"] == 3 and m["rendered"] == 2 and m["missing"] == 0
     assert max(images_server.completed.values()) == 1
 
@@ -247,7 +257,7 @@ def test_hosted_backend_caches_resumes_and_budgets(images_server, tmp_path, monk
 
     shutil.rmtree(tmp_path / "images")
     run_stage("stages/generate.py", tmp_path, *stage_args(), monkeypatch=monkeypatch)
-    m = json.loads((tmp_path / "generate.json").read_text())
+    m = _generate_report(tmp_path)
     assert images_server.count() == 5 and m["hosted"]["cache_hits"] == 5 and len(read_manifest(tmp_path / "manifest.tsv")) == 5
 
 
@@ -347,7 +357,7 @@ def test_generate_sharded_over_two_processes_matches_one(models, tmp_path, monke
            "sharded.tsv", "--metrics", "sharded.json"]
     proc = subprocess.run(cmd, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-4000:]
-    m = json.loads((tmp_path / "sharded.json").read_text())
+    m = json.loads((tmp_path / "timing/generate.json").read_text())["run"]  # what the run did
     assert m["processes"] == 2 and sorted(s["rendered"] for s in m["per_process"]) == [2, 2]
     run_stage("stages/generate.py", tmp_path, "--captions", str(plan), "--images", "single", "--manifest",
               "single.tsv", "--metrics", "single.json", monkeypatch=monkeypatch)

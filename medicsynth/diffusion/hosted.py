@@ -29,7 +29,6 @@ import hashlib
 import io
 import json
 import os
-import tempfile
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -40,6 +39,8 @@ from typing import Any, Callable
 import numpy as np
 from PIL import Image
 from tqdm import tqdm
+
+from medicsynth.io import write_bytes_durably
 
 #: Bump when the meaning of a cached image changes; old entries then stop matching.
 CACHE_FORMAT_VERSION = 1
@@ -132,17 +133,7 @@ class ImageCache:
     def put(self, key: str, data: bytes) -> Path:
         path = self.path(key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(data)
-                fh.flush()
-                os.fsync(fh.fileno())  # paid for: survive a power cut, not only a kill
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return path
+        return write_bytes_durably(data, path)  # paid for: survive a power cut, not only a kill
 
     def __len__(self) -> int:
         return sum(1 for _ in self.directory.glob("??/*.png")) if self.directory.exists() else 0

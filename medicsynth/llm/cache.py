@@ -33,10 +33,11 @@ import hashlib
 import json
 import logging
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+from medicsynth.io import write_bytes_durably
 
 log = logging.getLogger(__name__)
 
@@ -129,18 +130,8 @@ class ResponseCache:
             "meta": meta or {},
             "response": asdict(response),
         }
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-        try:
-            with os.fdopen(fd, "w", encoding="utf-8") as fh:
-                json.dump(entry, fh, ensure_ascii=False, sort_keys=True)
-                fh.flush()
-                # The answer was paid for: make it survive a power cut, not only a kill.
-                os.fsync(fh.fileno())
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
-        return path
+        # The answer was paid for: make it survive a power cut, not only a kill.
+        return write_bytes_durably(json.dumps(entry, ensure_ascii=False, sort_keys=True).encode("utf-8"), path)
 
     def __len__(self) -> int:
         if not self.directory.exists():
