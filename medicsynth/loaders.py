@@ -59,8 +59,6 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 from PIL import Image, ImageOps
-from torchvision.transforms.v2 import InterpolationMode
-from torchvision.transforms.v2 import functional as F
 
 from medicsynth.labels import NUM_CLASSES, TASKS
 
@@ -514,6 +512,11 @@ class ImageDataset(torch.utils.data.Dataset):
                 img = ImageOps.exif_transpose(img).convert("RGB")
         except Exception as exc:  # PIL raises several types for bad files
             raise LoaderError(f"sample {index}: cannot decode image {path!r}: {exc}") from exc
+        # Imported here, not at module level: torchvision pulls in torch._dynamo (~1.5 s per
+        # process), which the DALI path and every evaluation process would pay for nothing.
+        from torchvision.transforms.v2 import InterpolationMode
+        from torchvision.transforms.v2 import functional as F
+
         img = F.resize(img, [self.resize, self.resize], interpolation=InterpolationMode.BILINEAR,
                        antialias=True)
         if self._policy is not None:
