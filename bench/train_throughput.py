@@ -50,6 +50,7 @@ from medicsynth.io import write_json
 from medicsynth.labels import NUM_CLASSES, TASKS
 from medicsynth.loaders import dali_available, make_loader
 from medicsynth.models import build_classifier
+from medicsynth.params import load_params
 from medicsynth.training import TrainConfig, train_classifier
 
 
@@ -124,7 +125,7 @@ class TrainStep:
 
     def __init__(self, arch: str, device: torch.device, channels_last: bool):
         self.device = device
-        self.model = build_classifier(arch, pretrained=False).to(device)
+        self.model = build_classifier(arch, pretrained=False, dropout=0.2).to(device)
         if channels_last:
             self.model = self.model.to(memory_format=torch.channels_last)
         self.model.train()
@@ -201,11 +202,14 @@ def run(args: argparse.Namespace) -> dict:
         del loader
 
         # (e) the training stage's own loop.
-        config = TrainConfig(arch=args.arch, epochs=args.loop_epochs, batch_size=args.batch_size,
-                             resize=args.resize, crop=args.crop, seed=args.seed,
-                             loader="dali" if dali_available() else "torch",
-                             num_workers=args.dali_threads if dali_available() else args.torch_workers,
-                             device=str(device), cpu_threads=None, lr=1e-4)
+        # The recipe of params.yaml's train section, with the benchmark's sizes and loader.
+        recipe = {**load_params(REPO / "params.yaml")["train"], "epochs": args.loop_epochs,
+                  "batch_size": args.batch_size, "resize": args.resize, "crop": args.crop,
+                  "loader": "dali" if dali_available() else "torch",
+                  "num_workers": args.dali_threads if dali_available() else args.torch_workers,
+                  "device": str(device), "cpu_threads": None, "lr": 1e-4}
+        config = TrainConfig.from_params(recipe, "train", ignore=("archs", "seeds", "augment"),
+                                         arch=args.arch, seed=args.seed, augment="none")
         loop = train_classifier(files, labels, None, None, config, progress=False)
         results["train_loop"] = {"images_per_s": loop.images_per_second, "epochs": args.loop_epochs,
                                  "steps": args.loop_epochs * -(-len(files) // args.batch_size),

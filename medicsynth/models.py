@@ -52,7 +52,7 @@ class MultiTaskClassifier(nn.Module):
     ``forward`` returns ``{task: logits}`` in :data:`medicsynth.labels.TASKS` order.
     """
 
-    def __init__(self, backbone: nn.Module, feature_dim: int, dropout: float = 0.2):
+    def __init__(self, backbone: nn.Module, feature_dim: int, dropout: float):
         super().__init__()
         self.backbone = backbone
         self.dropout = nn.Dropout(dropout)
@@ -86,8 +86,14 @@ def _torchvision_backbone(arch: str, pretrained: bool) -> tuple[nn.Module, int]:
     return model, dim
 
 
-def build_classifier(arch: str, pretrained: bool = False, dropout: float = 0.2) -> MultiTaskClassifier:
-    """Build a :class:`MultiTaskClassifier`; ImageNet weights only from the local torch hub cache."""
+def build_classifier(arch: str, *, pretrained: bool, dropout: float) -> MultiTaskClassifier:
+    """A :class:`MultiTaskClassifier` of ``arch`` (one of :data:`ARCHS`).
+
+    ``pretrained``: ImageNet weights for the backbone, only from the local torch hub cache
+    (``FileNotFoundError`` naming the expected file otherwise; ``small_cnn`` has none).
+    ``dropout``: probability of the dropout on the pooled features before the four heads
+    (``train.dropout``; ``0`` gives plain linear heads). No defaults: callers pass the params.
+    """
     if arch not in ARCHS:
         raise ValueError(f"unknown architecture {arch!r}; expected one of {', '.join(ARCHS)}")
     if arch == "small_cnn":
@@ -115,7 +121,9 @@ def load_classifier(path: str | Path, map_location: str | torch.device = "cpu") 
         path = path / "model.pt"
     checkpoint = torch.load(path, map_location=map_location, weights_only=True)
     meta = checkpoint["meta"]
-    model = build_classifier(meta["arch"], pretrained=False, dropout=meta.get("dropout", 0.2))
+    # Dropout has no weights and is the identity in eval mode: its probability (recorded by
+    # stages/train.py) does not change what the loaded model computes.
+    model = build_classifier(meta["arch"], pretrained=False, dropout=meta.get("dropout", 0.0))
     model.load_state_dict(checkpoint["state_dict"])
     model.eval()
     return model, meta

@@ -27,7 +27,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import asdict, dataclass, fields, replace
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
 
@@ -216,20 +216,18 @@ VOTERS: tuple[str, ...] = ("model", "openai", "anthropic")
 def fold_model_config(model_params: dict[str, Any] | None) -> TrainConfig:
     """Step 1: the fold models' :class:`TrainConfig` from ``relabel.model`` (params.yaml).
 
-    Keys are :class:`TrainConfig` fields (``arch``, ``epochs``, ``batch_size``, ``lr``, ``seed``...);
-    missing ones take the dataclass defaults. ``seed`` seeds the fold split, and fold ``f``'s
-    model trains with ``seed + f``. Raises ``ValueError`` naming the key for a missing section
-    or an unknown key.
+    Every :class:`TrainConfig` field is a key of ``relabel.model`` (``arch``, ``epochs``, ``lr``,
+    ``optimizer``, ``schedule``, ``seed``...; a missing one is a ``KeyError`` naming it), except
+    the early-stopping fields: fold models train without a dev set (the held-out fold must stay
+    unseen), so ``early_stop_metric`` and ``patience`` are ``None`` (every epoch, the last kept;
+    a ``plateau`` schedule watches the training loss). ``seed`` seeds the fold split, and fold
+    ``f``'s model trains with ``seed + f``. Raises ``ValueError`` naming the key for a missing
+    section or an unknown key.
     """
     if not isinstance(model_params, dict):
         raise ValueError("params.yaml: relabel.model must be a mapping of the fold models' training settings "
                          "(arch, epochs, batch_size, lr, seed, ...)")
-    known = {f.name for f in fields(TrainConfig)}
-    unknown = sorted(set(model_params) - known)
-    if unknown:
-        raise ValueError(f"params.yaml: relabel.model: unknown key(s) {', '.join(unknown)}; "
-                         f"expected TrainConfig fields: {', '.join(sorted(known))}")
-    return TrainConfig(**model_params)
+    return TrainConfig.from_params(model_params, "relabel.model", early_stop_metric=None, patience=None)
 
 
 def flag_labels(labels: np.ndarray, probs: dict[str, np.ndarray], method: str,

@@ -2,9 +2,14 @@
 
 One loop serves the CPU demo and GPU runs: bf16 autocast and channels_last switch on with CUDA,
 the loader backend (DALI or torchvision) comes from :func:`medicsynth.loaders.make_loader`.
-Loss is the sum of per-task cross-entropies (optionally class-weighted); the optimiser is AdamW
-with linear warm-up then cosine decay; early stopping keeps the epoch with the best dev mean
-macro-F1 (the headline metric, unlike the loss, tracks minority classes).
+Loss is the sum of per-task cross-entropies (optionally class-weighted). The recipe is params
+(:class:`TrainConfig`, params.yaml's ``train`` section; defaults are the demo's): optimiser Adam or
+AdamW; learning-rate schedule ``cosine`` (linear warm-up then cosine decay), ``constant`` or
+``plateau`` (cut by a factor after epochs without improvement, as ``ReduceLROnPlateau``); early
+stopping on dev mean macro-F1 (the headline metric, unlike the loss, tracks minority classes) or
+dev loss, keeping the best epoch's weights; head dropout; precision ``auto`` (bf16 autocast on
+CUDA, fp32 on CPU), ``fp32`` or ``bf16`` (autocast on CPU too). Every decision counts epochs, never
+time, so a recipe gives the same weights however busy the machine is.
 
 Data-parallel training. Launched by ``torchrun --nproc_per_node N`` or ``accelerate launch
 --multi_gpu --num_processes N`` (``WORLD_SIZE`` > 1 in the environment), :func:`train_classifier`
@@ -29,7 +34,8 @@ import math
 import os
 import random
 import time
-from dataclasses import asdict, dataclass, field
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field, fields
 from typing import Any, Callable, Sequence
 
 import numpy as np
@@ -42,33 +48,125 @@ from medicsynth.labels import CLASSES, NUM_CLASSES, TASKS
 from medicsynth.loaders import make_loader
 from medicsynth.metrics import confusion_counts
 from medicsynth.models import MultiTaskClassifier, build_classifier
+from medicsynth.params import require
+
+
+OPTIMIZERS: tuple[str, ...] = ("adam", "adamw")
+SCHEDULES: tuple[str, ...] = ("cosine", "constant", "plateau")
+STOP_METRICS: tuple[str, ...] = ("dev_mean_macro_f1", "dev_loss")
+PRECISIONS: tuple[str, ...] = ("auto", "fp32", "bf16")
+#: Direction of each monitored metric: +1 higher is better, -1 lower is better.
+_DIRECTION = {"dev_mean_macro_f1": 1, "dev_loss": -1, "train_loss": -1}
 
 
 @dataclass
 class TrainConfig:
-    """Hyper-parameters of one training run (filled from params.yaml's ``train`` section)."""
+    """Hyper-parameters of one training run; every field comes from params.yaml (no defaults here).
 
-    arch: str = "small_cnn"
-    pretrained: bool = False
-    epochs: int = 15
-    batch_size: int = 64
-    lr: float = 3e-3
-    weight_decay: float = 1e-4
-    warmup_epochs: float = 1.0
-    dropout: float = 0.2
-    class_weighting: str = "none"  # none | inverse | sqrt_inverse
-    patience: int = 4
-    resize: int = 64
-    crop: int = 56
-    loader: str = "auto"
-    num_workers: int = 2
-    seed: int = 0
-    device: str = "auto"
-    cpu_threads: int | None = 1
-    augment: str = "none"  # classic augmentation of training images: none | randaugment | trivialaugment
-    # Data-parallel runs: multiply lr by the number of processes (the global batch grows with
-    # it). Off by default, so a launcher change alone does not change the optimiser settings.
-    scale_lr_with_world_size: bool = False
+    Build it with :meth:`from_params` from the ``train`` section (``stages/train.py``) or from
+    ``relabel.model`` (the relabel fold models); params.yaml documents each key. Fields:
+
+    - ``arch``, ``pretrained``, ``dropout``: the model (:func:`medicsynth.models.build_classifier`);
+      ``dropout`` is applied to the pooled features before the four linear heads.
+    - ``epochs``, ``batch_size``, ``seed``, ``class_weighting``: the loop (``batch_size`` per process).
+    - ``optimizer`` (``adam`` | ``adamw``), ``lr`` (peak), ``weight_decay`` (coupled L2 for Adam,
+      decoupled for AdamW).
+    - ``schedule``: ``cosine`` (linear warm-up over ``warmup_epochs``, then cosine decay to 0 at the
+      last epoch), ``constant`` (warm-up, then ``lr``) or ``plateau`` (warm-up, then ``lr`` times
+      ``plateau_factor`` after every ``plateau_patience`` consecutive epochs without improvement of
+      the monitored metric, at most ``plateau_max_cuts`` times; ``None`` = no limit). The monitored
+      metric is ``early_stop_metric`` on dev, or the training loss when there is no dev set or no
+      early-stopping metric.
+    - ``early_stop_metric`` (``dev_mean_macro_f1`` | ``dev_loss`` | ``None``) and ``patience``:
+      with a dev set, the epoch with the best metric is kept and training stops after ``patience``
+      epochs without improvement (``None``: never stop early, still keep the best epoch).
+      ``early_stop_metric`` ``None``: train every epoch and keep the last (as without a dev set).
+      Improvement is strict (a tie is not an improvement).
+    - ``precision``: ``auto`` (bf16 autocast on CUDA, fp32 on CPU), ``fp32`` or ``bf16`` (autocast
+      on any device; parameters, optimiser state and the loss stay fp32).
+    - ``resize``, ``crop``, ``loader``, ``num_workers``, ``augment``: input pipeline.
+    - ``device``, ``cpu_threads``, ``scale_lr_with_world_size``: where and how it runs.
+
+    Raises ``ValueError`` naming the field for a value outside its choices.
+    """
+
+    arch: str
+    pretrained: bool
+    epochs: int
+    batch_size: int
+    optimizer: str
+    lr: float
+    weight_decay: float
+    schedule: str
+    warmup_epochs: float
+    plateau_factor: float
+    plateau_patience: int
+    plateau_max_cuts: int | None
+    early_stop_metric: str | None
+    patience: int | None
+    dropout: float
+    precision: str
+    class_weighting: str  # none | inverse | sqrt_inverse
+    resize: int
+    crop: int
+    loader: str
+    num_workers: int
+    seed: int
+    device: str
+    cpu_threads: int | None
+    augment: str  # classic augmentation of training images: none | randaugment | trivialaugment
+    # Data-parallel runs: multiply lr by the number of processes (the global batch grows with it).
+    scale_lr_with_world_size: bool
+
+    def __post_init__(self) -> None:
+        choices = {"optimizer": OPTIMIZERS, "schedule": SCHEDULES, "precision": PRECISIONS,
+                   "early_stop_metric": (*STOP_METRICS, None)}
+        for key, allowed in choices.items():
+            value = getattr(self, key)
+            if value not in allowed:
+                names = ", ".join("null" if a is None else a for a in allowed)
+                raise ValueError(f"{key} must be one of {names}, not {value!r}")
+        if not 0.0 < self.plateau_factor < 1.0:
+            raise ValueError(f"plateau_factor must be in (0, 1), not {self.plateau_factor!r}")
+        for key in ("plateau_patience", "patience", "plateau_max_cuts"):
+            value = getattr(self, key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int) or value < 0
+                                      or (key == "plateau_patience" and value < 1)):
+                raise ValueError(f"{key} must be a {'positive' if key == 'plateau_patience' else 'non-negative'} "
+                                 f"integer{'' if key == 'plateau_patience' else ' or null'}, not {value!r}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"dropout must be in [0, 1), not {self.dropout!r}")
+
+    @classmethod
+    def from_params(cls, values: Mapping[str, Any], name: str, *, ignore: Iterable[str] = (),
+                    **fixed: Any) -> "TrainConfig":
+        """A config whose fields come from ``values`` (the params section called ``name``).
+
+        Parameters: ``values`` is the section (``params["train"]`` or ``params["relabel"]["model"]``),
+        ``name`` its dotted name for messages; ``ignore`` lists keys of the section that are not
+        fields (matrix axes); ``fixed`` sets fields the caller decides (the train matrix's ``arch``,
+        ``seed``, ``augment``; relabel's ``early_stop_metric=None``).
+
+        Guarantees: every other field is ``medicsynth.params.require(values, name, field)`` (a
+        missing key raises ``KeyError`` naming ``name.field``); a key that is not a field, or a key
+        of ``values`` that ``fixed`` also sets, raises ``ValueError`` naming it; a value outside its
+        choices raises ``ValueError`` naming ``name.field``.
+        """
+        known = [f.name for f in fields(cls)]
+        ignored = set(ignore)
+        unknown = sorted(set(values) - set(known) - ignored)
+        if unknown:
+            raise ValueError(f"params.yaml: {name}: unknown key(s) {', '.join(unknown)}; "
+                             f"expected: {', '.join(sorted(set(known) - set(fixed)))}")
+        clash = sorted((set(values) - ignored) & set(fixed))
+        if clash:
+            raise ValueError(f"params.yaml: {name}: {', '.join(clash)} cannot be set here "
+                             f"(the stage sets {'it' if len(clash) == 1 else 'them'})")
+        kwargs = {k: fixed[k] if k in fixed else require(values, name, k) for k in known}
+        try:
+            return cls(**kwargs)
+        except ValueError as exc:
+            raise ValueError(f"params.yaml: {name}.{exc}") from None
 
 
 @dataclass
@@ -82,6 +180,8 @@ class TrainResult:
     loader_backend: str = ""
     world_size: int = 1
     lr: float = 0.0  # peak learning rate actually used (after world-size scaling)
+    best_dev_loss: float = float("nan")  # dev loss of the kept epoch (computed when it is monitored)
+    lr_cuts: int = 0  # plateau schedule: learning-rate cuts made
 
 
 @dataclass(frozen=True)
@@ -222,18 +322,93 @@ def _lr_lambda(total_steps: int, warmup_steps: int) -> Callable[[int], float]:
     return fn
 
 
+class LrSchedule:
+    """The per-step learning-rate multiplier of ``config.schedule`` (for ``LambdaLR``).
+
+    ``cosine``: linear warm-up over ``warmup_steps`` then cosine decay to 0 at ``total_steps``.
+    ``constant``: the same warm-up, then 1. ``plateau``: the same warm-up, then ``scale``, which
+    :meth:`end_epoch` multiplies by ``factor`` after ``patience`` consecutive epochs without
+    improvement (the count restarts after each cut, as in ``torch.optim.lr_scheduler.ReduceLROnPlateau``
+    with ``cooldown=0``), at most ``max_cuts`` times (``None``: no limit). Driven by epoch
+    counts only, so it is deterministic.
+    """
+
+    def __init__(self, kind: str, total_steps: int, warmup_steps: int, *, factor: float, patience: int,
+                 max_cuts: int | None):
+        if kind not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {', '.join(SCHEDULES)}, not {kind!r}")
+        self.kind, self.warmup_steps = kind, warmup_steps
+        self.factor, self.patience, self.max_cuts = factor, patience, max_cuts
+        self.scale, self.cuts, self.bad_epochs = 1.0, 0, 0
+        self._cosine = _lr_lambda(total_steps, warmup_steps)
+
+    def __call__(self, step: int) -> float:
+        if self.kind == "cosine":
+            return self._cosine(step)
+        if step < self.warmup_steps:
+            return (step + 1) / max(1, self.warmup_steps) * self.scale
+        return self.scale
+
+    def end_epoch(self, improved: bool) -> bool:
+        """Record one epoch's outcome; returns True when the learning rate was cut (``plateau`` only)."""
+        if self.kind != "plateau":
+            return False
+        self.bad_epochs = 0 if improved else self.bad_epochs + 1
+        if self.bad_epochs < self.patience or (self.max_cuts is not None and self.cuts >= self.max_cuts):
+            return False
+        self.scale *= self.factor
+        self.cuts += 1
+        self.bad_epochs = 0
+        return True
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """The autocast dtype of ``precision`` on ``device``: ``None`` means plain fp32.
+
+    ``auto``: bf16 on CUDA, fp32 elsewhere; ``fp32``: never autocast; ``bf16``: bf16 on any device
+    (CPU autocast covers convolutions and linear layers).
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {', '.join(PRECISIONS)}, not {precision!r}")
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
 @torch.no_grad()
-def predict_loader(model: nn.Module, loader, device: torch.device) -> dict[str, np.ndarray]:
-    """Softmax probabilities per task, ``(n, C)`` arrays in loader order."""
+def predict_loader(model: nn.Module, loader, device: torch.device, *, precision: str = "auto") -> dict[str, np.ndarray]:
+    """Softmax probabilities per task, ``(n, C)`` float32 arrays in loader order.
+
+    ``precision`` as :func:`autocast_dtype` (``auto``, what models saved before the recipe
+    params were trained with); softmax is always taken in fp32.
+    """
     model.eval()
     outs: dict[str, list[np.ndarray]] = {t: [] for t in TASKS}
-    use_bf16 = device.type == "cuda"
+    dtype = autocast_dtype(precision, device)
     for images, _ in loader:
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             logits = model(images)
         for t in TASKS:
             outs[t].append(torch.softmax(logits[t].float(), dim=1).cpu().numpy())
     return {t: np.concatenate(v) if v else np.zeros((0, NUM_CLASSES[t])) for t, v in outs.items()}
+
+
+def dev_loss(labels: np.ndarray, probs: dict[str, np.ndarray],
+             weights: dict[str, torch.Tensor | None] | None = None) -> float:
+    """The training objective on held-out data: the sum over tasks of mean cross-entropy.
+
+    ``labels`` is ``(n, tasks)``, ``probs`` per-task ``(n, C)`` probabilities; ``weights`` the
+    per-task class weights of the training loss (:func:`class_weights`; ``None`` = unweighted),
+    applied as ``nn.CrossEntropyLoss`` does (weighted mean). Probabilities are clipped at the
+    smallest normal float32 so a confident miss costs about 87 instead of infinity.
+    """
+    total = 0.0
+    for j, t in enumerate(TASKS):
+        y = labels[:, j]
+        p = np.clip(probs[t][np.arange(len(y)), y].astype(np.float64), np.finfo(np.float32).tiny, None)
+        w = None if not weights or weights.get(t) is None else weights[t].cpu().numpy().astype(np.float64)[y]
+        total += float(-np.log(p).mean()) if w is None else float((w * -np.log(p)).sum() / w.sum())
+    return total
 
 
 def mean_macro_f1(labels: np.ndarray, probs: dict[str, np.ndarray]) -> float:
@@ -263,7 +438,7 @@ def train_classifier(
     live: Any | None = None,
     progress: bool = True,
 ) -> TrainResult:
-    """Train a :class:`MultiTaskClassifier`; early-stop on dev mean macro-F1 when dev is given.
+    """Train a :class:`MultiTaskClassifier`; early-stop on ``config.early_stop_metric`` when dev is given.
 
     Without a dev set (k-fold relabelling) it trains for ``config.epochs`` and keeps the last
     epoch. ``live`` is an optional :class:`dvclive.Live` that receives per-epoch metrics.
@@ -330,33 +505,38 @@ def _build_loaders(
 
 
 def _build_optimiser(model: nn.Module, config: TrainConfig, world: int, steps_per_epoch: int):
-    """Step 3: ``(optimiser, scheduler, peak_lr)``: AdamW, linear warm-up then cosine decay.
+    """Step 3: ``(optimiser, scheduler, schedule, peak_lr)``.
 
-    The schedule spans ``config.epochs * steps_per_epoch`` steps; ``peak_lr`` is ``config.lr``,
-    times ``world`` when ``config.scale_lr_with_world_size``.
+    ``config.optimizer`` Adam (``weight_decay`` as L2 in the gradient) or AdamW (decoupled);
+    ``scheduler`` is a ``LambdaLR`` stepped once per batch with ``schedule`` (:class:`LrSchedule`)
+    as its multiplier over ``config.epochs * steps_per_epoch`` steps. ``peak_lr`` is
+    ``config.lr``, times ``world`` when ``config.scale_lr_with_world_size``.
     """
     lr = config.lr * world if config.scale_lr_with_world_size else config.lr
-    optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=config.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimiser, _lr_lambda(config.epochs * steps_per_epoch, int(config.warmup_epochs * steps_per_epoch))
-    )
-    return optimiser, scheduler, lr
+    optimiser_cls = {"adam": torch.optim.Adam, "adamw": torch.optim.AdamW}[config.optimizer]
+    optimiser = optimiser_cls(model.parameters(), lr=lr, weight_decay=config.weight_decay)
+    schedule = LrSchedule(config.schedule, config.epochs * steps_per_epoch, int(config.warmup_epochs * steps_per_epoch),
+                          factor=config.plateau_factor, patience=config.plateau_patience,
+                          max_cuts=config.plateau_max_cuts)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(optimiser, schedule)
+    return optimiser, scheduler, schedule, lr
 
 
 def _train_epoch(net: nn.Module, loader, losses: dict[str, nn.Module], optimiser, scheduler,
-                 device: torch.device, world: int, desc: str, progress: bool) -> tuple[float, int]:
+                 device: torch.device, world: int, desc: str, progress: bool,
+                 dtype: torch.dtype | None) -> tuple[float, int]:
     """Step 4: one pass over ``loader``; returns ``(mean training loss, images seen by all ranks)``.
 
-    The loss is the sum of the four tasks' cross-entropies; bf16 autocast on CUDA. Under
-    data parallelism the returned loss is the mean over ranks (equal step counts by
+    The loss is the sum of the four tasks' cross-entropies (in fp32); ``dtype`` is the autocast
+    dtype of the forward pass (:func:`autocast_dtype`; ``None`` = fp32). Under data parallelism
+    the returned loss is the mean over ranks (equal step counts by
     :func:`medicsynth.loaders.shard_plan`).
     """
     net.train()
-    use_bf16 = device.type == "cuda"
     # Summed on the device and read once per epoch: a per-step .item() would sync the GPU.
     total_loss, batches, seen = torch.zeros((), device=device), 0, 0
     for images, labels in tqdm(loader, desc=desc, disable=None if progress else True, leave=False):
-        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
+        with torch.autocast(device.type, dtype=dtype or torch.bfloat16, enabled=dtype is not None):
             logits = net(images)
             loss = sum(losses[t](logits[t].float(), labels[:, j]) for j, t in enumerate(TASKS))
         optimiser.zero_grad(set_to_none=True)
@@ -375,13 +555,15 @@ def _train_epoch(net: nn.Module, loader, losses: dict[str, nn.Module], optimiser
 
 
 def _dev_scores(model: nn.Module, dev_loader, dev_labels: np.ndarray, info: DistInfo,
-                device: torch.device) -> dict[str, float]:
+                device: torch.device, precision: str,
+                loss_weights: dict[str, torch.Tensor | None] | None = None) -> dict[str, float]:
     """Step 5: ``{"dev_mean_macro_f1", "dev_macro_f1/<task>"...}`` of ``model`` on the dev set.
 
-    Every rank predicts its shard; the shards are all-gathered, so all ranks score identical
-    arrays and take the same early-stopping decision.
+    With ``loss_weights`` (the training loss's class weights, a dict even when unweighted) the
+    record also holds ``dev_loss`` (:func:`dev_loss`). Every rank predicts its shard; the shards
+    are all-gathered, so all ranks score identical arrays and take the same early-stopping decision.
     """
-    probs = predict_loader(model, dev_loader, device)
+    probs = predict_loader(model, dev_loader, device, precision=precision)
     if info.world_size > 1:
         probs = _gather_shards(probs, len(dev_labels), info, device)
     record = {"dev_mean_macro_f1": mean_macro_f1(dev_labels, probs)}
@@ -389,6 +571,8 @@ def _dev_scores(model: nn.Module, dev_loader, dev_labels: np.ndarray, info: Dist
         record[f"dev_macro_f1/{t}"] = float(
             f1_score(dev_labels[:, j], probs[t].argmax(1), labels=range(NUM_CLASSES[t]), average="macro", zero_division=0)
         )
+    if loss_weights is not None:
+        record["dev_loss"] = dev_loss(dev_labels, probs, loss_weights)
     return record
 
 
@@ -417,9 +601,11 @@ def _train(
     """The training procedure of :func:`train_classifier` on an initialised process (group).
 
     Steps: build the model (1), the loaders (2) and the optimiser (3); then per epoch train (4),
-    score dev (5, when given), log (6) and keep the best state; stop after ``config.patience``
-    epochs without dev improvement. Without dev, the last epoch is kept. Results depend only on
-    the data, ``config`` and the world size, never on time (``seconds`` is only reported).
+    score dev (5, when given), log (6), keep the best state by ``config.early_stop_metric``, tell
+    the schedule whether its monitored metric improved, and stop after ``config.patience`` epochs
+    without improvement. Without dev (or without an early-stopping metric), the last epoch is
+    kept. Results depend only on the data, ``config`` and the world size, never on time
+    (``seconds`` is only reported).
     """
     world = info.world_size
     model, net = _build_model(config, info, device)
@@ -427,60 +613,89 @@ def _train(
                                               config, info, device)
     weights = class_weights(train_labels, config.class_weighting)
     losses = {t: nn.CrossEntropyLoss(weight=None if w is None else w.to(device)) for t, w in weights.items()}
-    optimiser, scheduler, lr = _build_optimiser(model, config, world, max(1, len(train_loader)))
+    optimiser, scheduler, schedule, lr = _build_optimiser(model, config, world, max(1, len(train_loader)))
+    dtype = autocast_dtype(config.precision, device)
+    # What decides the kept epoch and early stopping (None: keep the last epoch), and what the
+    # plateau schedule watches (the same, or the training loss when there is nothing on dev).
+    monitor = config.early_stop_metric if dev_loader is not None else None
+    plateau_metric = monitor or "train_loss"
 
-    best_state, best_score, best_epoch, bad_epochs = None, -1.0, 0, 0
+    best_state, best_value, best_epoch, bad_epochs = None, None, 0, 0
+    plateau_best = None
     history: list[dict[str, float]] = []
     seen, start = 0, time.perf_counter()
     for epoch in range(config.epochs):
         train_loader.set_epoch(epoch)
         train_loss, epoch_seen = _train_epoch(net, train_loader, losses, optimiser, scheduler, device, world,
-                                              f"{config.arch} epoch {epoch + 1}/{config.epochs}", progress)
+                                              f"{config.arch} epoch {epoch + 1}/{config.epochs}", progress, dtype)
         seen += epoch_seen
         if world > 1:
             _sync_buffers(model)
-        record = {"epoch": epoch + 1, "train_loss": train_loss, "lr": scheduler.get_last_lr()[0]}
+        record = {"epoch": epoch + 1, "train_loss": train_loss, "lr": optimiser.param_groups[0]["lr"]}
         if dev_loader is not None:
-            record.update(_dev_scores(model, dev_loader, dev_labels, info, device))
+            record.update(_dev_scores(model, dev_loader, dev_labels, info, device, config.precision,
+                                      weights if monitor == "dev_loss" else None))
         history.append(record)
         _log(live, record)
-        score = record.get("dev_mean_macro_f1", float(epoch))
-        if score > best_score:
-            best_score, best_epoch, bad_epochs = score, epoch + 1, 0
+        improved = monitor is None or _better(record[monitor], best_value, monitor)
+        if improved:
+            best_value = None if monitor is None else record[monitor]
+            best_epoch, bad_epochs = epoch + 1, 0
             best_state = {k: v.detach().clone() for k, v in model.state_dict().items()}
         else:
             bad_epochs += 1
-            if dev_loader is not None and bad_epochs >= config.patience:
-                break
+        plateau_improved = improved if plateau_metric == monitor else _better(record[plateau_metric], plateau_best,
+                                                                             plateau_metric)
+        if plateau_improved:
+            plateau_best = record[plateau_metric]
+        if schedule.end_epoch(plateau_improved):
+            # The cut applies from the next step on: LambdaLR set this step's rate already.
+            for group, base in zip(optimiser.param_groups, scheduler.base_lrs):
+                group["lr"] = base * schedule(scheduler.last_epoch)
+        if monitor is not None and config.patience is not None and bad_epochs >= config.patience:
+            break
     seconds = time.perf_counter() - start
     if best_state is not None:
         model.load_state_dict(best_state)
     model.eval()
+    kept = history[best_epoch - 1] if history else {}
     return TrainResult(
         model=model,
         best_epoch=best_epoch,
-        best_dev_macro_f1=best_score if dev_loader is not None else float("nan"),
+        best_dev_macro_f1=kept.get("dev_mean_macro_f1", float("nan")),
         history=history,
         seconds=seconds,
         images_per_second=seen / max(seconds, 1e-9),
         loader_backend=train_loader.backend,
         world_size=world,
         lr=lr,
+        best_dev_loss=kept.get("dev_loss", float("nan")),
+        lr_cuts=schedule.cuts,
     )
+
+
+def _better(value: float, best: float | None, metric: str) -> bool:
+    """Strict improvement of ``metric`` over ``best`` (``None``: nothing yet, so any value is)."""
+    return best is None or _DIRECTION[metric] * value > _DIRECTION[metric] * best
 
 
 def predict_files(
     model: nn.Module, meta: dict, files: Sequence[str], *, batch_size: int = 128,
     device: str = "auto", loader: str = "auto", num_workers: int = 2, cpu_threads: int | None = 1,
 ) -> dict[str, np.ndarray]:
-    """Per-task probabilities for image ``files`` with the eval transform recorded in ``meta``."""
+    """Per-task probabilities for image ``files`` with the eval transform recorded in ``meta``.
+
+    ``meta`` is the saved model's metadata (``resize``, ``crop``; the precision of
+    ``meta["config"]["precision"]`` when recorded, else ``auto``, what older models used).
+    """
     dev = resolve_device(device, cpu_threads)
     model = model.to(dev)
     dummy = np.zeros((len(files), len(TASKS)), dtype=np.int64)
     loader_ = make_loader(list(files), dummy, batch_size=batch_size, resize=meta["resize"], crop=meta["crop"],
                           train=False, seed=0, backend=loader, device=dev, num_workers=num_workers,
                           channels_last=dev.type == "cuda")
-    return predict_loader(model, loader_, dev)
+    precision = (meta.get("config") or {}).get("precision", "auto")
+    return predict_loader(model, loader_, dev, precision=precision)
 
 
 def config_dict(config: TrainConfig) -> dict:
@@ -490,5 +705,6 @@ def config_dict(config: TrainConfig) -> dict:
 
 __all__ = [
     "TrainConfig", "TrainResult", "DistInfo", "dist_info", "train_classifier", "predict_loader", "predict_files",
-    "class_weights", "mean_macro_f1", "seed_everything", "resolve_device", "CLASSES",
+    "class_weights", "mean_macro_f1", "dev_loss", "seed_everything", "resolve_device", "autocast_dtype",
+    "LrSchedule", "OPTIMIZERS", "SCHEDULES", "STOP_METRICS", "PRECISIONS", "CLASSES",
 ]

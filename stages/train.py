@@ -32,8 +32,10 @@ def train_config(params: dict, variant: str, arch: str, seed: int) -> TrainConfi
     """The TrainConfig of one matrix entry from params.yaml's ``train`` section.
 
     ``seed`` and ``arch`` come from the matrix; ``augment`` from ``train.augment[variant]``
-    (``none`` when the variant is not listed). Raises ``ValueError`` naming the key for a
-    ``train.augment`` that is not a mapping or a ``train.seed`` left from the old layout.
+    (``none`` when the variant is not listed); every other field from its ``train`` key
+    (:meth:`TrainConfig.from_params`: a missing key is a ``KeyError`` naming it). Raises
+    ``ValueError`` naming the key for a ``train.augment`` that is not a mapping, a ``train.seed``
+    left from the old layout, or an unknown key.
     """
     if "seed" in params:
         raise ValueError("params.yaml: train.seed is replaced by train.seeds (a list, e.g. [0, 1, 2])")
@@ -41,8 +43,8 @@ def train_config(params: dict, variant: str, arch: str, seed: int) -> TrainConfi
     if not isinstance(augment, dict):
         raise ValueError(f"params.yaml: train.augment must map variants to a policy "
                          f"(e.g. {{classic_aug: trivialaugment}}), got {augment!r}")
-    fields = {k: v for k, v in params.items() if k not in MATRIX_KEYS}
-    return TrainConfig(arch=arch, seed=int(seed), augment=str(augment.get(variant, "none")), **fields)
+    return TrainConfig.from_params(params, "train", ignore=MATRIX_KEYS, arch=arch, seed=int(seed),
+                                   augment=str(augment.get(variant, "none")))
 
 
 def main() -> None:
@@ -88,6 +90,9 @@ def main() -> None:
             "world_size": result.world_size,
             "global_batch_size": config.batch_size * result.world_size,
             "lr": result.lr,
+            # Recipe outcomes that the default recipe does not produce (its summary stays as it was).
+            **({"best_dev_loss": result.best_dev_loss} if config.early_stop_metric == "dev_loss" else {}),
+            **({"lr_cuts": result.lr_cuts} if config.schedule == "plateau" else {}),
         },
         f"metrics/train/{name}.json",
         f"train/{name}",

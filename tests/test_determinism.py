@@ -226,11 +226,12 @@ def test_relabel_fold_cache_misses_when_an_image_is_re_rendered_under_the_same_p
     # relabel silently reused out-of-fold probabilities of the old images.
     import numpy as np
 
-    from medicsynth.relabel import _fold_key
-    from medicsynth.training import TrainConfig
+    from medicsynth.params import load_params
+    from medicsynth.relabel import _fold_key, fold_model_config
 
     files = np.asarray(_images(tmp_path, 3))
-    labels, hold, config = np.zeros((3, 4), dtype=np.int64), np.array([0]), TrainConfig(arch="small_cnn")
+    config = fold_model_config(load_params(Path(__file__).resolve().parents[1] / "params.yaml")["relabel"]["model"])
+    labels, hold = np.zeros((3, 4), dtype=np.int64), np.array([0])
     before = _fold_key(files, labels, hold, config)
     assert _fold_key(files, labels, hold, config) == before
     Path(files[1]).write_bytes(Path(files[2]).read_bytes())

@@ -27,6 +27,7 @@ from PIL import Image
 
 from medicsynth import loaders
 from medicsynth.loaders import epoch_plan, make_loader, shard_plan
+from medicsynth.params import load_params
 
 REPO = Path(__file__).resolve().parents[1]
 HAVE_DALI = loaders.dali_available()
@@ -228,7 +229,9 @@ def two_process_run(tmp_path_factory):
                          work / "images", progress=False)
     for split in ("train", "dev"):
         write_manifest(demo[split], work / "data/variants/tiny" / f"{split}.tsv")
-    (work / "params.yaml").write_text(json.dumps({"train": TINY_TRAIN}))  # JSON is YAML
+    # The repository's train section (every key; params.yaml is the one source of defaults), sized down.
+    train = {**load_params(REPO / "params.yaml")["train"], **TINY_TRAIN}
+    (work / "params.yaml").write_text(json.dumps({"train": train}))  # JSON is YAML
     records = work / "records"
     records.mkdir()
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1",

@@ -581,7 +581,7 @@ def test_with_the_real_predictor(pool, tmp_path):
     from medicsynth.models import build_classifier, save_classifier
 
     synthetic, real, intended, expected = pool
-    save_classifier(build_classifier("small_cnn"), tmp_path / "models/original-small_cnn/model.pt",
+    save_classifier(build_classifier("small_cnn", pretrained=False, dropout=0.2), tmp_path / "models/original-small_cnn/model.pt",
                     {"arch": "small_cnn", "resize": 64, "crop": 56, "dropout": 0.2})
     calls = []
 

@@ -33,17 +33,21 @@ from medicsynth.relabel import (
     consensus,
     flag_confident_learning,
     flag_disagreement,
+    fold_model_config,
     model_votes,
     out_of_fold_probs,
     score_corrections,
 )
 from medicsynth.llm import ResponseCache
-from medicsynth.training import TrainConfig
+from medicsynth.params import load_params
 from tests.api_server import FakeLLMServer, answer, hang, refusal
 
 REPO = Path(__file__).resolve().parents[1]
 SECRET = "sk-test-RELABEL-SECRET"
-TINY_TRAIN = TrainConfig(epochs=1, resize=32, crop=28, batch_size=32, num_workers=1, device="cpu")
+# relabel.model of params.yaml (the one source of its defaults), sized for tests.
+FOLD_PARAMS = load_params(REPO / "params.yaml")["relabel"]["model"]
+TINY_TRAIN = fold_model_config({**FOLD_PARAMS, "epochs": 1, "resize": 32, "crop": 28, "batch_size": 32,
+                                "num_workers": 1, "device": "cpu"})
 
 # ------------------------------------------------------------------------------------------
 # consensus
@@ -597,11 +601,18 @@ def test_stage_kill_and_resume_repeats_no_answered_call(prepared, tmp_path):
 def test_fold_model_config_reads_relabel_model_only():
     from medicsynth.relabel import fold_model_config
 
-    config = fold_model_config({"arch": "small_cnn", "epochs": 7, "lr": 0.01, "seed": 3})
+    config = fold_model_config({**FOLD_PARAMS, "arch": "small_cnn", "epochs": 7, "lr": 0.01, "seed": 3})
     assert (config.arch, config.epochs, config.lr, config.seed) == ("small_cnn", 7, 0.01, 3)
     assert config.augment == "none"  # fold models are never trained with classic augmentation by default
+    # No dev set for fold models: no early stopping, the last epoch is kept.
+    assert (config.early_stop_metric, config.patience) == (None, None)
     with pytest.raises(ValueError, match="relabel.model: unknown key"):
-        fold_model_config({"epoch": 7})
+        fold_model_config({**FOLD_PARAMS, "epoch": 7})
+    with pytest.raises(ValueError, match="relabel.model: patience cannot be set here"):
+        fold_model_config({**FOLD_PARAMS, "patience": 3})
+    # params.yaml is the one source of defaults: a missing key names itself.
+    with pytest.raises(KeyError, match="missing key relabel.model.lr"):
+        fold_model_config({k: v for k, v in FOLD_PARAMS.items() if k != "lr"})
     with pytest.raises(ValueError, match="relabel.model must be a mapping"):
         fold_model_config(None)
 
