@@ -437,6 +437,8 @@ def load_reference(path: str | Path | None) -> pd.DataFrame:
     """
     if path is None:
         return pd.DataFrame(columns=REFERENCE_COLUMNS)
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"zeroshot.reference: {path} not found (the study's scores; null for none)")
     df = pd.read_csv(path, sep="\t", dtype=str, keep_default_na=False)
     missing = [c for c in REFERENCE_COLUMNS if c not in df.columns]
     if missing:
