@@ -88,6 +88,10 @@ STAGE_KEYS = (
     "provider", "model", "base_url", "extra_models", "strategies", "max_images", "seed", "tasks",
     "reference", "reasoning_max_tokens", "max_calls", "budget_usd",
 )
+#: Client settings params.yaml's section must hold (passed on to every cell's
+#: :class:`medicsynth.llm.LLMConfig`; ``max_tokens`` is the direct strategies' cap).
+CLIENT_KEYS = ("temperature", "max_tokens", "concurrency", "timeout_s", "max_retries", "image_max_side",
+               "abort_after", "max_failure_share")
 #: Keys of one ``extra_models`` entry.
 MODEL_KEYS = ("provider", "model", "base_url")
 SKIP_REASON = (
@@ -550,8 +554,9 @@ def run_zeroshot(
 
     Args:
         manifest_path: the test manifest (``data/prepared/test.tsv``).
-        zeroshot_params: the ``zeroshot`` params section, every key of :data:`STAGE_KEYS` present
-            (a missing one is a ``KeyError`` naming it); other keys go to
+        zeroshot_params: the ``zeroshot`` params section, every key of :data:`STAGE_KEYS` and
+            :data:`CLIENT_KEYS` present (a missing one is a ``KeyError`` naming it); keys other
+            than :data:`STAGE_KEYS` go to
             :func:`medicsynth.llm.config_from_params` (an unknown one is an error before any call).
         llm_params: the ``llm`` section: ``cache_dir`` (the paid-call cache) and ``prices`` (the
             dated price table of the cost estimate; ``null`` for none).
@@ -574,7 +579,7 @@ def run_zeroshot(
     from medicsynth.llm.labels_answer import canonical_tasks
 
     params = dict(zeroshot_params)
-    for key in STAGE_KEYS:
+    for key in (*STAGE_KEYS, *CLIENT_KEYS):
         require(params, SECTION, key)
     tasks = canonical_tasks(params["tasks"])
     strategies = matrix_strategies(params)

@@ -238,7 +238,7 @@ def test_max_calls_is_the_matrix_total(tmp_path):
 
 def test_every_zeroshot_key_comes_from_params_yaml(tmp_path):
     manifest, _ = make_manifest(tmp_path, n=2)
-    for key in zeroshot.STAGE_KEYS:
+    for key in (*zeroshot.STAGE_KEYS, *zeroshot.CLIENT_KEYS):
         params = zs_params()
         del params[key]
         with pytest.raises(KeyError, match=f"zeroshot.{key}"):
