@@ -14,6 +14,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import matplotlib
 import numpy as np
 import pandas as pd
 from matplotlib.figure import Figure
@@ -484,3 +485,47 @@ def plot_placeholder(path: str | Path, text: str) -> Path:
     with atomic_path(path) as tmp:
         fig.savefig(tmp, format="png", dpi=110)
     return Path(path)
+
+
+def plot_zeroshot(rows: Sequence[Mapping[str, Any]], path: str | Path, note: str = "",
+                  strategies: Sequence[str] = ()) -> Path:
+    """The zero-shot comparison in one picture: mean macro-F1 over tasks per prompting strategy
+    (x, in order of appearance) and model (bars), ours solid, the study's published figures
+    hatched and labelled as the study's (measured on its relabelled test labels, so not
+    comparable with ours). Rows without a score are left out.
+
+    Args:
+        rows: :func:`medicsynth.zeroshot.comparison_table` rows (``provider`` — ``None`` on the
+            study's rows —, ``model``, ``strategy``, ``images``, ``mean_macro_f1``).
+        path: PNG to write (atomically).
+        note: a line under the title (e.g. why our rows are missing).
+        strategies: the order of the x axis (strategies with no row are dropped; strategies
+            not listed follow in order of appearance).
+    """
+    rows = [r for r in rows if r.get("mean_macro_f1") is not None]
+    present = list(dict.fromkeys(r["strategy"] for r in rows))
+    strategies = [s for s in strategies if s in present] + [s for s in present if s not in strategies]
+    series: dict[tuple[bool, str], dict[str, float]] = {}
+    for r in rows:
+        ours = r["provider"] is not None  # the study's rows have no provider
+        name = f"ours: {r['provider']}/{r['model']}" if ours else f"study: {r['model']} ({r['images']} img)"
+        series.setdefault((ours, name), {})[r["strategy"]] = float(r["mean_macro_f1"])
+    fig = Figure(figsize=(max(6.0, 1.6 * len(strategies) + 4.5), 4.2))
+    ax = fig.add_subplot(1, 1, 1)
+    width = 0.8 / max(1, len(series))
+    x = np.arange(len(strategies))
+    for i, ((ours, name), values) in enumerate(series.items()):
+        ys = [values.get(s, np.nan) for s in strategies]
+        ax.bar(x - 0.4 + width * (i + 0.5), ys, width, label=name,
+               color=matplotlib.colormaps["tab20"](i % 20), alpha=1.0 if ours else 0.5,
+               hatch=None if ours else "//", edgecolor="black" if ours else "grey", linewidth=0.5)
+    ax.set_xticks(x, [s.replace("_", "\n") for s in strategies], fontsize=8)
+    ax.set_ylim(0, 1)
+    ax.set_ylabel("mean macro-F1 over tasks")
+    title = "Zero-shot VLMs by prompting strategy (hatched: the study's figures, relabelled test labels)"
+    ax.set_title(title + (f"\n{note}" if note else ""), fontsize=9, loc="left")
+    if series:
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_axisbelow(True)
+    return _save(fig, path)

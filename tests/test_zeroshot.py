@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from PIL import Image
 from sklearn.metrics import accuracy_score, f1_score
 
@@ -23,6 +24,17 @@ from tests.api_server import FakeLLMServer, answer, auto, error, malformed, raw_
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = REPO / "prompts"
+PARAMS = yaml.safe_load((REPO / "params.yaml").read_text())
+
+
+def zs_params(**overrides) -> dict:
+    """params.yaml's ``zeroshot`` section with ``overrides`` (the one source of defaults)."""
+    return {**PARAMS["zeroshot"], **overrides}
+
+
+def llm_params(tmp_path: Path, **overrides) -> dict:
+    """params.yaml's ``llm`` section with the cache in ``tmp_path`` and ``overrides``."""
+    return {**PARAMS["llm"], "cache_dir": str(tmp_path / "cache"), **overrides}
 # Planted in the environment as both API keys; hostile servers echo it back.
 PLANTED = "sk-test-zeroshot-" + "Pk9" * 8
 
@@ -77,12 +89,14 @@ def test_zeroshot_scores_answered_images_and_reports_failures(tmp_path, provider
     manifest, df = make_manifest(tmp_path)
     responder, expected = scripted_vlm(df)
     with FakeLLMServer(responder) as server:
-        params = dict(provider=provider, model="vlm-test", base_url=server.base_url(provider),
-                      max_images=None, concurrency=4, timeout_s=5, max_retries=1, backoff_base_s=0.01)
-        llm = {"cache_dir": str(tmp_path / "cache")}
-        metrics, preds = zeroshot.run_zeroshot(manifest, params, llm, prompt_dir=PROMPTS, progress=False)
+        params = zs_params(provider=provider, model="vlm-test", base_url=server.base_url(provider),
+                           max_images=None, concurrency=4, timeout_s=5, max_retries=1, backoff_base_s=0.01)
+        llm = llm_params(tmp_path)
+        metrics, preds, _ = zeroshot.run_zeroshot(manifest, params, llm, prompt_dir=PROMPTS, root=REPO,
+                                                  progress=False)
         first_count = server.count()
-        again, preds2 = zeroshot.run_zeroshot(manifest, params, llm, prompt_dir=PROMPTS, progress=False)
+        again, preds2, _ = zeroshot.run_zeroshot(manifest, params, llm, prompt_dir=PROMPTS, root=REPO,
+                                                 progress=False)
         assert server.count() == first_count  # the rerun is served from the cache
 
     # 10 images + a fallback retry for the refusal.
@@ -105,8 +119,10 @@ def test_zeroshot_scores_answered_images_and_reports_failures(tmp_path, provider
         )
     task_f1 = [metrics["report"]["tasks"][t]["macro_f1"] for t in TASKS]
     assert metrics["mean_macro_f1"] == pytest.approx(np.mean(task_f1))
-    assert metrics["usage"]["api_calls"] == 11 and again["usage"]["cache_hits"] == 11
-    assert again["usage"]["api_calls"] == 0 and again["report"] == metrics["report"]
+    cell = f"{provider}/vlm-test/direct_classification"
+    assert metrics["strategy"] == "direct_classification" and [c["name"] for c in metrics["cells"]] == [cell]
+    assert metrics["usage"][cell]["api_calls"] == 11 and again["usage"][cell]["cache_hits"] == 11
+    assert again["usage"][cell]["api_calls"] == 0 and again["report"] == metrics["report"]
     assert preds2.drop(columns="cached").equals(preds.drop(columns="cached")) and preds2["cached"].all()
 
 
@@ -117,15 +133,15 @@ def test_max_images_is_a_deterministic_nested_subset(tmp_path):
     shuffled = zeroshot.select_rows(df.sample(frac=1, random_state=4), 3, seed=1)
     assert len(small) == 3 and set(small["image_path"]) <= set(large["image_path"])
     assert set(shuffled["image_path"]) == set(small["image_path"])
-    assert len(zeroshot.select_rows(df, None)) == 10
+    assert len(zeroshot.select_rows(df, None, seed=0)) == 10
 
 
 def test_max_images_caps_the_calls(tmp_path):
     manifest, _ = make_manifest(tmp_path, n=10)
     with FakeLLMServer() as server:
-        params = dict(provider="openai", model="m", base_url=server.openai_base_url, max_images=4, seed=0)
-        metrics, preds = zeroshot.run_zeroshot(
-            manifest, params, {"cache_dir": str(tmp_path / "cache")}, prompt_dir=PROMPTS, progress=False
+        params = zs_params(provider="openai", model="m", base_url=server.openai_base_url, max_images=4, seed=0)
+        metrics, preds, _ = zeroshot.run_zeroshot(
+            manifest, params, llm_params(tmp_path), prompt_dir=PROMPTS, root=REPO, progress=False
         )
         assert server.count() == 4
     assert metrics["n_test"] == 10 and metrics["n_selected"] == 4 and metrics["coverage"] == 1.0
@@ -134,18 +150,19 @@ def test_max_images_caps_the_calls(tmp_path):
 
 def run_stage(tmp_path: Path, manifest: Path, zeroshot_params: dict,
               llm_extra: dict | None = None) -> subprocess.CompletedProcess:
-    """``stages/zeroshot.py`` as DVC runs it (a subprocess) on ``tmp_path``/params.yaml; outputs go to
-    ``tmp_path``/metrics.json and ``tmp_path``/predictions.tsv. ``llm_extra``: more ``llm`` keys."""
-    import yaml
-
+    """``stages/zeroshot.py`` as DVC runs it (a subprocess) on ``tmp_path``/params.yaml: params.yaml's
+    ``zeroshot`` section updated with ``zeroshot_params``, its ``llm`` section with the cache in
+    ``tmp_path`` and ``llm_extra``. Outputs go to ``tmp_path``: metrics.json, predictions.tsv,
+    table.md, table.json, zeroshot.png."""
     params = tmp_path / "params.yaml"
-    llm = {"cache_dir": str(tmp_path / "cache"), **(llm_extra or {})}
-    params.write_text(yaml.safe_dump({"llm": llm, "zeroshot": zeroshot_params}))
+    llm = llm_params(tmp_path, **(llm_extra or {}))
+    params.write_text(yaml.safe_dump({"llm": llm, "zeroshot": zs_params(**zeroshot_params)}))
     env = dict(os.environ, PYTHONPATH=str(REPO), HF_HUB_OFFLINE="1")
     return subprocess.run(
         [sys.executable, str(REPO / "stages" / "zeroshot.py"), "--params", str(params), "--manifest", str(manifest),
-         "--prompts", str(PROMPTS), "--metrics", str(tmp_path / "metrics.json"),
-         "--predictions", str(tmp_path / "predictions.tsv")],
+         "--prompts", str(PROMPTS), "--root", str(REPO), "--metrics", str(tmp_path / "metrics.json"),
+         "--predictions", str(tmp_path / "predictions.tsv"), "--table", str(tmp_path / "table.md"),
+         "--table-json", str(tmp_path / "table.json"), "--plot", str(tmp_path / "zeroshot.png")],
         env=env, capture_output=True, text=True, timeout=180,
     )
 
@@ -162,13 +179,21 @@ def test_provider_none_writes_skip_and_no_score(tmp_path):
     assert not any(k in metrics for k in ("report", "mean_macro_f1", "mean_accuracy"))
     preds = pd.read_csv(tmp_path / "predictions.tsv", sep="\t")
     assert len(preds) == 0 and "pred_damage_severity" in preds.columns
+    # The table and plot still show the study's published figures, labelled as the study's.
+    table = json.loads((tmp_path / "table.json").read_text())["rows"]
+    reference = pd.read_csv(REPO / "study" / "zeroshot_reference.tsv", sep="\t")
+    assert len(table) == len(reference) and {r["source"] for r in table} == {zeroshot.STUDY}
+    assert [r["mean_macro_f1"] for r in table] == list(reference["mean"])
+    md = (tmp_path / "table.md").read_text()
+    assert "Ours: skipped" in md and md.count(zeroshot.STUDY) == len(reference)
+    assert Image.open(tmp_path / "zeroshot.png").size[0] > 100
 
 
 def test_unknown_setting_is_rejected_before_any_call(tmp_path):
     manifest, _ = make_manifest(tmp_path, n=2)
     with pytest.raises(ValueError, match="unknown llm setting.*max_image_count"):
-        zeroshot.run_zeroshot(manifest, {"provider": "openai", "model": "m", "max_image_count": 3},
-                              {"cache_dir": str(tmp_path / "c")}, prompt_dir=PROMPTS)
+        zeroshot.run_zeroshot(manifest, zs_params(provider="openai", model="m", max_image_count=3),
+                              llm_params(tmp_path), prompt_dir=PROMPTS, root=REPO)
 
 
 # ------------------------------------------------------------------------------------------
@@ -177,7 +202,7 @@ def test_unknown_setting_is_rejected_before_any_call(tmp_path):
 
 
 def _fast(provider: str, server: FakeLLMServer, **extra) -> dict:
-    return dict(provider=provider, model="vlm-test", base_url=server.base_url(provider), max_images=None,
+    return zs_params(provider=provider, model="vlm-test", base_url=server.base_url(provider), max_images=None,
                 concurrency=16, timeout_s=5, max_retries=1, backoff_base_s=0.01, backoff_max_s=0.05, **extra)
 
 
@@ -238,11 +263,11 @@ def test_failure_share_above_the_param_fails_the_stage(tmp_path, provider):
     reply = error(400, message="image rejected")
     with FakeLLMServer(lambda req: reply if req.image_sha256s[0] in failing else auto()) as server:
         params = _fast(provider, server, max_failure_share=0.5)
-        llm = {"cache_dir": str(tmp_path / "cache")}
+        llm = llm_params(tmp_path)
         with pytest.raises(LLMFailureShareError, match=f"{provider} model 'vlm-test': 6 of 10 zeroshot images"):
-            zeroshot.run_zeroshot(manifest, params, llm, prompt_dir=PROMPTS, progress=False)
-        metrics, _ = zeroshot.run_zeroshot(manifest, dict(params, max_failure_share=0.6), llm,
-                                           prompt_dir=PROMPTS, progress=False)
+            zeroshot.run_zeroshot(manifest, params, llm, prompt_dir=PROMPTS, root=REPO, progress=False)
+        metrics, _, _ = zeroshot.run_zeroshot(manifest, dict(params, max_failure_share=0.6), llm,
+                                              prompt_dir=PROMPTS, root=REPO, progress=False)
     assert metrics["coverage"] == 0.4 and metrics["max_failure_share"] == 0.6
 
 
@@ -250,6 +275,6 @@ def test_run_zeroshot_raises_abort_error(tmp_path):
     manifest, _ = make_manifest(tmp_path, n=6)
     with FakeLLMServer(error(403, message="no access to this model")) as server:
         with pytest.raises(LLMAbortError, match="openai model 'vlm-test'.*HTTP 403"):
-            zeroshot.run_zeroshot(manifest, _fast("openai", server), {"cache_dir": str(tmp_path / "c")},
-                                  prompt_dir=PROMPTS, progress=False)
+            zeroshot.run_zeroshot(manifest, _fast("openai", server), llm_params(tmp_path),
+                                  prompt_dir=PROMPTS, root=REPO, progress=False)
         assert server.count() == 3
