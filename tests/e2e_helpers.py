@@ -58,6 +58,21 @@ def run(cmd: list[str], cwd: Path, check: bool = True, timeout: int = 900) -> su
     return proc
 
 
+def copy_repo(src: Path, dest: Path) -> Path:
+    """An independent copy of a repository made by :func:`make_repo_copy` (after its pipeline run).
+
+    Git history, workspace and DVC cache are copied (so run-caches are not shared between tests
+    that count which stages run); DVC's state database (``.dvc/tmp``) is left behind, since it
+    keys file hashes by inode and the copy's files are new ones.
+    """
+
+    def ignore(directory: str, names: list[str]) -> set[str]:
+        return {"tmp"} if Path(directory) == src / ".dvc" else set()
+
+    shutil.copytree(src, dest, symlinks=True, ignore=ignore)
+    return dest
+
+
 def make_repo_copy(dest: Path, params_update: dict | None = None) -> Path:
     """Copy tracked + untracked-not-ignored files into ``dest``, apply params, commit."""
     listed = subprocess.run(["git", "ls-files", "-co", "--exclude-standard", "-z"], cwd=REPO,

@@ -23,7 +23,7 @@ import pytest
 import yaml
 
 from medicsynth import agreement
-from tests.e2e_helpers import make_repo_copy, run
+from tests.e2e_helpers import copy_repo, run
 from tests.test_private_remote import (  # noqa: F401  (pytest fixtures used by name)
     _env,
     _object_requests,
@@ -33,7 +33,6 @@ from tests.test_private_remote import (  # noqa: F401  (pytest fixtures used by 
 )
 
 pytestmark = pytest.mark.e2e
-COMMIT = ["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm"]
 # mix_ratio changes the augmented set, the oversampled baseline that copies its composition, their
 # trainings (one seed on the tiny config), compare, and the report that presents them.
 MIX_RATIO_DOWNSTREAM = {"merge", "baselines", "compare", "report"} | {
@@ -41,13 +40,9 @@ MIX_RATIO_DOWNSTREAM = {"merge", "baselines", "compare", "report"} | {
 
 
 @pytest.fixture(scope="module")
-def demo(tmp_path_factory) -> Path:
+def demo(tiny_pipeline, tmp_path_factory) -> Path:
     """`make demo` on the tiny config: a committed repository with every output in its cache."""
-    root = make_repo_copy(tmp_path_factory.mktemp("maintainer"))
-    run(["dvc", "repro"], root)
-    run(["git", "add", "-A"], root)
-    run([*COMMIT, "pipeline run"], root)
-    return root
+    return copy_repo(tiny_pipeline, tmp_path_factory.mktemp("maintainer") / "repo")
 
 
 def _sh(cmd: list[str], cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

@@ -11,7 +11,7 @@ import re
 
 import pytest
 
-from tests.e2e_helpers import make_repo_copy, run
+from tests.e2e_helpers import copy_repo, run
 
 # Runs the real `dvc` CLI over the whole pipeline: minutes on 2 cores (`make test-fast` skips it).
 pytestmark = pytest.mark.e2e
@@ -24,12 +24,8 @@ REPRO_TIMEOUT = 3600
 
 
 @pytest.fixture(scope="module")
-def pipeline_repo(tmp_path_factory):
-    repo = make_repo_copy(tmp_path_factory.mktemp("pipeline"))
-    run(["dvc", "repro"], repo, timeout=REPRO_TIMEOUT)
-    run(["git", "add", "-A"], repo)
-    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "pipeline run"], repo)
-    return repo
+def pipeline_repo(tiny_pipeline, tmp_path_factory):
+    return copy_repo(tiny_pipeline, tmp_path_factory.mktemp("pipeline") / "repo")
 
 
 def ran_stages(output: str) -> set[str]:

@@ -18,7 +18,7 @@ import yaml
 
 from medicsynth.report import SECTIONS
 from tests.browser import assert_offline_and_drawn, find_chromium, open_page
-from tests.e2e_helpers import env, make_repo_copy, run
+from tests.e2e_helpers import copy_repo, env, run
 
 SHOTS = Path(__file__).resolve().parents[1] / "test-screenshots"
 DATA_IMAGE = re.compile(r"data:image/[a-z+]+;base64,")
@@ -28,12 +28,8 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture(scope="module")
-def demo_repo(tmp_path_factory):
-    repo = make_repo_copy(tmp_path_factory.mktemp("report-e2e"))
-    run(["dvc", "repro"], repo, timeout=3600)  # ~1-2 min alone on 2 cores; a shared machine takes far longer
-    run(["git", "add", "-A"], repo)
-    run(["git", "-c", "user.email=t@t", "-c", "user.name=t", "commit", "-qm", "pipeline run"], repo)
-    return repo
+def demo_repo(tiny_pipeline, tmp_path_factory):
+    return copy_repo(tiny_pipeline, tmp_path_factory.mktemp("report-e2e") / "repo")
 
 
 def test_report_outputs_and_editions(demo_repo):
