@@ -19,13 +19,14 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 import pytest
+import yaml
 from PIL import Image
 
 import medicsynth.relabel as relabel
 from medicsynth.compare import read_predictions, render_markdown, run_compare
 from medicsynth.evaluation import EvaluateConfig, predictions_table, relabelled_labels, score_probs
 from medicsynth.labels import CLASSES, TASKS
-from medicsynth.manifest import label_matrix
+from medicsynth.manifest import label_matrix, read_manifest
 from medicsynth.metrics import classification_report
 from medicsynth.relabel import (
     disagreement_counts,
@@ -38,6 +39,7 @@ from medicsynth.relabel import (
 )
 from medicsynth.training import TrainConfig
 from tests.api_server import FakeLLMServer, answer
+from tests.test_relabel import Voters, prepared, read_outputs, run_stage, workdir  # noqa: F401 - prepared is a fixture
 
 REPO = Path(__file__).resolve().parents[1]
 N_TASKS = len(TASKS)
@@ -415,3 +417,48 @@ def test_compare_skips_variants_evaluated_before_test_was_relabelled(tmp_path):
     assert result["variants"] == ["original", "augmented"]
     assert result["test_relabelled"]["variants"] == ["original"]
     assert "augmented" in result["test_relabelled"]["skipped"]
+
+
+# ------------------------------------------------------------------------------------------
+# Stage: flag ensemble over every split, both VLM voters on the loopback server
+# ------------------------------------------------------------------------------------------
+
+
+@pytest.mark.e2e
+def test_stage_ensemble_flags_all_splits_and_leaves_the_original_test_labels(prepared, tmp_path):
+    root = tmp_path / "work"
+    test_before = (prepared / "data/prepared/test.tsv").read_bytes()
+    with FakeLLMServer(Voters(prepared)) as server:
+        workdir(prepared, root, server, splits=["train", "dev", "test"], flag="ensemble",
+                ensemble_archs=["small_cnn", "mobilenet_v2"], ensemble_predictions="out_of_fold",
+                max_flagged=None)
+        params = yaml.safe_load((root / "params.yaml").read_text())
+        params["relabel"]["openai"].update(temperature=0.0, image_max_side=None)
+        params["relabel"]["anthropic"].update(temperature=0.0)
+        (root / "params.yaml").write_text(yaml.safe_dump(params))
+        run_stage("relabel", root)
+        requests = list(server.requests)
+    out = read_outputs(root)
+    m = out["metrics"]
+    assert m["flag"] == "ensemble" and m["ensemble_archs"] == ["small_cnn", "mobilenet_v2"]
+    hist = {int(k): v for k, v in m["disagreements_histogram"].items()}
+    assert sum(hist.values()) == m["images"] == 60 + 20 + 10
+    assert m["flagged_images"] == m["flagged_before_budget"] == sum(v for c, v in hist.items() if c >= 2)
+    # every flagged image was asked about, all four labels, by both voters
+    assert len(requests) >= 2 * m["flagged_images"]
+    assert {r.provider for r in requests} == {"openai", "anthropic"}
+    assert all(r.body["temperature"] == 0.0 for r in requests if r.provider == "openai")
+    assert not any("temperature" in r.body for r in requests if r.provider == "anthropic")
+    assert m["voter_settings"] == {
+        "openai": {"model": "gpt-test", "temperature_requested": 0.0, "temperature_sent": 0.0, "image_max_side": "full"},
+        "anthropic": {"model": "claude-test", "temperature_requested": 0.0, "temperature_sent": None,
+                      "image_max_side": 768}}
+    # test relabelled into its own file, with provenance; the original test manifest untouched
+    assert (root / "data/prepared/test.tsv").read_bytes() == test_before
+    rel_test, orig_test = read_manifest(root / "data/variants/relabelled/test.tsv"), read_manifest(root / "data/prepared/test.tsv")
+    assert rel_test["image_path"].tolist() == orig_test["image_path"].tolist()
+    changed = (rel_test[list(TASKS)].to_numpy() != orig_test[list(TASKS)].to_numpy()).any(1)
+    assert (rel_test["provenance"].str.endswith("+relabel") == changed).all()
+    assert (out["changes"]["split"] == "test").any()  # test images were flagged and voted on
+    test_changes = out["changes"][(out["changes"]["split"] == "test") & (out["changes"]["changed"] == "True")]
+    assert len(test_changes) == int((rel_test[list(TASKS)].to_numpy() != orig_test[list(TASKS)].to_numpy()).sum())
