@@ -637,7 +637,8 @@ def plot_comparison(result: Mapping[str, Any], macro_path: str | Path, per_class
     plot_compare_diffs(rows, diff_path, title=f"difference to {result['baseline']} ({pct} CI: seeds × test images)")
 
 
-def compare_relabelled(runs: Mapping[str, Sequence[Predictions]], seeds: Sequence[int], **kwargs: Any) -> dict[str, Any] | None:
+def compare_relabelled(runs: Mapping[str, Sequence[Predictions]], seeds: Sequence[int],
+                       **kwargs: Any) -> dict[str, Any] | None:
     """:func:`compare_variants` of ``runs`` on the relabelled test labels, or ``None`` when the
     baseline's predictions carry none (test was not relabelled).
 

@@ -450,12 +450,14 @@ def test_stage_ensemble_flags_all_splits_and_leaves_the_original_test_labels(pre
     assert all(r.body["temperature"] == 0.0 for r in requests if r.provider == "openai")
     assert not any("temperature" in r.body for r in requests if r.provider == "anthropic")
     assert m["voter_settings"] == {
-        "openai": {"model": "gpt-test", "temperature_requested": 0.0, "temperature_sent": 0.0, "image_max_side": "full"},
+        "openai": {"model": "gpt-test", "temperature_requested": 0.0, "temperature_sent": 0.0,
+                   "image_max_side": "full"},
         "anthropic": {"model": "claude-test", "temperature_requested": 0.0, "temperature_sent": None,
                       "image_max_side": 768}}
     # test relabelled into its own file, with provenance; the original test manifest untouched
     assert (root / "data/prepared/test.tsv").read_bytes() == test_before
-    rel_test, orig_test = read_manifest(root / "data/variants/relabelled/test.tsv"), read_manifest(root / "data/prepared/test.tsv")
+    rel_test = read_manifest(root / "data/variants/relabelled/test.tsv")
+    orig_test = read_manifest(root / "data/prepared/test.tsv")
     assert rel_test["image_path"].tolist() == orig_test["image_path"].tolist()
     changed = (rel_test[list(TASKS)].to_numpy() != orig_test[list(TASKS)].to_numpy()).any(1)
     assert (rel_test["provenance"].str.endswith("+relabel") == changed).all()
