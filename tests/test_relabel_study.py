@@ -14,11 +14,15 @@ from __future__ import annotations
 import hashlib
 import inspect
 import json
+import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import pytest
+import torch
 import yaml
 from PIL import Image
 
@@ -27,7 +31,8 @@ from medicsynth.compare import read_predictions, render_markdown, run_compare
 from medicsynth.evaluation import EvaluateConfig, predictions_table, relabelled_labels, score_probs
 from medicsynth.labels import CLASSES, TASKS
 from medicsynth.manifest import label_matrix, read_manifest
-from medicsynth.metrics import classification_report
+from medicsynth.metrics import classification_report, task_report
+from medicsynth.models import build_classifier, save_classifier
 from medicsynth.relabel import (
     disagreement_counts,
     ensemble_probs,
@@ -39,7 +44,7 @@ from medicsynth.relabel import (
 )
 from medicsynth.training import TrainConfig
 from tests.api_server import FakeLLMServer, answer
-from tests.test_relabel import Voters, prepared, read_outputs, run_stage, workdir  # noqa: F401 - prepared is a fixture
+from tests.test_relabel import Voters, prepared, read_outputs, run_stage, stage_env, workdir  # noqa: F401 - prepared is a fixture
 
 REPO = Path(__file__).resolve().parents[1]
 N_TASKS = len(TASKS)
@@ -393,7 +398,6 @@ def test_compare_reports_original_and_relabelled_test_scores_apart(tmp_path):
     assert section["variants"] == ["original", "augmented"]
     # its scores are those of the predictions on the relabelled columns
     preds = read_predictions(tmp_path / "rel/original-small_cnn-s0/test.tsv", "original", truth="true_relabelled")
-    from medicsynth.metrics import task_report
     f1 = task_report(preds.y_true["damage_severity"], preds.y_pred["damage_severity"],
                      CLASSES["damage_severity"])["macro_f1"]
     assert section["tasks"]["damage_severity"]["macro_f1"]["original"]["per_seed"]["0"] == pytest.approx(f1)
@@ -464,3 +468,43 @@ def test_stage_ensemble_flags_all_splits_and_leaves_the_original_test_labels(pre
     assert (out["changes"]["split"] == "test").any()  # test images were flagged and voted on
     test_changes = out["changes"][(out["changes"]["split"] == "test") & (out["changes"]["changed"] == "True")]
     assert len(test_changes) == int((rel_test[list(TASKS)].to_numpy() != orig_test[list(TASKS)].to_numpy()).sum())
+
+
+@pytest.mark.e2e
+def test_evaluate_stage_adds_relabelled_test_scores_and_keeps_the_original_ones(prepared, tmp_path):
+    root = tmp_path / "work"
+    shutil.copytree(prepared, root)
+    params = yaml.safe_load((root / "params.yaml").read_text())
+    params["evaluate"] = {"batch_size": 16, "loader": "torch", "ece_bins": 5}
+    (root / "params.yaml").write_text(yaml.safe_dump(params))
+    torch.manual_seed(0)
+    save_classifier(build_classifier("small_cnn"), root / "models/original-small_cnn-s0/model.pt",
+                    {"arch": "small_cnn", "resize": 32, "crop": 28, "dropout": 0.2})
+
+    def evaluate() -> tuple[dict, pd.DataFrame]:
+        proc = subprocess.run([sys.executable, str(REPO / "stages/evaluate.py"), "--variant", "original", "--arch",
+                               "small_cnn", "--seed", "0"], cwd=root, env=stage_env(), capture_output=True,
+                              timeout=300)
+        assert proc.returncode == 0, proc.stderr.decode()[-3000:]
+        return (json.loads((root / "metrics/evaluate/original-small_cnn-s0.json").read_text()),
+                pd.read_csv(root / "data/predictions/original-small_cnn-s0/test.tsv", sep="\t", dtype=str))
+
+    plain_metrics, plain_preds = evaluate()
+    assert set(plain_metrics) == {"test"}
+    test_df = read_manifest(root / "data/prepared/test.tsv")
+    rel = test_df.copy()
+    preds0 = plain_preds["damage_severity_pred"].tolist()
+    # relabel test so that the model is right on damage_severity everywhere: accuracy 1 on the new labels
+    rel["damage_severity"] = preds0
+    rel.loc[rel["damage_severity"] != test_df["damage_severity"], "provenance"] += "+relabel"
+    (root / "data/variants/relabelled").mkdir(parents=True)
+    rel.iloc[::-1].to_csv(root / "data/variants/relabelled/test.tsv", sep="\t", index=False)
+    test_bytes = (root / "data/prepared/test.tsv").read_bytes()
+
+    metrics, preds = evaluate()
+    assert metrics["test"] == plain_metrics["test"]  # the headline, on the original labels, unchanged
+    assert metrics["test_relabelled"]["tasks"]["damage_severity"]["accuracy"] == 1.0
+    assert metrics["test_relabelled"]["tasks"]["informative"] == plain_metrics["test"]["tasks"]["informative"]
+    assert preds.drop(columns=[f"{t}_true_relabelled" for t in TASKS]).equals(plain_preds)
+    assert preds["damage_severity_true_relabelled"].tolist() == preds0
+    assert (root / "data/prepared/test.tsv").read_bytes() == test_bytes
