@@ -22,6 +22,12 @@ many intervals are read at once, so a few verdicts other than "no evidence" are 
 chance alone (no multiplicity correction). With few seeds, resampling them understates the
 seed variance by a factor ``(S − 1) / S``; read intervals from 3 seeds as optimistic.
 
+Relabelled test labels (the study's setting, never the headline): when the relabel stage relabelled
+test, the predictions also carry ``{task}_true_relabelled``; :func:`run_compare` then repeats the
+comparison on those labels (same draws, same variants) and stores it under ``"test_relabelled"``
+in the JSON and in its own, clearly titled section of the Markdown. Without those columns the
+outputs are exactly as before.
+
 Minority classes are those whose share in the original training manifest is below
 ``minority_share``; they are highlighted in the Markdown report and the plots, and get their
 own verdict table, because a variant that lifts macro-F1 by helping majority classes is not what
@@ -103,8 +109,22 @@ def _labels_column(df: pd.DataFrame, column: str, task: str, path: Path) -> np.n
     return np.array([lookup[v] for v in values], dtype=np.int64)
 
 
-def read_predictions(path: str | Path, variant: str) -> Predictions:
+RELABELLED_TRUTH = "true_relabelled"  # column suffix of the relabelled test labels (evaluate stage)
+
+
+def has_relabelled_truth(path: str | Path) -> bool:
+    """Whether a predictions TSV carries relabelled test labels (``{task}_true_relabelled``) for every task
+    that has ``{task}_true``."""
+    header = Path(path).open(encoding="utf-8").readline().rstrip("\n").split("\t")
+    tasks = [t for t in TASKS if f"{t}_true" in header]
+    return bool(tasks) and all(f"{t}_{RELABELLED_TRUTH}" in header for t in tasks)
+
+
+def read_predictions(path: str | Path, variant: str, truth: str = "true") -> Predictions:
     """Read and validate one predictions TSV (see the module docstring for the columns).
+
+    ``truth`` is the suffix of the label column scored against: ``true`` (the original test
+    labels, the default) or ``true_relabelled`` (:data:`RELABELLED_TRUTH`).
 
     Raises :class:`PredictionsError` naming the file, and the TSV line and value where one is at
     fault: missing ``image_path``, a task with only one of ``_true``/``_pred``, an unknown label,
@@ -124,13 +144,13 @@ def read_predictions(path: str | Path, variant: str) -> Predictions:
         )
     y_true, y_pred, probs = {}, {}, {}
     for task in TASKS:
-        has = [f"{task}_{kind}" in df.columns for kind in ("true", "pred")]
+        has = [f"{task}_{kind}" in df.columns for kind in (truth, "pred")]
         if not any(has):
             continue
         if not all(has):
-            missing = f"{task}_pred" if has[0] else f"{task}_true"
+            missing = f"{task}_pred" if has[0] else f"{task}_{truth}"
             raise PredictionsError(f"{path}: has {task} labels but no column {missing}")
-        y_true[task] = _labels_column(df, f"{task}_true", task, path)
+        y_true[task] = _labels_column(df, f"{task}_{truth}", task, path)
         y_pred[task] = _labels_column(df, f"{task}_pred", task, path)
         prob_cols = [f"{task}_prob_{c}" for c in CLASSES[task]]
         present = [c for c in prob_cols if c in df.columns]
@@ -568,7 +588,8 @@ def _task_section(result: Mapping[str, Any], task: str, entry: Mapping[str, Any]
 
 
 def render_markdown(result: Mapping[str, Any], title: str | None = None) -> str:
-    """The comparison as Markdown: method, macro-F1 tables, verdicts, minority classes, one table per task."""
+    """The comparison as Markdown: method, macro-F1 tables, verdicts, minority classes, one table per task;
+    then, when ``result`` has ``test_relabelled``, the same on the relabelled test labels, titled as such."""
     lines = [f"# {title or 'Variant comparison'}", "", *_intro(result), "", *_macro_section(result), "",
              *_verdict_section(result)]
     minority = _minority_section(result)
@@ -576,6 +597,15 @@ def render_markdown(result: Mapping[str, Any], title: str | None = None) -> str:
         lines += ["", *minority]
     for t, entry in result["tasks"].items():
         lines += ["", *_task_section(result, t, entry)]
+    relabelled = result.get("test_relabelled")
+    if relabelled:
+        lines += ["", "# On the relabelled test labels (not the headline)", "",
+                  f"The same predictions scored on the test labels as the relabel stage changed them "
+                  f"({relabelled['n_test_changed']} of {relabelled['n_test']} test images have a changed label). "
+                  "The study reported these; labels changed by the same voters that judge the models favour "
+                  "them, so the scores above, on the original labels, are the headline.",
+                  "", *[line.replace("## ", "### ", 1) if line.startswith("## ") else line
+                        for line in [*_macro_section(relabelled), "", *_verdict_section(relabelled)]]]
     return "\n".join(lines) + "\n"
 
 
@@ -605,6 +635,34 @@ def plot_comparison(result: Mapping[str, Any], macro_path: str | Path, per_class
     rows.update({f"{t}/{c} F1": {k: tasks[t]["diff"][k]["per_class_f1"][c] for k in keys}
                  for t in tasks for c, info in tasks[t]["classes"].items() if info["minority"]})
     plot_compare_diffs(rows, diff_path, title=f"difference to {result['baseline']} ({pct} CI: seeds × test images)")
+
+
+def compare_relabelled(runs: Mapping[str, Sequence[Predictions]], seeds: Sequence[int],
+                       **kwargs: Any) -> dict[str, Any] | None:
+    """:func:`compare_variants` of ``runs`` on the relabelled test labels, or ``None`` when the
+    baseline's predictions carry none (test was not relabelled).
+
+    Variants whose predictions lack ``{task}_true_relabelled`` (written before test was
+    relabelled) are left out and named under ``"skipped"``. Adds ``n_test_changed``: test images
+    with at least one relabelled label differing from the original.
+    """
+    baseline = kwargs.get("baseline", "original")
+    if not all(has_relabelled_truth(p.path) for p in runs[baseline]):
+        return None
+    rel_runs, skipped = {}, {}
+    for v, preds in runs.items():
+        if all(has_relabelled_truth(p.path) for p in preds):
+            rel_runs[v] = [read_predictions(p.path, v, truth=RELABELLED_TRUTH) for p in preds]
+        else:
+            skipped[v] = "predictions without relabelled test labels (evaluate ran before test was relabelled)"
+    result = compare_variants(rel_runs, seeds, **kwargs)
+    original, relabelled = runs[baseline][0], rel_runs[baseline][0]
+    tasks = [t for t in TASKS if t in original.y_true and t in relabelled.y_true]
+    changed = np.zeros(len(original.image_path), dtype=bool)
+    for t in tasks:
+        changed |= original.y_true[t] != relabelled.y_true[t]
+    return {"labels": "relabelled test labels (relabel stage; original labels untouched in data/prepared/test.tsv)",
+            "n_test_changed": int(changed.sum()), **result, "skipped": skipped}
 
 
 def run_dir(predictions_dir: str | Path, variant: str, arch: str, seed: int) -> Path:
@@ -658,6 +716,10 @@ def run_compare(
                               n_boot=n_boot, seed=seed, ci=ci)
     result = {"arch": arch, **result, "skipped": skipped,
               "train_manifest": None if train_manifest is None else str(train_manifest)}
+    relabelled = compare_relabelled(runs, seeds, baseline=baseline, shares=shares, minority_share=minority_share,
+                                    n_boot=n_boot, seed=seed, ci=ci)
+    if relabelled is not None:
+        result["test_relabelled"] = relabelled
     write_json(result, out_json)
     write_text(render_markdown(result, title=f"Variant comparison ({arch})"), out_md)
     plot_comparison(result, macro_plot, per_class_plot, diff_plot)

@@ -9,6 +9,9 @@ Flagging:
 - :func:`flag_disagreement` is the study's rule: count the tasks (× models) where a model's
   prediction differs from the label; an image with at least ``min_disagreements`` is flagged on
   every task.
+- :func:`flag_ensemble` is the study's rule over several architectures: one prediction per
+  architecture (out-of-fold, or in-sample as the study's CNNs over all splits), disagreements
+  counted over architectures × tasks.
 
 The whole procedure (:func:`run_relabel`) is a sequence of named steps: fold-model config from
 ``relabel.model`` (:func:`fold_model_config`; never the ``train`` section, so changing the
@@ -104,6 +107,31 @@ def out_of_fold_probs(
     return probs
 
 
+def in_sample_probs(
+    files: Sequence[str], labels: np.ndarray, config: TrainConfig, *, progress: bool = True,
+    cache_dir: str | Path | None = None,
+) -> dict[str, np.ndarray]:
+    """In-sample class probabilities per task: one model trained on every image, predicting them all.
+
+    The study's flag rule ran its CNNs over images they were trained on; a model that memorised a
+    wrong label agrees with it, so in-sample predictions flag fewer images than out-of-fold ones.
+    Cached like :func:`out_of_fold_probs` (key: files and bytes, labels, config).
+    """
+    files = np.asarray(files)
+    everything = np.arange(len(files))
+    cached = Path(cache_dir) / f"insample-{_fold_key(files, labels, everything, config)}.npz" if cache_dir else None
+    if cached is not None and cached.exists():
+        with np.load(cached) as saved:
+            return {t: saved[t] for t in TASKS}
+    result = train_classifier(files.tolist(), labels, None, None, config, progress=progress)
+    probs = predict_files(result.model, {"resize": config.resize, "crop": config.crop}, files.tolist(),
+                          device=config.device, loader=config.loader, num_workers=config.num_workers,
+                          cpu_threads=config.cpu_threads)
+    if cached is not None:
+        _save_npz(cached, probs)
+    return probs
+
+
 def flag_confident_learning(
     labels: np.ndarray, probs: dict[str, np.ndarray], *, filter_by: str = "prune_by_noise_rate",
 ) -> tuple[np.ndarray, np.ndarray]:
@@ -138,6 +166,52 @@ def flag_disagreement(
             count += pred[task] != labels[:, j]
     flagged = count >= min_disagreements
     return np.repeat(flagged[:, None], len(TASKS), axis=1)
+
+
+def disagreement_counts(labels: np.ndarray, predictions: Sequence[dict[str, np.ndarray]]) -> np.ndarray:
+    """``(n,)`` number of (model, task) pairs whose prediction differs from the label.
+
+    ``labels`` is the ``(n, tasks)`` index matrix; ``predictions`` one ``{task: (n,) index}`` per model.
+    """
+    count = np.zeros(len(labels), dtype=int)
+    for pred in predictions:
+        for j, task in enumerate(TASKS):
+            count += pred[task] != labels[:, j]
+    return count
+
+
+def flag_ensemble(
+    labels: np.ndarray, probs_by_arch: dict[str, dict[str, np.ndarray]], min_disagreements: int = 2,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """The study's ensemble rule: flag an image when archs × tasks disagreements ≥ ``min_disagreements``.
+
+    Args:
+        labels: ``(n, tasks)`` class indices (:data:`TASKS` order).
+        probs_by_arch: per architecture, ``{task: (n, C) probabilities}`` (one model's predictions;
+            its argmax is the model's prediction).
+        min_disagreements: threshold on the count (the study: 2 over 3 CNNs × 4 tasks).
+
+    Returns ``(flags, scores, counts)``: ``flags`` ``(n, tasks)`` bool, every task of a flagged
+    image True (the voters are asked all four labels, as in the study); ``scores`` ``(n, tasks)``
+    the probability of the given label averaged over architectures (lower = more suspicious, the
+    budget's ranking); ``counts`` ``(n,)`` the disagreements. Raises ``ValueError`` for no archs.
+    """
+    if not probs_by_arch:
+        raise ValueError("relabel.ensemble_archs: at least one architecture is needed")
+    n = len(labels)
+    preds = [{t: p[t].argmax(1) for t in TASKS} for p in probs_by_arch.values()]
+    counts = disagreement_counts(labels, preds)
+    flags = np.repeat((counts >= min_disagreements)[:, None], len(TASKS), axis=1)
+    mean = mean_probs(probs_by_arch)
+    scores = np.stack([mean[t][np.arange(n), labels[:, j]] for j, t in enumerate(TASKS)], axis=1)
+    return flags, scores, counts
+
+
+def mean_probs(probs_by_arch: dict[str, dict[str, np.ndarray]]) -> dict[str, np.ndarray]:
+    """Per task the ``(n, C)`` probabilities averaged over architectures (float32, arch order fixed)."""
+    arch_probs = list(probs_by_arch.values())
+    return {t: (np.sum([p[t].astype(np.float64) for p in arch_probs], axis=0) / len(arch_probs)).astype(np.float32)
+            for t in TASKS}
 
 
 def model_votes(probs: dict[str, np.ndarray], threshold: float) -> np.ndarray:
@@ -246,7 +320,46 @@ def flag_labels(labels: np.ndarray, probs: dict[str, np.ndarray], method: str,
         flags = flag_disagreement(labels, [preds], min_disagreements)
         scores = np.stack([probs[t][np.arange(n), labels[:, j]] for j, t in enumerate(TASKS)], axis=1)
         return flags, scores
-    raise ValueError(f"relabel.flag must be confident_learning or disagreement, not {method!r}")
+    if method == "ensemble":
+        raise ValueError("relabel.flag ensemble needs one prediction per architecture: use ensemble_probs and "
+                         "flag_ensemble (run_relabel does)")
+    raise ValueError(f"relabel.flag must be confident_learning, disagreement or ensemble, not {method!r}")
+
+
+ENSEMBLE_PREDICTIONS: tuple[str, ...] = ("out_of_fold", "in_sample")
+
+
+def ensemble_probs(files: Sequence[str], labels: np.ndarray, config: TrainConfig, archs: Sequence[str], *,
+                   predictions: str, k: int, cache_dir: str | Path | None,
+                   progress: bool = True) -> dict[str, dict[str, np.ndarray]]:
+    """Step 2 of ``flag: ensemble``: per architecture in ``archs`` (in that order), ``{task: (n, C)}``.
+
+    Each architecture's models use the fold-model ``config`` with only ``arch`` replaced.
+    ``predictions``: ``out_of_fold`` (:func:`out_of_fold_probs` with ``k`` folds; the architecture
+    equal to ``config.arch`` reuses the single-model run's cached folds) or ``in_sample``
+    (:func:`in_sample_probs`). Raises ``ValueError`` naming the bad key.
+    """
+    from medicsynth.models import ARCHS
+
+    if predictions not in ENSEMBLE_PREDICTIONS:
+        raise ValueError(f"relabel.ensemble_predictions must be one of {', '.join(ENSEMBLE_PREDICTIONS)}, "
+                         f"not {predictions!r}")
+    archs = list(archs or [])
+    if not archs:
+        raise ValueError("relabel.ensemble_archs must list at least one architecture for flag: ensemble")
+    bad = [a for a in archs if a not in ARCHS]
+    if bad or len(set(archs)) != len(archs):
+        raise ValueError(f"relabel.ensemble_archs: {archs!r} must be distinct architectures of "
+                         f"medicsynth.models.ARCHS ({', '.join(ARCHS)})")
+    out: dict[str, dict[str, np.ndarray]] = {}
+    for arch in archs:
+        arch_config = replace(config, arch=arch)
+        if predictions == "out_of_fold":
+            out[arch] = out_of_fold_probs(files, labels, arch_config, k=k, seed=config.seed, cache_dir=cache_dir,
+                                          progress=progress)
+        else:
+            out[arch] = in_sample_probs(files, labels, arch_config, cache_dir=cache_dir, progress=progress)
+    return out
 
 
 def apply_budget(flags: np.ndarray, scores: np.ndarray, max_flagged: int | None) -> tuple[np.ndarray, np.ndarray]:
@@ -265,6 +378,37 @@ def apply_budget(flags: np.ndarray, scores: np.ndarray, max_flagged: int | None)
     return flags, order
 
 
+FULL_SIZE = 2**31 - 1  # image_max_side meaning "never downscale" (no image is this large)
+
+
+def voter_llm_params(provider: str, cfg: dict) -> dict[str, Any]:
+    """The ``medicsynth.llm`` params of one VLM voter from ``relabel.<provider>``.
+
+    ``image_max_side: null`` sends full-size images (the study's setting): JPEG, PNG and WebP files
+    go unchanged and other formats are re-encoded at their own size. Any other value downscales
+    larger images to that longer side (cheaper).
+    """
+    if not isinstance(cfg, dict):
+        raise ValueError(f"params.yaml: relabel.{provider} must be a mapping of medicsynth.llm settings")
+    out = {"provider": provider, **cfg}
+    if "image_max_side" in out and out["image_max_side"] is None:
+        out["image_max_side"] = FULL_SIZE
+    return out
+
+
+def voter_settings(provider: str, cfg: dict) -> dict[str, Any]:
+    """What a VLM voter's requests carry, for the metrics: model id, the temperature actually sent
+    (``None`` where the provider's SDK/API takes none: anthropic 2.x, API version 2026-10-21), the
+    temperature asked for, and the image size (``full`` or the longest side in px)."""
+    from medicsynth.llm.client import config_from_params
+    from medicsynth.llm.providers import make_provider
+
+    config = config_from_params({k: v for k, v in voter_llm_params(provider, cfg).items() if k != "cache_dir"})
+    sent = make_provider(config, sdk_client=object()).temperature_sent  # no SDK client is built
+    return {"model": config.model, "temperature_requested": cfg.get("temperature"), "temperature_sent": sent,
+            "image_max_side": "full" if config.image_max_side == FULL_SIZE else config.image_max_side}
+
+
 def vlm_votes(provider: str, cfg: dict, cache_dir: str, files: Sequence[str], rows: np.ndarray, n: int):
     """Ask one VLM provider for the four labels of images ``rows``.
 
@@ -273,7 +417,7 @@ def vlm_votes(provider: str, cfg: dict, cache_dir: str, files: Sequence[str], ro
     """
     from medicsynth.llm import classify_request, client_from_params
 
-    client = client_from_params({"provider": provider, **cfg}, cache_dir)
+    client = client_from_params(voter_llm_params(provider, cfg), cache_dir)
     requests = [classify_request(files[i], TASKS) for i in rows]
     results = client.raise_if_failing(client.run(requests, desc=f"relabel votes ({provider})"), f"relabel votes ({provider})")
     votes = np.full((n, len(TASKS)), -1, dtype=np.int64)
@@ -376,18 +520,36 @@ def run_relabel(pool: pd.DataFrame, relabel_params: dict[str, Any], *, llm_cache
     p = relabel_params
     files = pool["file"].tolist()
     labels = label_matrix(pool)
+    method = require(p, "relabel", "flag")
     config = fold_model_config(require(p, "relabel", "model"))  # 1
-    probs = out_of_fold_probs(files, labels, config, k=require(p, "relabel", "k_folds"), seed=config.seed,  # 2
-                              cache_dir=require(p, "relabel", "cache_dir"), progress=progress)
-    flags, scores = flag_labels(labels, probs, require(p, "relabel", "flag"), require(p, "relabel", "min_disagreements"))  # 3
+    ensemble_settings: dict[str, Any] = {}
+    if method == "ensemble":  # 2, 3: one prediction per architecture, disagreements over archs × tasks
+        predictions = require(p, "relabel", "ensemble_predictions")
+        by_arch = ensemble_probs(files, labels, config, require(p, "relabel", "ensemble_archs"),
+                                 predictions=predictions, k=require(p, "relabel", "k_folds"),
+                                 cache_dir=require(p, "relabel", "cache_dir"), progress=progress)
+        min_dis = require(p, "relabel", "min_disagreements")
+        flags, scores, counts = flag_ensemble(labels, by_arch, min_dis)
+        probs = mean_probs(by_arch)  # the model voter votes with the ensemble's mean probabilities
+        ensemble_settings = {"ensemble_archs": list(by_arch), "ensemble_predictions": predictions,
+                             "min_disagreements": int(min_dis),
+                             "disagreements_histogram": {str(c): int((counts == c).sum())
+                                                         for c in range(int(counts.max(initial=0)) + 1)}}
+    else:
+        probs = out_of_fold_probs(files, labels, config, k=require(p, "relabel", "k_folds"), seed=config.seed,  # 2
+                                  cache_dir=require(p, "relabel", "cache_dir"), progress=progress)
+        flags, scores = flag_labels(labels, probs, method, require(p, "relabel", "min_disagreements"))  # 3
     flagged_before_budget = int(flags.any(1).sum())
     flags, order = apply_budget(flags, scores, require(p, "relabel", "max_flagged"))  # 4
     voters = list(require(p, "relabel", "voters"))
     votes, answers, usage = collect_votes(voters, probs, order, files, p, llm_cache_dir)  # 5
     new = consensus(labels, flags, votes, require(p, "relabel", "consensus"))  # 6
     relabelled, changes = change_table(pool, labels, new, flags, scores, voters, votes, answers)  # 7
-    settings = {"flag": require(p, "relabel", "flag"), "voters": voters,
-                "consensus": require(p, "relabel", "consensus")}
+    settings = {"flag": method, "voters": voters, "consensus": require(p, "relabel", "consensus"),
+                **ensemble_settings}
+    vlm = {v: voter_settings(v, require(p, "relabel", v)) for v in voters if v in ("openai", "anthropic")}
+    if vlm:  # what the VLM voters' requests carried (absent with the model voter alone: metrics unchanged)
+        settings["voter_settings"] = vlm
     metrics = relabel_metrics(labels, new, flags, flagged_before_budget, settings, usage)  # 8
     if clean is not None:
         metrics["against_clean_labels"] = score_corrections(pool, relabelled, clean)

@@ -4,8 +4,11 @@ Usage: python stages/evaluate.py --variant original --arch small_cnn --seed 0
 Outputs, with name = <variant>-<arch>-s<seed>: metrics/evaluate/<name>.json (test; headline macro-F1), metrics/dev/<name>.json (dev
 per-class F1, read by allocate), data/predictions/<name>/test.tsv (for compare),
 plots/evaluate/<name>/ (confusion matrices, per-class F1).
-Test labels are always the original ones from data/prepared/test.tsv; if the relabel stage was
-asked to relabel test, the variant's relabelled test set is reported as well, separately.
+Test labels are always the original ones from data/prepared/test.tsv (the headline, "test").
+If the relabel stage was asked to relabel test (relabel.splits lists test, as the study did),
+every variant's model is also scored on the relabelled test labels
+(data/variants/relabelled/test.tsv), reported apart as "test_relabelled", and the predictions
+gain <task>_true_relabelled columns (compare scores both).
 """
 
 from __future__ import annotations
@@ -13,13 +16,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from medicsynth.evaluation import EvaluateConfig, for_metrics, predictions_table, score
+from medicsynth.evaluation import EvaluateConfig, for_metrics, predictions_table, relabelled_labels, score, score_probs
 from medicsynth.io import write_json
 from medicsynth.labels import CLASSES, TASKS
 from medicsynth.manifest import read_manifest, write_tsv
 from medicsynth.models import load_classifier
 from medicsynth.params import from_section, load_params
 from medicsynth.plots import plot_confusion, plot_per_class_f1
+
+RELABELLED_TEST = Path("data/variants/relabelled/test.tsv")  # written by relabel only when it relabelled test
 
 
 def main() -> None:
@@ -35,14 +40,15 @@ def main() -> None:
     test_df = read_manifest("data/prepared/test.tsv")
     report, probs = score(model, meta, test_df, config)
     metrics = {"test": for_metrics(report)}
-    relabelled_test = Path("data/variants") / args.variant / "test.tsv"
-    if relabelled_test.exists():
-        metrics["test_relabelled"] = for_metrics(score(model, meta, read_manifest(relabelled_test), config)[0])
+    relabelled_df = None
+    if RELABELLED_TEST.exists():  # the same for every variant: one set of relabelled test labels
+        relabelled_df = relabelled_labels(test_df, read_manifest(RELABELLED_TEST), str(RELABELLED_TEST))
+        metrics["test_relabelled"] = for_metrics(score_probs(probs, relabelled_df, config))
     write_json(metrics, Path("metrics/evaluate") / f"{name}.json")
 
     dev_df = read_manifest(Path("data/variants") / args.variant / "dev.tsv")
     write_json(for_metrics(score(model, meta, dev_df, config)[0]), Path("metrics/dev") / f"{name}.json")
-    write_tsv(predictions_table(test_df, probs), Path("data/predictions") / name / "test.tsv")
+    write_tsv(predictions_table(test_df, probs, relabelled_df), Path("data/predictions") / name / "test.tsv")
 
     plot_dir = Path("plots/evaluate") / name
     plot_dir.mkdir(parents=True, exist_ok=True)

@@ -3,9 +3,13 @@
 Reads params.yaml's ``relabel`` section only (its fold models are configured in
 ``relabel.model``), and ``llm.cache_dir``. The procedure is :func:`medicsynth.relabel.run_relabel`.
 Outputs: data/variants/relabelled/{train,dev}.tsv (and test.tsv only when relabel.splits lists
-test), data/relabel/changes.tsv (one row per changed or voted-on label with each voter's answer),
-metrics/relabel.json (flags, changes per class, voter usage and failures, and — on the demo —
-precision/recall of the changes against the clean labels), plots/relabel_changes.png.
+test: the relabelled test labels in their own file, "+relabel" in the provenance of changed rows;
+data/prepared/test.tsv keeps the original labels, and evaluate/compare score both),
+data/relabel/changes.tsv (one row per changed or voted-on label with each voter's answer),
+metrics/relabel.json (flags, changes per class, voter usage and failures, what the VLM voters'
+requests carried, and — on the demo — precision/recall of the changes against the clean labels),
+plots/relabel_changes.png. With test listed, test images join the pool the flagging models
+train on (as in the study): opt in knowingly.
 """
 
 from __future__ import annotations
