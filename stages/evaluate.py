@@ -7,7 +7,7 @@ plots/evaluate/<name>/ (confusion matrices, per-class F1).
 Test labels are always the original ones from data/prepared/test.tsv (the headline, "test").
 If the relabel stage was asked to relabel test (relabel.splits lists test, as the study did),
 every variant's model is also scored on the relabelled test labels
-(data/variants/relabelled/test.tsv), reported apart as "test_relabelled", and the predictions
+(data/relabelled_test.tsv, when relabel.splits lists test), reported apart as "test_relabelled", and the predictions
 gain <task>_true_relabelled columns (compare scores both).
 """
 
@@ -24,7 +24,7 @@ from medicsynth.models import load_classifier
 from medicsynth.params import from_section, load_params
 from medicsynth.plots import plot_confusion, plot_per_class_f1
 
-RELABELLED_TEST = Path("data/variants/relabelled/test.tsv")  # written by relabel only when it relabelled test
+RELABELLED_TEST = Path("data/relabelled_test.tsv")  # from relabel: header only unless it relabelled test
 
 
 def main() -> None:
@@ -41,8 +41,9 @@ def main() -> None:
     report, probs = score(model, meta, test_df, config)
     metrics = {"test": for_metrics(report)}
     relabelled_df = None
-    if RELABELLED_TEST.exists():  # the same for every variant: one set of relabelled test labels
-        relabelled_df = relabelled_labels(test_df, read_manifest(RELABELLED_TEST), str(RELABELLED_TEST))
+    relabelled_test = read_manifest(RELABELLED_TEST) if RELABELLED_TEST.exists() else None
+    if relabelled_test is not None and len(relabelled_test):  # one set of relabelled test labels for every variant
+        relabelled_df = relabelled_labels(test_df, relabelled_test, str(RELABELLED_TEST))
         metrics["test_relabelled"] = for_metrics(score_probs(probs, relabelled_df, config))
     write_json(metrics, Path("metrics/evaluate") / f"{name}.json")
 

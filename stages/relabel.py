@@ -2,8 +2,9 @@
 
 Reads params.yaml's ``relabel`` section only (its fold models are configured in
 ``relabel.model``), and ``llm.cache_dir``. The procedure is :func:`medicsynth.relabel.run_relabel`.
-Outputs: data/variants/relabelled/{train,dev}.tsv (and test.tsv only when relabel.splits lists
-test: the relabelled test labels in their own file, "+relabel" in the provenance of changed rows;
+Outputs: data/variants/relabelled/{train,dev}.tsv, data/relabelled_test.tsv (the relabelled test
+labels, "+relabel" in the provenance of changed rows, when relabel.splits lists test; a header
+only otherwise, so that evaluate can depend on it and reruns only when test labels change;
 data/prepared/test.tsv keeps the original labels, and evaluate/compare score both),
 data/relabel/changes.tsv (one row per changed or voted-on label with each voter's answer),
 metrics/relabel.json (flags, changes per class, voter usage and failures, what the VLM voters'
@@ -27,6 +28,7 @@ from medicsynth.relabel import run_relabel
 SPLIT_FILES = {"train": "data/variants/original/train.tsv", "dev": "data/variants/original/dev.tsv",
                "test": "data/prepared/test.tsv"}
 OUT = Path("data/variants/relabelled")
+RELABELLED_TEST = Path("data/relabelled_test.tsv")  # its own file: every evaluation depends on it
 CLEAN_LABELS = Path("data/prepared/clean_labels.tsv")  # the demo's known clean labels
 
 
@@ -39,7 +41,10 @@ def main() -> None:
     result = run_relabel(pool, p, llm_cache_dir=require(section(params, "llm"), "llm", "cache_dir"), clean=clean)
 
     for split in splits:
-        write_manifest(result.relabelled[result.relabelled["split"] == split], OUT / f"{split}.tsv")
+        rows = result.relabelled[result.relabelled["split"] == split]
+        write_manifest(rows, RELABELLED_TEST if split == "test" else OUT / f"{split}.tsv")
+    if "test" not in splits:  # header only: the test labels were not relabelled
+        write_manifest(read_manifest(SPLIT_FILES["test"]).iloc[:0], RELABELLED_TEST)
     for split in ("train", "dev"):  # the variant always has train and dev
         if split not in splits:
             write_manifest(read_manifest(SPLIT_FILES[split]), OUT / f"{split}.tsv")

@@ -294,7 +294,7 @@ def test_out_of_fold_probs_predicts_each_image_with_a_model_that_never_saw_it(tm
 
 DEMO = {"n_train": 60, "n_dev": 20, "n_test": 10, "image_size": 32, "noise_rate": 0.1, "seed": 0, "jpeg_quality": 92}
 # relabel.model: the fold models' own settings (the stage never reads the train section).
-FOLD_MODEL = {"arch": "small_cnn", "epochs": 1, "batch_size": 32, "resize": 32, "crop": 28, "num_workers": 1,
+FOLD_MODEL = {**FOLD_PARAMS, "arch": "small_cnn", "epochs": 1, "batch_size": 32, "resize": 32, "crop": 28, "num_workers": 1,
               "device": "cpu", "cpu_threads": 1, "seed": 0}
 # Per image, in the order the stage first asks about it (most suspicious first); cycled.
 CATEGORIES = ("agree", "refuse", "disagree", "agree", "invalid", "same")

@@ -37,12 +37,12 @@ from medicsynth.relabel import (
     disagreement_counts,
     ensemble_probs,
     flag_ensemble,
+    fold_model_config,
     mean_probs,
     out_of_fold_probs,
     vlm_votes,
     voter_settings,
 )
-from medicsynth.training import TrainConfig
 from tests.api_server import FakeLLMServer, answer
 from tests.test_relabel import Voters, prepared, read_outputs, run_stage, stage_env, workdir  # noqa: F401 - prepared is a fixture
 
@@ -133,8 +133,9 @@ def test_flag_ensemble_and_flag_labels_refuse_bad_input():
 # Per-architecture predictions
 # ------------------------------------------------------------------------------------------
 
-TINY = TrainConfig(arch="small_cnn", epochs=1, resize=32, crop=28, batch_size=8, num_workers=0, device="cpu",
-                   cpu_threads=1, seed=0)
+TINY = fold_model_config({**yaml.safe_load((REPO / "params.yaml").read_text())["relabel"]["model"],
+                          "arch": "small_cnn", "epochs": 1, "resize": 32, "crop": 28, "batch_size": 8,
+                          "num_workers": 0, "device": "cpu", "cpu_threads": 1, "seed": 0})
 
 
 @pytest.fixture
@@ -460,7 +461,8 @@ def test_stage_ensemble_flags_all_splits_and_leaves_the_original_test_labels(pre
                       "image_max_side": 768}}
     # test relabelled into its own file, with provenance; the original test manifest untouched
     assert (root / "data/prepared/test.tsv").read_bytes() == test_before
-    rel_test = read_manifest(root / "data/variants/relabelled/test.tsv")
+    assert not (root / "data/variants/relabelled/test.tsv").exists()
+    rel_test = read_manifest(root / "data/relabelled_test.tsv")
     orig_test = read_manifest(root / "data/prepared/test.tsv")
     assert rel_test["image_path"].tolist() == orig_test["image_path"].tolist()
     changed = (rel_test[list(TASKS)].to_numpy() != orig_test[list(TASKS)].to_numpy()).any(1)
@@ -478,7 +480,7 @@ def test_evaluate_stage_adds_relabelled_test_scores_and_keeps_the_original_ones(
     params["evaluate"] = {"batch_size": 16, "loader": "torch", "ece_bins": 5}
     (root / "params.yaml").write_text(yaml.safe_dump(params))
     torch.manual_seed(0)
-    save_classifier(build_classifier("small_cnn"), root / "models/original-small_cnn-s0/model.pt",
+    save_classifier(build_classifier("small_cnn", pretrained=False, dropout=0.2), root / "models/original-small_cnn-s0/model.pt",
                     {"arch": "small_cnn", "resize": 32, "crop": 28, "dropout": 0.2})
 
     def evaluate() -> tuple[dict, pd.DataFrame]:
@@ -491,14 +493,17 @@ def test_evaluate_stage_adds_relabelled_test_scores_and_keeps_the_original_ones(
 
     plain_metrics, plain_preds = evaluate()
     assert set(plain_metrics) == {"test"}
+    # relabel's header-only file (test not relabelled) changes nothing
+    read_manifest(root / "data/prepared/test.tsv").iloc[:0].to_csv(root / "data/relabelled_test.tsv", sep="\t",
+                                                                   index=False)
+    assert evaluate()[0] == plain_metrics
     test_df = read_manifest(root / "data/prepared/test.tsv")
     rel = test_df.copy()
     preds0 = plain_preds["damage_severity_pred"].tolist()
     # relabel test so that the model is right on damage_severity everywhere: accuracy 1 on the new labels
     rel["damage_severity"] = preds0
     rel.loc[rel["damage_severity"] != test_df["damage_severity"], "provenance"] += "+relabel"
-    (root / "data/variants/relabelled").mkdir(parents=True)
-    rel.iloc[::-1].to_csv(root / "data/variants/relabelled/test.tsv", sep="\t", index=False)
+    rel.iloc[::-1].to_csv(root / "data/relabelled_test.tsv", sep="\t", index=False)
     test_bytes = (root / "data/prepared/test.tsv").read_bytes()
 
     metrics, preds = evaluate()
