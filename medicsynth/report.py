@@ -387,6 +387,19 @@ def section_per_class(rows: list[dict[str, Any]] | None, variants: Sequence[str]
     return "\n".join(parts)
 
 
+def per_class_bars(data: list[dict[str, Any]], x: dict[str, Any], tooltip: list[dict[str, Any]]) -> dict[str, Any]:
+    """Vega-Lite spec of horizontal bars, one per ``data`` row, labelled by its ``label`` field.
+
+    Parameters: ``data`` rows carry ``label`` (``"task: class"``, drawn top to bottom in row
+    order) and ``task`` (the bar colour, tasks in :data:`TASKS` order); ``x`` is the x encoding
+    (field, type, optional scale, title) and ``tooltip`` the tooltip fields.
+    """
+    return {"data": {"values": data}, "width": 360, "height": {"step": 13}, "mark": "bar",
+            "encoding": {"y": {"field": "label", "sort": None, "title": None}, "x": x,
+                         "color": {"field": "task", "type": "nominal", "sort": list(TASKS)},
+                         "tooltip": tooltip}}
+
+
 def section_confusion(conf: dict[str, dict[str, Any]], ids: ChartIds) -> str:
     if not conf:
         return missing("data/predictions/<variant>-<arch>/test.tsv", "evaluate")
@@ -474,10 +487,8 @@ def section_relabelling(r: dict[str, Any] | None, encode: ImageEncoder | None, i
     if r["per_class"]:
         data = [{"label": f"{rd.SHORT_TASK.get(c['task'], c['task'])}: {c['class']}", "task": c["task"],
                  "class": c["class"], "changed": c["changed"]} for c in r["per_class"]]
-        spec = {"data": {"values": data}, "width": 360, "height": {"step": 13}, "mark": "bar",
-                "encoding": {"y": {"field": "label", "sort": None, "title": None}, "x": {"field": "changed", "type": "quantitative", "title": "labels changed to another class (by old class)"},
-                             "color": {"field": "task", "type": "nominal", "sort": list(TASKS)},
-                             "tooltip": [{"field": "task"}, {"field": "class"}, {"field": "changed"}]}}
+        spec = per_class_bars(data, {"field": "changed", "type": "quantitative", "title": "labels changed to another class (by old class)"},
+                              [{"field": "task"}, {"field": "class"}, {"field": "changed"}])
         parts.append(chart_div(spec, ids("relabel"), "Changed labels per original class"))
     if r["examples"]:
         vote_names = list(dict.fromkeys(k for e in r["examples"] for k in e["votes"]))
@@ -563,11 +574,9 @@ def section_fidelity(f: dict[str, Any] | None, ids: ChartIds) -> str:
     if f["per_class"]:
         data = [{"label": f"{rd.SHORT_TASK.get(c['task'], c['task'])}: {c['class']}", "task": c["task"],
                  "agreement": c["agreement"], "kept_share": c["kept_share"]} for c in f["per_class"] if c["agreement"] is not None]
-        spec = {"data": {"values": data}, "width": 360, "height": {"step": 13}, "mark": "bar",
-                "encoding": {"y": {"field": "label", "sort": None, "title": None},
-                             "x": {"field": "agreement", "type": "quantitative", "scale": {"domain": [0, 1]}, "title": "original model's argmax = intended label"},
-                             "color": {"field": "task", "type": "nominal", "sort": list(TASKS)},
-                             "tooltip": [{"field": "label"}, {"field": "agreement", "format": ".2f"}, {"field": "kept_share", "format": ".2f"}]}}
+        spec = per_class_bars(data, {"field": "agreement", "type": "quantitative", "scale": {"domain": [0, 1]},
+                                     "title": "original model's argmax = intended label"},
+                              [{"field": "label"}, {"field": "agreement", "format": ".2f"}, {"field": "kept_share", "format": ".2f"}])
         parts.append(chart_div(spec, ids("fidelity"), "Fidelity per intended class"))
     if f["per_mode"]:
         spec = {"data": {"values": f["per_mode"]}, "width": {"step": 16}, "height": 160, "mark": "bar",
