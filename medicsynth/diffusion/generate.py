@@ -33,7 +33,7 @@ call and from the provenance key. Big models: ``dtype: bf16``, ``cpu_offload`` (
 sequential), ``vae_tiling``/``vae_slicing``. ``backend: openai`` renders through the hosted
 Images API instead (:mod:`medicsynth.diffusion.hosted`).
 
-Speed options (:class:`GenerateOptions`) default to ``"auto"``: on for CUDA, no-ops on CPU.
+Speed options (:class:`GenerateOptions`) are ``"auto"`` in params.yaml: on for CUDA, no-ops on CPU.
 Execution details that do not change the recipe (dtype, batch size, compile, attention kernel)
 are recorded but not part of the provenance key, so switching them does not re-render.
 """
