@@ -140,10 +140,16 @@ def check_architecture() -> dict:
 
 
 def variants(smoke: bool, smoke_compile: bool = False) -> dict[str, GenerateOptions]:
-    base = GenerateOptions(model="bench-random-sd15", scheduler="dpmsolver++", steps=30, guidance=7.5,
-                           width=512, height=512, safety_checker=False, dtype="fp16",
+    # Every option spelt out (GenerateOptions has no defaults for what params.yaml sets): the
+    # benchmark measures fixed configurations, not whatever params.yaml holds today.
+    base = GenerateOptions(model="bench-random-sd15", backend="diffusers", hosted={}, lora="",
+                           scheduler="dpmsolver++", steps=30, guidance=7.5, max_sequence_length=0,
+                           cpu_offload="none", vae_tiling=False, vae_slicing=False, width=512, height=512,
+                           prompt_source="auto", batch_size=0, dtype="fp16", device="auto", threads=0,
+                           safety_checker=False, blank_std=2.0, jpeg_quality=95,
                            channels_last=False, fuse_qkv=False, compile=False, compile_vae=False,
-                           inductor_tuning=False, cudnn_benchmark=False, tf32=False, pad_batches=False)
+                           compile_mode="max-autotune-no-cudagraphs", inductor_tuning=False,
+                           cudnn_benchmark=False, tf32=False, pad_batches=False)
     ours = replace(base, batch_size=32, channels_last=True, fuse_qkv=True, compile=True, compile_vae=True,
                    compile_mode="max-autotune-no-cudagraphs", inductor_tuning=True, cudnn_benchmark=True,
                    tf32=True, pad_batches=True, vae_batch=16)

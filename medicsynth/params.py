@@ -68,3 +68,47 @@ def from_section(
             f"params.yaml {name}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
         )
     return cls(**{key: require(values, name, key) for key in sorted(known)})
+
+
+def build_config(
+    cls: type[T],
+    values: Mapping[str, Any] | None,
+    name: str,
+    *,
+    ignore: Iterable[str] = (),
+    convert: Mapping[str, Any] | None = None,
+) -> T:
+    """Build dataclass ``cls`` from one params section's ``values`` (a mapping, not the whole file).
+
+    Parameters: ``values`` is the section (``None`` counts as empty); ``name`` its dotted
+    params.yaml path for errors (``"adapt.demo"``); ``ignore`` lists keys of the section that are
+    not fields of ``cls`` (read elsewhere); ``convert`` maps a field name to a callable applied
+    to its value (e.g. ``tuple`` for a YAML list).
+
+    Guarantees: a field of ``cls`` without a default is a value params.yaml sets, so it is
+    required (a missing key raises ``KeyError`` naming ``name.key``); a field with a default is a
+    code constant params.yaml does not list, taken from ``values`` only when present; a key that
+    is neither a field nor in ``ignore`` raises ``ValueError`` naming it and the known keys.
+    """
+    from dataclasses import MISSING
+
+    values = dict(values or {})
+    init = [f for f in fields(cls) if f.init]
+    known = {f.name for f in init}
+    unknown = sorted(set(values) - known - set(ignore))
+    if unknown:
+        raise ValueError(
+            f"params.yaml {name}: unknown key(s) {', '.join(unknown)}; known: {', '.join(sorted(known))}"
+        )
+    convert = dict(convert or {})
+    kwargs: dict[str, Any] = {}
+    for f in init:
+        if f.default is MISSING and f.default_factory is MISSING:
+            kwargs[f.name] = require(values, name, f.name)
+        elif f.name in values:
+            kwargs[f.name] = values[f.name]
+        else:
+            continue
+        if f.name in convert:
+            kwargs[f.name] = convert[f.name](kwargs[f.name])
+    return cls(**kwargs)

@@ -23,6 +23,7 @@ from PIL import Image
 from medicsynth.io import atomic_path
 from medicsynth.labels import CLASSES, TASKS
 from medicsynth.manifest import resolve_file
+from medicsynth.sampling import round_robin
 
 MINORITY_COLOUR = "#e67e22"
 MAJORITY_COLOUR = "#3b75af"
@@ -299,15 +300,8 @@ def _filter_caption(row: pd.Series) -> str:
 
 def _spread_reasons(rows: pd.DataFrame, k: int) -> pd.DataFrame:
     # Rejected samples round-robin over reasons, so one frequent reason does not hide the others.
-    groups = [g for _, g in rows.groupby("reason", sort=True)]
-    picked = []
-    depth = 0
-    while len(picked) < k and any(depth < len(g) for g in groups):
-        for g in groups:
-            if depth < len(g) and len(picked) < k:
-                picked.append(g.index[depth])
-        depth += 1
-    return rows.loc[picked]
+    groups = [g.index for _, g in rows.groupby("reason", sort=True)]
+    return rows.loc[round_robin(groups, k)]
 
 
 def _thumbnail(path: str, cell: int) -> np.ndarray:

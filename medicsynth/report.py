@@ -30,7 +30,7 @@ import html
 import io
 import json
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -38,6 +38,8 @@ import numpy as np
 
 from medicsynth import report_data as rd
 from medicsynth.labels import CLASSES, TASKS
+from medicsynth.llm.cost import price_table_from_params
+from medicsynth.params import require
 from medicsynth.vega import chart_div, embed_script, licence_comment
 
 #: Section ids in page order, with the question each answers (README links to them).
@@ -63,59 +65,62 @@ class ReportConfigError(ValueError):
 
 @dataclass
 class ReportConfig:
-    """Parameters of the report (params.yaml section ``report``; see :meth:`from_params`)."""
+    """Parameters of the report (params.yaml section ``report``; build with :meth:`from_params`).
 
-    title: str = "medicsynth results"
-    relabel_examples: int = 6
-    synthetic_task: str = "disaster_types"
-    synthetic_per_class: int = 6
-    thumbnail_px: int = 96
-    allocation_rows: int = 25
-    prices: dict[str, dict[str, float]] = field(default_factory=dict)
+    No defaults: params.yaml sets every field. ``prices`` is ``{model: {"input", "output"}}`` in
+    USD per million tokens, read from ``llm.prices`` (the project's one price table).
+    """
+
+    title: str
+    relabel_examples: int
+    synthetic_task: str
+    synthetic_per_class: int
+    thumbnail_px: int
+    allocation_rows: int
+    prices: dict[str, dict[str, float]]
 
     @staticmethod
     def prices_from_llm(llm_prices: Mapping[str, Any] | None) -> dict[str, dict[str, float]]:
-        """``{model: {input, output}}`` (USD per 1M tokens) from params.yaml's ``llm.prices``, the
-        one price table of the project (the paid stages' cost estimates read it too)."""
-        models = (llm_prices or {}).get("models") or {}
-        return {str(m): {"input": p.get("input_per_mtok"), "output": p.get("output_per_mtok")}
-                for m, p in models.items() if isinstance(p, Mapping)}
+        """``{model: {input, output}}`` (USD per 1M tokens) from params.yaml's ``llm.prices``,
+        parsed by :func:`medicsynth.llm.cost.price_table_from_params` (the paid stages' cost
+        estimates read the same table); ``None`` or an empty mapping gives ``{}``.
+
+        Raises :class:`ReportConfigError` naming the ``llm.prices`` key that is malformed.
+        """
+        try:
+            table = price_table_from_params(llm_prices)
+        except ValueError as exc:
+            raise ReportConfigError(f"params.yaml {exc}") from None
+        if table is None:
+            return {}
+        return {m: {"input": p.input_per_mtok, "output": p.output_per_mtok} for m, p in table.models.items()}
 
     @classmethod
-    def from_params(cls, cfg: Mapping[str, Any], llm_prices: Mapping[str, Any] | None = None) -> ReportConfig:
-        """Validate the ``report`` section; errors name the key and the accepted values.
+    def from_params(cls, cfg: Mapping[str, Any], llm_prices: Mapping[str, Any] | None) -> ReportConfig:
+        """Validate the ``report`` section and ``llm.prices``; errors name the key and the accepted values.
 
-        Prices come from ``llm_prices`` (params.yaml ``llm.prices``) when given, else from
-        ``cfg["prices"]`` (``{model: {input, output}}``, for callers without a params file).
+        Every ``report`` key is required (``KeyError`` naming ``report.<key>``); ``llm_prices`` is
+        params.yaml's ``llm.prices`` (``None``: no prices, costs show as unpriced).
         """
-        if llm_prices is not None:
-            cfg = {**cfg, "prices": cls.prices_from_llm(llm_prices)}
-        out = cls()
+        def get(key: str) -> Any:
+            return require(cfg, "report", key)
+
+        unknown = sorted(set(cfg) - {f.name for f in fields(cls) if f.name != "prices"})
+        if unknown:
+            raise ReportConfigError(f"params.yaml report: unknown key(s) {', '.join(unknown)} "
+                                    "(prices live in llm.prices, the one price table)")
+        ints = {}
         for key in ("relabel_examples", "synthetic_per_class", "thumbnail_px", "allocation_rows"):
-            if key in cfg:
-                value = cfg[key]
-                if not isinstance(value, int) or isinstance(value, bool) or value < (16 if key == "thumbnail_px" else 0):
-                    low = 16 if key == "thumbnail_px" else 0
-                    raise ReportConfigError(f"params.yaml report.{key}: expected an integer >= {low}, got {value!r}")
-                setattr(out, key, value)
-        if "title" in cfg:
-            out.title = str(cfg["title"])
-        if "synthetic_task" in cfg:
-            if cfg["synthetic_task"] not in TASKS:
-                raise ReportConfigError(
-                    f"params.yaml report.synthetic_task: {cfg['synthetic_task']!r} is not a task; use one of {', '.join(TASKS)}")
-            out.synthetic_task = cfg["synthetic_task"]
-        prices = cfg.get("prices") or {}
-        if not isinstance(prices, Mapping):
-            raise ReportConfigError("params.yaml report.prices: expected {model: {input: USD/1M tokens, output: USD/1M tokens}}")
-        for model, p in prices.items():
-            if not isinstance(p, Mapping) or not {"input", "output"} <= set(p):
-                raise ReportConfigError(f"params.yaml report.prices.{model}: expected {{input: ..., output: ...}} in USD per 1M tokens, got {p!r}")
-            try:
-                out.prices[str(model)] = {"input": float(p["input"]), "output": float(p["output"])}
-            except (TypeError, ValueError):
-                raise ReportConfigError(f"params.yaml report.prices.{model}: prices must be numbers, got {p!r}") from None
-        return out
+            value = get(key)
+            low = 16 if key == "thumbnail_px" else 0
+            if not isinstance(value, int) or isinstance(value, bool) or value < low:
+                raise ReportConfigError(f"params.yaml report.{key}: expected an integer >= {low}, got {value!r}")
+            ints[key] = value
+        task = get("synthetic_task")
+        if task not in TASKS:
+            raise ReportConfigError(
+                f"params.yaml report.synthetic_task: {task!r} is not a task; use one of {', '.join(TASKS)}")
+        return cls(title=str(get("title")), synthetic_task=task, prices=cls.prices_from_llm(llm_prices), **ints)
 
 
 @dataclass
@@ -382,6 +387,19 @@ def section_per_class(rows: list[dict[str, Any]] | None, variants: Sequence[str]
     return "\n".join(parts)
 
 
+def per_class_bars(data: list[dict[str, Any]], x: dict[str, Any], tooltip: list[dict[str, Any]]) -> dict[str, Any]:
+    """Vega-Lite spec of horizontal bars, one per ``data`` row, labelled by its ``label`` field.
+
+    Parameters: ``data`` rows carry ``label`` (``"task: class"``, drawn top to bottom in row
+    order) and ``task`` (the bar colour, tasks in :data:`TASKS` order); ``x`` is the x encoding
+    (field, type, optional scale, title) and ``tooltip`` the tooltip fields.
+    """
+    return {"data": {"values": data}, "width": 360, "height": {"step": 13}, "mark": "bar",
+            "encoding": {"y": {"field": "label", "sort": None, "title": None}, "x": x,
+                         "color": {"field": "task", "type": "nominal", "sort": list(TASKS)},
+                         "tooltip": tooltip}}
+
+
 def section_confusion(conf: dict[str, dict[str, Any]], ids: ChartIds) -> str:
     if not conf:
         return missing("data/predictions/<variant>-<arch>/test.tsv", "evaluate")
@@ -469,10 +487,8 @@ def section_relabelling(r: dict[str, Any] | None, encode: ImageEncoder | None, i
     if r["per_class"]:
         data = [{"label": f"{rd.SHORT_TASK.get(c['task'], c['task'])}: {c['class']}", "task": c["task"],
                  "class": c["class"], "changed": c["changed"]} for c in r["per_class"]]
-        spec = {"data": {"values": data}, "width": 360, "height": {"step": 13}, "mark": "bar",
-                "encoding": {"y": {"field": "label", "sort": None, "title": None}, "x": {"field": "changed", "type": "quantitative", "title": "labels changed to another class (by old class)"},
-                             "color": {"field": "task", "type": "nominal", "sort": list(TASKS)},
-                             "tooltip": [{"field": "task"}, {"field": "class"}, {"field": "changed"}]}}
+        spec = per_class_bars(data, {"field": "changed", "type": "quantitative", "title": "labels changed to another class (by old class)"},
+                              [{"field": "task"}, {"field": "class"}, {"field": "changed"}])
         parts.append(chart_div(spec, ids("relabel"), "Changed labels per original class"))
     if r["examples"]:
         vote_names = list(dict.fromkeys(k for e in r["examples"] for k in e["votes"]))
@@ -558,11 +574,9 @@ def section_fidelity(f: dict[str, Any] | None, ids: ChartIds) -> str:
     if f["per_class"]:
         data = [{"label": f"{rd.SHORT_TASK.get(c['task'], c['task'])}: {c['class']}", "task": c["task"],
                  "agreement": c["agreement"], "kept_share": c["kept_share"]} for c in f["per_class"] if c["agreement"] is not None]
-        spec = {"data": {"values": data}, "width": 360, "height": {"step": 13}, "mark": "bar",
-                "encoding": {"y": {"field": "label", "sort": None, "title": None},
-                             "x": {"field": "agreement", "type": "quantitative", "scale": {"domain": [0, 1]}, "title": "original model's argmax = intended label"},
-                             "color": {"field": "task", "type": "nominal", "sort": list(TASKS)},
-                             "tooltip": [{"field": "label"}, {"field": "agreement", "format": ".2f"}, {"field": "kept_share", "format": ".2f"}]}}
+        spec = per_class_bars(data, {"field": "agreement", "type": "quantitative", "scale": {"domain": [0, 1]},
+                                     "title": "original model's argmax = intended label"},
+                              [{"field": "label"}, {"field": "agreement", "format": ".2f"}, {"field": "kept_share", "format": ".2f"}])
         parts.append(chart_div(spec, ids("fidelity"), "Fidelity per intended class"))
     if f["per_mode"]:
         spec = {"data": {"values": f["per_mode"]}, "width": {"step": 16}, "height": 160, "mark": "bar",

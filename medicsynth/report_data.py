@@ -22,6 +22,7 @@ import pandas as pd
 
 from medicsynth.labels import CLASSES, TASKS
 from medicsynth.metrics import confusion_counts
+from medicsynth.sampling import round_robin
 
 #: Short task names for narrow tables and ``metrics/summary.json`` keys.
 SHORT_TASK = {"damage_severity": "damage", "informative": "inform", "humanitarian": "human", "disaster_types": "disaster"}
@@ -273,15 +274,10 @@ def relabel_data(relabel: Mapping[str, Any] | None, changes: pd.DataFrame | None
             t = changed[changed["task"] == task].sort_values("image_path", kind="stable")
             if t.empty:
                 continue
+            # Turns over the (old, new) changes, most frequent first: rare changes get shown too.
             groups = [g for _, g in sorted(t.groupby(["old", "new"]), key=lambda kv: (-len(kv[1]), kv[0]))]
-            picked: list[pd.Series] = []
-            depth = 0
-            while len(picked) < examples_per_task and any(depth < len(g) for g in groups):
-                for g in groups:
-                    if depth < len(g) and len(picked) < examples_per_task:
-                        picked.append(g.iloc[depth])
-                depth += 1
-            for r in picked:
+            turns = round_robin([[(g, i) for i in range(len(g))] for g in groups], examples_per_task)
+            for r in (g.iloc[i] for g, i in turns):
                 ex = {"task": task, "image_path": r["image_path"], "old": r["old"], "new": r["new"],
                       "votes": {c[len("vote_"):]: r[c] for c in vote_cols}}
                 if r["image_path"] in clean_map and task in clean_map[r["image_path"]]:

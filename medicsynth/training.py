@@ -276,16 +276,17 @@ def seed_everything(seed: int) -> None:
     torch.cuda.manual_seed_all(seed)
 
 
-def resolve_device(device: str, cpu_threads: int | None = None) -> torch.device:
-    """``auto`` → CUDA when available. On CPU, optionally cap torch's intra-op threads.
+def resolve_device(device: str, cpu_threads: int | None = None, key: str = "train.device") -> torch.device:
+    """:func:`medicsynth.devices.choose_device` of ``device`` (``key`` names it in errors); on
+    CPU, optionally cap torch's intra-op threads.
 
     Why cap: the loader's decoding threads run beside the model. When torch's OpenMP threads
     have to share cores with them, their spin-waiting collapses throughput (measured on the
     2-core demo machine: ~90 img/s with 2 torch threads vs ~950 img/s with 1).
     """
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    dev = torch.device(device)
+    from medicsynth.devices import choose_device
+
+    dev = choose_device(device, key=key)
     if dev.type == "cpu" and cpu_threads:
         torch.set_num_threads(cpu_threads)
     return dev

@@ -22,7 +22,7 @@ from pathlib import Path
 import yaml
 
 from medicsynth.io import write_json, write_text
-from medicsynth.params import load_params, section
+from medicsynth.params import load_params, require, section
 from medicsynth.report import Provenance, ReportConfig, ReportInputs, build_report
 from medicsynth.report_data import headline_summary, read_json_opt
 from medicsynth.vega import versions
@@ -46,7 +46,7 @@ def main() -> None:
     args = parser.parse_args()
 
     params = load_params(args.params)
-    config = ReportConfig.from_params(section(params, "report"), section(params, "llm").get("prices"))
+    config = ReportConfig.from_params(section(params, "report"), require(section(params, "llm"), "llm", "prices"))
     rev = (git("rev-parse", "--short=12", "HEAD") or "").strip() or "unknown (not a git checkout)"
     committed = git("show", f"HEAD:{Path(args.params).as_posix()}")
     provenance = Provenance(

@@ -383,30 +383,34 @@ def _render(reply: Reply, req: RecordedRequest) -> tuple[int, dict[str, str], by
 Responder = Callable[[RecordedRequest], Reply]
 
 
-class FakeLLMServer:
-    """Scripted OpenAI/Anthropic API on 127.0.0.1; see the module docstring for scripting."""
+class LoopbackServer:
+    """Start-up and shut-down of a threaded HTTP server on ``127.0.0.1`` (a free port), shared
+    by the fake API servers of the tests (this module, :mod:`tests.images_api_server`).
 
-    def __init__(self, responder: Responder | Reply | None = None) -> None:
-        self.responder = responder
-        self._lock = threading.Lock()
-        self._queue: list[Reply] = []
-        self._requests: list[RecordedRequest] = []
-        self._completed: Counter[str] = Counter()
-        self._httpd: ThreadingHTTPServer | None = None
-        self._thread: threading.Thread | None = None
+    A subclass returns its request handler class from :meth:`handler_class`; each handler
+    instance reaches the fake (this object) as ``self.fake``. Usable as a context manager
+    (``with FakeX() as server:`` starts it and stops it on exit).
+    """
 
-    # -- lifecycle --------------------------------------------------------------------------
+    #: Listen backlog; the default of 5 refuses connections when 16+ clients connect at once.
+    request_queue_size = 256
+    _httpd: ThreadingHTTPServer | None = None
+    _thread: threading.Thread | None = None
 
-    def start(self) -> FakeLLMServer:
-        server = self
+    def handler_class(self) -> type[BaseHTTPRequestHandler]:
+        raise NotImplementedError
 
-        class Handler(_Handler):
-            fake = server
+    def start(self) -> Any:
+        fake, backlog = self, self.request_queue_size
+
+        class Handler(self.handler_class()):  # type: ignore[misc,valid-type]
+            pass
+
+        Handler.fake = fake
 
         class HTTPServer(ThreadingHTTPServer):
             daemon_threads = True
-            # The default backlog of 5 refuses connections when 16+ clients connect at once.
-            request_queue_size = 256
+            request_queue_size = backlog
 
         self._httpd = HTTPServer(("127.0.0.1", 0), Handler)
         self._thread = threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
@@ -419,7 +423,7 @@ class FakeLLMServer:
             self._httpd.server_close()
             self._httpd = None
 
-    def __enter__(self) -> FakeLLMServer:
+    def __enter__(self) -> Any:
         return self.start()
 
     def __exit__(self, *exc: object) -> None:
@@ -433,6 +437,20 @@ class FakeLLMServer:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{self.port}"
+
+
+class FakeLLMServer(LoopbackServer):
+    """Scripted OpenAI/Anthropic API on 127.0.0.1; see the module docstring for scripting."""
+
+    def __init__(self, responder: Responder | Reply | None = None) -> None:
+        self.responder = responder
+        self._lock = threading.Lock()
+        self._queue: list[Reply] = []
+        self._requests: list[RecordedRequest] = []
+        self._completed: Counter[str] = Counter()
+
+    def handler_class(self) -> type[BaseHTTPRequestHandler]:
+        return _Handler
 
     @property
     def openai_base_url(self) -> str:
@@ -523,8 +541,10 @@ class FakeLLMServer:
             self._completed[req.content_hash] += 1
 
 
-class _Handler(BaseHTTPRequestHandler):
-    fake: FakeLLMServer
+class LoopbackHandler(BaseHTTPRequestHandler):
+    """What the fake servers' request handlers share: HTTP/1.1 keep-alive, no Nagle delay, no
+    log lines, and :meth:`_peer_closed` (a client that gave up gets nothing delivered)."""
+
     # HTTP/1.1 keeps connections alive, as the real APIs do; every response sets Content-Length.
     protocol_version = "HTTP/1.1"
     # Headers and body go out in two writes; with Nagle on, the body waits for a delayed ACK (~40 ms).
@@ -532,6 +552,19 @@ class _Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - stdlib signature
         pass  # keep test output clean
+
+    def _peer_closed(self) -> bool:
+        # A client waiting for its answer sends nothing more, so a readable socket means EOF:
+        # it timed out or died. Writing would still "succeed" into the kernel buffer.
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except OSError:
+            return True
+
+
+class _Handler(LoopbackHandler):
+    fake: FakeLLMServer
 
     def do_POST(self) -> None:  # noqa: N802 - stdlib naming
         length = int(self.headers.get("Content-Length") or 0)
@@ -556,15 +589,6 @@ class _Handler(BaseHTTPRequestHandler):
         status, out_headers, body = _render(reply, req)
         if self._send(status, out_headers, body, pieces=pieces, interval_s=interval):
             self.fake._mark_completed(req)
-
-    def _peer_closed(self) -> bool:
-        # A client waiting for its answer sends nothing more, so a readable socket means EOF:
-        # it timed out or died. Writing would still "succeed" into the kernel buffer.
-        try:
-            readable, _, _ = select.select([self.connection], [], [], 0)
-            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
-        except OSError:
-            return True
 
     def _send(
         self, status: int, headers: dict[str, str], body: bytes, *, pieces: int = 1, interval_s: float = 0.0

@@ -25,15 +25,15 @@ import base64
 import hashlib
 import io
 import json
-import select
-import socket
 import threading
 import time
 from collections import Counter
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import numpy as np
 from PIL import Image
+
+from tests.api_server import LoopbackHandler, LoopbackServer
 
 IMAGES_PATH = "/v1/images/generations"
 
@@ -50,8 +50,10 @@ def prompt_image(prompt: str, width: int, height: int) -> bytes:
     return buf.getvalue()
 
 
-class FakeImagesServer:
+class FakeImagesServer(LoopbackServer):
     """Scripted Images API on 127.0.0.1; see the module docstring."""
+
+    request_queue_size = 64
 
     def __init__(self, delay_s: float = 0.0) -> None:
         self.delay_s = delay_s
@@ -62,38 +64,13 @@ class FakeImagesServer:
         self.bodies: list[dict] = []
         self.hold_from: int | None = None
         self.release = threading.Event()
-        self._httpd: ThreadingHTTPServer | None = None
 
-    def start(self) -> "FakeImagesServer":
-        fake = self
-
-        class Handler(_Handler):
-            server_fake = fake
-
-        class HTTPServer(ThreadingHTTPServer):
-            daemon_threads = True
-            request_queue_size = 64
-
-        self._httpd = HTTPServer(("127.0.0.1", 0), Handler)
-        threading.Thread(target=self._httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True).start()
-        return self
-
-    def stop(self) -> None:
-        if self._httpd is not None:
-            self._httpd.shutdown()
-            self._httpd.server_close()
-            self._httpd = None
-
-    def __enter__(self) -> "FakeImagesServer":
-        return self.start()
-
-    def __exit__(self, *exc: object) -> None:
-        self.stop()
+    def handler_class(self) -> type[BaseHTTPRequestHandler]:
+        return _Handler
 
     @property
     def base_url(self) -> str:
-        assert self._httpd is not None, "server not started"
-        return f"http://127.0.0.1:{self._httpd.server_address[1]}/v1"
+        return f"{self.url}/v1"
 
     def script(self, *statuses: int) -> None:
         """The next ``len(statuses)`` requests fail with these HTTP statuses, in order."""
@@ -113,13 +90,8 @@ class FakeImagesServer:
             return (self._script.pop(0) if self._script else None), hold
 
 
-class _Handler(BaseHTTPRequestHandler):
-    server_fake: FakeImagesServer
-    protocol_version = "HTTP/1.1"
-    disable_nagle_algorithm = True
-
-    def log_message(self, format: str, *args) -> None:  # noqa: A002 - stdlib signature
-        pass
+class _Handler(LoopbackHandler):
+    fake: FakeImagesServer
 
     def do_POST(self) -> None:  # noqa: N802 - stdlib naming
         raw = self.rfile.read(int(self.headers.get("Content-Length") or 0))
@@ -131,7 +103,7 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError:
             self._send(400, {"error": {"message": "body is not JSON", "type": "invalid_request_error"}})
             return
-        fake = self.server_fake
+        fake = self.fake
         status, hold = fake._take(body)
         if hold:
             fake.release.wait(60)
@@ -148,13 +120,6 @@ class _Handler(BaseHTTPRequestHandler):
         if self._send(200, answer):
             with fake._lock:
                 fake.completed[body.get("prompt", "")] += 1
-
-    def _peer_closed(self) -> bool:
-        try:
-            readable, _, _ = select.select([self.connection], [], [], 0)
-            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
-        except OSError:
-            return True
 
     def _send(self, status: int, obj: dict) -> bool:
         if self._peer_closed():  # the client died or gave up: nothing is delivered

@@ -27,6 +27,7 @@ from medicsynth.diffusion.tiny import TinyConfig, build_pipeline, save_pipeline
 from medicsynth.diffusion.train import DemoTrainConfig, PhaseTimeout
 from medicsynth.labels import CLASSES, TASKS
 from medicsynth.timing import is_timing_key, split_timing, write_metrics
+from tests.sections import section
 
 REPO = Path(__file__).resolve().parents[1]
 # Narrower than the demo model, same structure (as in test_diffusion.py).
@@ -126,8 +127,8 @@ def _adapt_workdir(tmp_path: Path) -> Path:
     pd.DataFrame(rows).to_csv(tmp_path / "train.tsv", sep="\t", index=False)
     tiny = {k: list(v) if isinstance(v, tuple) else v for k, v in TEST_TINY.to_dict().items()}
     params = {"adapt": {"mode": "demo", "train_manifest": "train.tsv", "balance": "disaster_types", "seed": 0,
-                        "threads": 1, "demo": {"vae_steps": 30, "vae_batch": 2, "unet_steps": 30, "unet_batch": 2,
-                                               "warmup_steps": 3, "tiny": tiny}}}
+                        "threads": 1, "demo": {**section("adapt.demo", vae_steps=30, vae_batch=2, unet_steps=30,
+                                                                 unet_batch=2, warmup_steps=3), "tiny": tiny}}}
     (tmp_path / "params.yaml").write_text(json.dumps(params))
     return tmp_path
 
@@ -176,7 +177,7 @@ def test_generate_writes_identical_images_under_load_and_other_writer_threads(tm
     base = dict(model="demo", steps=3, guidance=5.0, batch_size=2, device="cpu", threads=1)
 
     def run(name: str, writer_threads: int) -> tuple[dict, dict]:
-        opts = GenerateOptions(**base, writer_threads=writer_threads)
+        opts = GenerateOptions.from_params(section("generate", **base, writer_threads=writer_threads))
         metrics = generate_plan(tmp_path / "captions.tsv", tmp_path / name, tmp_path / f"{name}.tsv", opts,
                                 demo_dir=model_dir, progress=False)
         manifest = (tmp_path / f"{name}.tsv").read_text().replace(name, "IMAGES")

@@ -22,6 +22,7 @@ from PIL import Image
 
 from medicsynth.diffusion import generate as gen
 from medicsynth.diffusion.generate import GenerateError, GenerateOptions, generate_plan
+from medicsynth.diffusion.lora import FLOW_KEYS
 from medicsynth.diffusion.tiny import (
     TinyConfig,
     build_pipeline,
@@ -39,6 +40,7 @@ from medicsynth.diffusion.train import (
 )
 from medicsynth.labels import CLASSES, TASKS
 from medicsynth.manifest import read_manifest
+from tests.sections import section
 
 REPO = Path(__file__).resolve().parents[1]
 # Narrower than the demo model: same structure, faster to run in tests.
@@ -70,7 +72,7 @@ def write_plan(path: Path, n: int, start: int = 0, caption: str = "a photo") -> 
 
 def opts(**kw) -> GenerateOptions:
     base = dict(model="demo", steps=3, guidance=5.0, batch_size=2, device="cpu", threads=1, writer_threads=2)
-    return GenerateOptions(**{**base, **kw})
+    return GenerateOptions.from_params(section("generate", **{**base, **kw}))
 
 
 def renderer_for(model_dir: Path, **kw) -> gen.Renderer:
@@ -278,8 +280,8 @@ def test_hub_id_not_in_local_cache_is_a_clear_error(tmp_path, monkeypatch):
 @pytest.mark.e2e
 def test_two_processes_render_every_id_exactly_once(tmp_path, model_dir):
     write_plan(tmp_path / "captions.tsv", 9)
-    (tmp_path / "params.yaml").write_text(json.dumps({"generate": {
-        "model": "demo", "steps": 2, "guidance": 4.0, "batch_size": 2, "device": "cpu", "threads": 1}}))
+    (tmp_path / "params.yaml").write_text(json.dumps({"generate": section(
+        "generate", model="demo", steps=2, guidance=4.0, batch_size=2, device="cpu", threads=1)}))
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(REPO / "stages" / "generate.py"), "--params", "params.yaml", "--captions", "captions.tsv",
@@ -320,7 +322,8 @@ def test_demo_training_path_saves_a_loadable_pipeline(tmp_path):
 
     files = _tiny_images(tmp_path, 6)
     labels = [_labels(i) for i in range(6)]
-    cfg = DemoTrainConfig(vae_steps=3, vae_batch=4, unet_steps=3, unet_batch=4, tiny=TEST_TINY)
+    demo = section("adapt.demo", vae_steps=3, vae_batch=4, unet_steps=3, unet_batch=4)
+    cfg = replace(DemoTrainConfig.from_params({**demo, "balance": "disaster_types", "seed": 0}), tiny=TEST_TINY)
     pipe, logs = train_demo(load_images(files, 64), [label_prompt(x) for x in labels],
                             [x["disaster_types"] for x in labels], cfg, progress=False)
     assert logs["vae"].steps == 3 and logs["unet"].steps == 3
@@ -345,8 +348,11 @@ def test_lora_trains_two_steps_and_changes_outputs(tmp_path, model_dir):
     ref = gen.resolve_model("demo", model_dir)
     res = gen.resolve_options(o, torch.device("cpu"))
     pipe = gen.load_pipeline(ref, o, res)
-    cfg = LoraTrainConfig(rank=4, alpha=4, steps=2, batch=2, lr=5e-2, warmup_steps=0, resolution=64,
-                          mixed_precision="no", num_workers=0, gradient_checkpointing=True)
+    lora = section("adapt.lora", rank=4, alpha=4, steps=2, batch=2, lr=5e-2, resolution=64, mixed_precision="no",
+                   gradient_checkpointing=True)
+    trainer = {k: v for k, v in lora.items() if k not in ("captions", *FLOW_KEYS)}
+    cfg = LoraTrainConfig.from_params({**trainer, "balance": "disaster_types", "seed": 0, "warmup_steps": 0,
+                                       "num_workers": 0})
     log = train_lora(pipe, files, prompts, None, cfg, torch.device("cpu"), progress=False)
     assert log.steps == 2 and all(np.isfinite(log.losses))
     lora_dir = save_lora(pipe, tmp_path / "lora")
@@ -371,8 +377,8 @@ def test_adapt_stage_demo_writes_model_metrics_and_plot(tmp_path):
     pd.DataFrame(rows).to_csv(tmp_path / "train.tsv", sep="\t", index=False)
     tiny = {k: list(v) if isinstance(v, tuple) else v for k, v in TEST_TINY.to_dict().items()}
     params = {"adapt": {"mode": "demo", "train_manifest": "train.tsv", "balance": "disaster_types", "seed": 0,
-                        "threads": 1, "demo": {"vae_steps": 2, "vae_batch": 2, "unet_steps": 2, "unet_batch": 2,
-                                               "tiny": tiny}}}
+                        "threads": 1, "demo": {**section("adapt.demo", vae_steps=2, vae_batch=2, unet_steps=2,
+                                                                 unet_batch=2), "tiny": tiny}}}
     (tmp_path / "params.yaml").write_text(json.dumps(params))
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, str(REPO / "stages" / "adapt.py")], cwd=tmp_path, env=env,

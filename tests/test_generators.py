@@ -26,6 +26,7 @@ from medicsynth.diffusion.families import FamilyError, detect_family, native_siz
 from medicsynth.labels import CLASSES, TASKS
 from medicsynth.manifest import read_manifest
 from tests import tiny_pipelines
+from tests.sections import section
 
 REPO = Path(__file__).resolve().parents[1]
 FAMILIES = ("flux", "sd3", "sd")
@@ -65,7 +66,7 @@ def run_stage(script: str, cwd: Path, *args: str, monkeypatch) -> None:
 def generate_params(model: Path, **kw) -> dict:
     base = dict(model=str(model), scheduler="auto", steps=2, guidance="auto", width=32, height=32,
                 prompt_source="caption", batch_size=2, device="cpu", threads=1, safety_checker=False)
-    return {**base, **kw}
+    return section("generate", **{**base, **kw})
 
 
 def test_family_read_from_model_index(models, tmp_path):
@@ -166,9 +167,9 @@ def test_adapt_lora_trains_every_family_and_generate_loads_it(models, tmp_path, 
 
     write_train_manifest(tmp_path)
     adapt = {"mode": "lora", "train_manifest": "train.tsv", "balance": "disaster_types", "seed": 0, "threads": 1,
-             "lora": {"base_model": str(models[family]), "rank": 4, "alpha": 4.0, "steps": 3, "batch": 2, "lr": 0.05,
-                      "warmup_steps": 1, "resolution": 32, "gradient_checkpointing": False, "mixed_precision": "no",
-                      "num_workers": 0, "device": "cpu", "captions": "template"}}
+             "lora": {**section("adapt.lora", base_model=str(models[family]), rank=4, alpha=4.0, steps=3, batch=2,
+                                lr=0.05, resolution=32, gradient_checkpointing=False, mixed_precision="no",
+                                captions="template"), "warmup_steps": 1, "num_workers": 0, "device": "cpu"}}
     (tmp_path / "params.yaml").write_text(yaml.safe_dump({"adapt": adapt, "generate": generate_params(
         models[family], lora="models/diffusion/lora")}))
     run_stage("stages/adapt.py", tmp_path, "--out", "models/diffusion", "--metrics", "adapt.json",
@@ -213,10 +214,10 @@ def images_server():
 
 
 def hosted_params(server, tmp_path: Path, **hosted) -> dict:
-    cfg = {"model": "gpt-image-1", "base_url": server.base_url, "size": "48x32", "quality": "low",
-           "max_calls": 100, "concurrency": 2, "max_retries": 0, "timeout_s": 30,
-           "cache_dir": str(tmp_path / "cache"), **hosted}
-    return {"backend": "openai", "hosted": cfg, "prompt_source": "caption", "blank_std": 2.0}
+    cfg = section("generate.hosted", **{
+        "model": "gpt-image-1", "base_url": server.base_url, "size": "48x32", "quality": "low", "max_calls": 100,
+        "concurrency": 2, "max_retries": 0, "timeout_s": 30, "cache_dir": str(tmp_path / "cache"), **hosted})
+    return section("generate", backend="openai", hosted=cfg, prompt_source="caption", blank_std=2.0)
 
 
 def stage_args() -> list[str]:

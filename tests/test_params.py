@@ -63,3 +63,50 @@ def test_a_key_removed_from_params_is_an_error_naming_it(name, build):
     del values[key]
     with pytest.raises(KeyError, match=rf"params.yaml: missing key {name}.{key}"):
         build(values)
+
+
+def _without(values: dict, key: str) -> dict:
+    return {k: v for k, v in values.items() if k != key}
+
+
+@pytest.mark.parametrize("key", ["steps", "device", "hosted"])
+def test_generate_options_take_every_params_key_from_params_yaml(key):
+    from medicsynth.diffusion.generate import GenerateOptions
+
+    values = load_params(REPO / "params.yaml")["generate"]
+    assert GenerateOptions.from_params(values).guidance == values["guidance"]  # no copy in code
+    with pytest.raises(KeyError, match=rf"params.yaml: missing key generate.{key}"):
+        GenerateOptions.from_params(_without(values, key))
+    with pytest.raises(ValueError, match=r"params.yaml generate: unknown key\(s\) stepz"):
+        GenerateOptions.from_params({**values, "stepz": 3})
+
+
+def test_hosted_demo_lora_and_report_configs_name_a_missing_key():
+    from medicsynth.diffusion.hosted import HostedConfig, HostedError
+    from medicsynth.diffusion.lora import FLOW_KEYS
+    from medicsynth.diffusion.train import DemoTrainConfig, LoraTrainConfig
+    from medicsynth.report import ReportConfig
+
+    params = load_params(REPO / "params.yaml")
+    hosted = params["generate"]["hosted"]
+    assert HostedConfig.from_params(hosted).max_calls == hosted["max_calls"]
+    with pytest.raises(KeyError, match=r"missing key generate.hosted.concurrency"):
+        HostedConfig.from_params(_without(hosted, "concurrency"))
+    with pytest.raises(HostedError, match=r"generate.hosted: unknown key\(s\) sise"):
+        HostedConfig.from_params({**hosted, "sise": "1x1"})
+
+    adapt = params["adapt"]
+    demo = {**adapt["demo"], "balance": adapt["balance"], "seed": adapt["seed"]}
+    assert DemoTrainConfig.from_params(demo).unet_steps == adapt["demo"]["unet_steps"]
+    with pytest.raises(KeyError, match=r"missing key adapt.demo.unet_steps"):
+        DemoTrainConfig.from_params(_without(demo, "unet_steps"))
+
+    lora = {k: v for k, v in adapt["lora"].items() if k not in ("captions", *FLOW_KEYS)}
+    lora = {**lora, "balance": adapt["balance"], "seed": adapt["seed"]}
+    assert LoraTrainConfig.from_params(lora).rank == adapt["lora"]["rank"]
+    with pytest.raises(KeyError, match=r"missing key adapt.lora.rank"):
+        LoraTrainConfig.from_params(_without(lora, "rank"))
+
+    report = params["report"]
+    with pytest.raises(KeyError, match=r"missing key report.title"):
+        ReportConfig.from_params(_without(report, "title"), params["llm"]["prices"])

@@ -14,8 +14,12 @@ from medicsynth.report import SECTIONS, Provenance, ReportConfig, ReportConfigEr
 from medicsynth.report_data import headline_summary, params_diff, verdict_of
 from medicsynth.vega import plots_template
 from tests.report_fixture import VARIANTS, build_project
+from tests.sections import section
 
 REPO = Path(__file__).resolve().parents[1]
+# An llm.prices table in params.yaml's format (USD per million tokens).
+LLM_PRICES = {"date": "2025-10-15", "source": "test",
+              "models": {"gpt-4o": {"input_per_mtok": 2.5, "output_per_mtok": 10.0}}}
 DATA_URI = re.compile(r"data:image/[a-z+]+;base64,([A-Za-z0-9+/=]+)")
 
 
@@ -28,7 +32,7 @@ def make(project, with_images, **config):
     params = {"variants": list(VARIANTS), "mix_ratio": 0.1, "data": {"source": "demo"}, "train": {"archs": ["small_cnn"]},
               "caption": {"llm": {"model": "gpt-4o"}}}
     defaults = {**params, "mix_ratio": 0.3}
-    cfg = ReportConfig.from_params({"prices": {"gpt-4o": {"input": 2.5, "output": 10.0}}, **config})
+    cfg = ReportConfig.from_params(section("report", **config), LLM_PRICES)
     return build_report(ReportInputs(root=project), cfg, Provenance("abc123", params, defaults, "params.yaml at abc123"),
                         with_images=with_images)
 
@@ -108,7 +112,8 @@ def test_usage_prices_tokens_and_provenance_lists_changed_params(project):
 
 
 def test_missing_inputs_give_a_note_naming_the_stage(tmp_path):
-    result = build_report(ReportInputs(root=tmp_path), ReportConfig(), Provenance(), with_images=True)
+    result = build_report(ReportInputs(root=tmp_path), ReportConfig.from_params(section("report"), None), Provenance(),
+                          with_images=True)
     assert "dvc repro compare" in result.html and "dvc repro filter" in result.html
     assert result.sections == [s[0] for s in SECTIONS]
 
@@ -151,22 +156,33 @@ def test_params_diff_flattens_and_marks_absent_keys():
                    {"key": "y", "value": "(absent)", "default": 0}]
 
 
-@pytest.mark.parametrize(("cfg", "key"), [
-    ({"thumbnail_px": 4}, "report.thumbnail_px"),
-    ({"synthetic_task": "colour"}, "report.synthetic_task"),
-    ({"prices": {"gpt-4o": {"input": 1}}}, "report.prices.gpt-4o"),
-    ({"relabel_examples": -1}, "report.relabel_examples"),
+@pytest.mark.parametrize(("cfg", "llm_prices", "key"), [
+    ({"thumbnail_px": 4}, None, "report.thumbnail_px"),
+    ({"synthetic_task": "colour"}, None, "report.synthetic_task"),
+    ({}, {**LLM_PRICES, "models": {"gpt-4o": {"input_per_mtok": 1}}}, "llm.prices.models.gpt-4o"),
+    ({}, {"models": LLM_PRICES["models"]}, "llm.prices: missing key(s) date, source"),
+    ({"relabel_examples": -1}, None, "report.relabel_examples"),
 ])
-def test_config_errors_name_the_key(cfg, key):
+def test_config_errors_name_the_key(cfg, llm_prices, key):
     with pytest.raises(ReportConfigError, match=re.escape(key)):
-        ReportConfig.from_params(cfg)
+        ReportConfig.from_params(section("report", **cfg), llm_prices)
+
+
+def test_a_missing_or_unknown_report_key_is_an_error_naming_it():
+    values = section("report")
+    del values["thumbnail_px"]
+    with pytest.raises(KeyError, match=re.escape("missing key report.thumbnail_px")):
+        ReportConfig.from_params(values, None)
+    with pytest.raises(ReportConfigError, match="unknown key.*prices.*llm.prices"):
+        ReportConfig.from_params({**section("report"), "prices": {}}, None)
 
 
 def test_params_yaml_report_section_is_valid():
     import yaml
 
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    ReportConfig.from_params(params["report"])
+    cfg = ReportConfig.from_params(params["report"], params["llm"]["prices"])
+    assert cfg.thumbnail_px == params["report"]["thumbnail_px"]  # the value in params.yaml, no copy in code
 
 
 def test_committed_dvc_plots_template_is_current_and_offline():
@@ -192,8 +208,7 @@ def test_prices_come_from_the_one_table_in_llm_prices():
     import yaml
 
     params = yaml.safe_load((REPO / "params.yaml").read_text())
-    llm_prices = {"models": {"gpt-4o": {"input_per_mtok": 2.5, "output_per_mtok": 10.0}}}
-    cfg = ReportConfig.from_params({}, llm_prices)
+    cfg = ReportConfig.from_params(section("report"), LLM_PRICES)
     assert cfg.prices == {"gpt-4o": {"input": 2.5, "output": 10.0}}
     assert "prices" not in params["report"]  # no second price table to drift
     assert ReportConfig.from_params(params["report"], params["llm"]["prices"]).prices

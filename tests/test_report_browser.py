@@ -21,6 +21,7 @@ import pytest
 from medicsynth.report import SECTIONS, Provenance, ReportConfig, ReportInputs, build_report
 from tests.browser import assert_offline_and_drawn, find_chromium, open_page
 from tests.report_fixture import VARIANTS, build_project
+from tests.sections import section
 
 REPO = Path(__file__).resolve().parents[1]
 SHOTS = REPO / "test-screenshots"
@@ -37,7 +38,8 @@ def pages(tmp_path_factory):
     params = {"variants": list(VARIANTS), "mix_ratio": 0.1, "data": {"source": "demo"}, "train": {"archs": ["small_cnn"]}}
     out = {}
     for edition, images in (("public", False), ("private", True)):
-        r = build_report(ReportInputs(root=root), ReportConfig(), Provenance("test", params, params), with_images=images)
+        r = build_report(ReportInputs(root=root), ReportConfig.from_params(section("report"), None),
+                         Provenance("test", params, params), with_images=images)
         path = root / f"{edition}.html"
         path.write_text(r.html, encoding="utf-8")
         out[edition] = (path, r)

@@ -33,7 +33,7 @@ call and from the provenance key. Big models: ``dtype: bf16``, ``cpu_offload`` (
 sequential), ``vae_tiling``/``vae_slicing``. ``backend: openai`` renders through the hosted
 Images API instead (:mod:`medicsynth.diffusion.hosted`).
 
-Speed options (:class:`GenerateOptions`) default to ``"auto"``: on for CUDA, no-ops on CPU.
+Speed options (:class:`GenerateOptions`) are ``"auto"`` in params.yaml: on for CUDA, no-ops on CPU.
 Execution details that do not change the recipe (dtype, batch size, compile, attention kernel)
 are recorded but not part of the provenance key, so switching them does not re-render.
 """
@@ -47,7 +47,7 @@ import json
 import re
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 
@@ -59,10 +59,12 @@ from tqdm import tqdm
 
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 
+from medicsynth.devices import choose_device
 from medicsynth.diffusion.families import Family, detect_family, native_size
 from medicsynth.diffusion.tiny import label_prompt, read_meta
 from medicsynth.io import atomic_path
 from medicsynth.labels import TASKS, LabelError, validate_label
+from medicsynth.params import build_config
 
 DEMO_MODEL_DIR = "models/diffusion/demo"
 PLAN_COLUMNS: tuple[str, ...] = ("id", "seed", *TASKS, "caption", "negative_prompt")
@@ -82,57 +84,62 @@ class GenerateError(RuntimeError):
 # Options
 
 
-@dataclass
+@dataclass(kw_only=True)
 class GenerateOptions:
-    """Everything ``params.yaml``'s ``generate`` section can set (see the stage for comments).
+    """Everything ``params.yaml``'s ``generate`` section can set (its comments explain each key).
 
-    Fields typed ``bool | str`` accept ``"auto"``: on for CUDA, off (no-op) on CPU.
+    Fields without a default are set by params.yaml, the one source of their values (build with
+    :meth:`from_params`; a missing key is an error naming it). Fields with a default are options
+    params.yaml does not list (benchmarks and tests set them). Fields typed ``bool | str`` accept
+    ``"auto"``: on for CUDA, off (no-op) on CPU.
     """
 
-    model: str = "demo"
-    backend: str = "diffusers"  # diffusers (local pipeline) | openai (hosted Images API, medicsynth.diffusion.hosted)
-    hosted: dict = field(default_factory=dict)  # backend openai: HostedConfig fields
-    lora: str = ""
+    model: str
+    backend: str  # diffusers (local pipeline) | openai (hosted Images API, medicsynth.diffusion.hosted)
+    hosted: dict  # backend openai: HostedConfig fields
+    lora: str
     lora_scale: float = 1.0
-    scheduler: str = "dpmsolver++"  # a SCHEDULERS name, "default" (the model's own) or "auto" (the family's default)
-    steps: int | str = 20  # or "auto": the family's default
-    guidance: float | str = 7.0  # or "auto": the family's default (FLUX.1-dev: embedded guidance 3.5)
-    max_sequence_length: int = 0  # T5 prompt tokens (SD3/FLUX); 0 = the pipeline's default
-    cpu_offload: str = "none"  # none | model (one component on the GPU at a time) | sequential (per layer; slowest, least memory)
-    vae_tiling: bool = False  # decode in overlapping tiles (big images on small GPUs)
-    vae_slicing: bool = False  # decode one image of the batch at a time
+    scheduler: str  # a SCHEDULERS name, "default" (the model's own) or "auto" (the family's default)
+    steps: int | str  # or "auto": the family's default
+    guidance: float | str  # or "auto": the family's default (FLUX.1-dev: embedded guidance 3.5)
+    max_sequence_length: int  # T5 prompt tokens (SD3/FLUX); 0 = the pipeline's default
+    cpu_offload: str  # none | model (one component on the GPU at a time) | sequential (per layer; slowest, least memory)
+    vae_tiling: bool  # decode in overlapping tiles (big images on small GPUs)
+    vae_slicing: bool  # decode one image of the batch at a time
     guidance_rescale: float = 0.0  # CFG rescale φ (Lin et al. 2024); counters over-saturated colours
-    width: int = 0  # 0: the model's native size (UNet sample size × VAE scale factor)
-    height: int = 0
+    width: int  # 0: the model's native size (UNet sample size × VAE scale factor)
+    height: int
     negative_prompt: str = ""
-    prompt_source: str = "auto"  # auto | caption | labels
-    batch_size: int = 0  # 0: 8 on CPU, 32 on CUDA
-    dtype: str = "auto"  # auto | fp16 | bf16 | fp32
-    device: str = "auto"  # auto | cpu | cuda
-    threads: int = 0  # torch CPU threads; 0 keeps torch's default
-    safety_checker: bool = True
-    blank_std: float = 2.0
-    jpeg_quality: int = 95
+    prompt_source: str  # auto | caption | labels
+    batch_size: int  # 0: 8 on CPU, 32 on CUDA
+    dtype: str  # auto | fp16 | bf16 | fp32
+    device: str  # auto | cpu | cuda | cuda:N (medicsynth.devices.choose_device)
+    threads: int  # torch CPU threads; 0 keeps torch's default
+    safety_checker: bool
+    blank_std: float
+    jpeg_quality: int
     writer_threads: int = 4
     vae_batch: int = 0  # decode in chunks of this many images; 0: the whole batch
-    channels_last: bool | str = "auto"
-    fuse_qkv: bool | str = "auto"
-    compile: bool | str = "auto"
-    compile_vae: bool | str = "auto"
-    compile_mode: str = "max-autotune-no-cudagraphs"
+    channels_last: bool | str
+    fuse_qkv: bool | str
+    compile: bool | str
+    compile_vae: bool | str
+    compile_mode: str
     inductor_tuning: bool | str = "auto"
     attention_backend: str = "auto"  # auto | flash | cudnn | efficient | math
-    cudnn_benchmark: bool | str = "auto"
-    tf32: bool | str = "auto"
+    cudnn_benchmark: bool | str
+    tf32: bool | str
     pad_batches: bool | str = "auto"  # pad the last batch to full size: no recompile for a new shape
 
     @classmethod
     def from_params(cls, params: dict) -> "GenerateOptions":
-        names = {f.name for f in fields(cls)}
-        unknown = set(params) - names
-        if unknown:
-            raise KeyError(f"generate: unknown key(s) {sorted(unknown)}; known: {sorted(names)}")
-        return cls(**params)
+        """Build from the ``generate`` section.
+
+        Every key params.yaml sets is required (``KeyError`` naming ``generate.<key>``); a key
+        that is not a field is a ``ValueError`` naming it; ``hosted`` is kept as a mapping
+        (:class:`~medicsynth.diffusion.hosted.HostedConfig` validates it when the backend runs).
+        """
+        return build_config(cls, params, "generate", convert={"hosted": lambda d: dict(d or {})})
 
     def with_family_defaults(self, family: Family) -> "GenerateOptions":
         """A copy with ``auto`` steps/guidance/scheduler replaced by ``family``'s defaults.
@@ -815,15 +822,15 @@ def build_manifest(status: PlanStatus, images_dir: Path, opts: GenerateOptions, 
 
 
 def _device(opts: GenerateOptions, state) -> torch.device:
-    if opts.device == "cpu":
-        return torch.device("cpu")
-    if opts.device == "cuda":
-        if not torch.cuda.is_available():
-            raise GenerateError("generate.device is cuda but no CUDA device is visible")
-        return state.device if state.device.type == "cuda" else torch.device("cuda")
-    if opts.device != "auto":
-        raise ValueError(f"generate.device must be auto, cpu or cuda, got {opts.device!r}")
-    return state.device
+    """The render device: :func:`medicsynth.devices.choose_device` of ``generate.device``.
+
+    Under a multi-process launcher a plain CUDA choice (``auto`` or ``cuda``, no index) becomes
+    this process's GPU (``state.device``), so each process renders on its own device.
+    """
+    device = choose_device(opts.device, key="generate.device")
+    if device.type == "cuda" and device.index is None and state.device.type == "cuda":
+        return state.device
+    return device
 
 
 def generate_plan(

@@ -32,7 +32,7 @@ import os
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
-from dataclasses import asdict, dataclass, field, fields
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
@@ -41,6 +41,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from medicsynth.io import write_bytes_durably
+from medicsynth.params import build_config
 
 #: Bump when the meaning of a cached image changes; old entries then stop matching.
 CACHE_FORMAT_VERSION = 1
@@ -53,28 +54,35 @@ class HostedError(RuntimeError):
 
 @dataclass(frozen=True)
 class HostedConfig:
-    """``generate.hosted`` in params.yaml (backend ``openai``)."""
+    """``generate.hosted`` in params.yaml (backend ``openai``).
 
-    model: str = "gpt-image-1"  # Images API model id
-    base_url: str | None = None  # None = the SDK's default endpoint
-    size: str = "1024x1024"  # "WxH" as the model accepts it
-    quality: str | None = None  # model-specific (gpt-image-1: low | medium | high | auto); None = omit
-    response_format: str | None = None  # "b64_json" for dall-e models; None = omit (gpt-image-1 always answers base64)
-    extra: dict = field(default_factory=dict)  # further request fields (e.g. {"background": "opaque"}), part of the key
-    max_calls: int | None = 1000  # paid calls (cache misses) per run; None = unlimited
-    concurrency: int = 4  # parallel calls
-    timeout_s: float = 120.0  # per-attempt HTTP timeout
-    max_retries: int = 5  # the SDK's retries on 429/5xx/timeouts/connection errors
-    cache_dir: str = ".llm_cache"  # cache root (images under {cache_dir}/images)
+    No defaults: params.yaml sets every field (build with :meth:`from_params`).
+    """
+
+    model: str  # Images API model id
+    base_url: str | None  # None = the SDK's default endpoint
+    size: str  # "WxH" as the model accepts it
+    quality: str | None  # model-specific (gpt-image-1: low | medium | high | auto); None = omit
+    response_format: str | None  # "b64_json" for dall-e models; None = omit (gpt-image-1 always answers base64)
+    extra: dict  # further request fields (e.g. {"background": "opaque"}), part of the key
+    max_calls: int | None  # paid calls (cache misses) per run; None = unlimited
+    concurrency: int  # parallel calls
+    timeout_s: float  # per-attempt HTTP timeout
+    max_retries: int  # the SDK's retries on 429/5xx/timeouts/connection errors
+    cache_dir: str  # cache root (images under {cache_dir}/images)
 
     @classmethod
     def from_params(cls, params: dict | None) -> "HostedConfig":
-        params = dict(params or {})
-        names = {f.name for f in fields(cls)}
-        unknown = set(params) - names
-        if unknown:
-            raise HostedError(f"generate.hosted: unknown key(s) {sorted(unknown)}; known: {sorted(names)}")
-        cfg = cls(**params)
+        """Build from ``generate.hosted`` and validate it.
+
+        Every field is required (``KeyError`` naming ``generate.hosted.<key>``); an unknown key,
+        a malformed ``size``, a negative ``max_calls`` or ``concurrency`` < 1 raise
+        :class:`HostedError` naming the key.
+        """
+        try:
+            cfg = build_config(cls, params, "generate.hosted", convert={"extra": lambda d: dict(d or {})})
+        except ValueError as exc:
+            raise HostedError(str(exc)) from None
         try:
             w, h = (int(v) for v in cfg.size.split("x"))
             if w <= 0 or h <= 0:

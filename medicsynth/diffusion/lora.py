@@ -31,6 +31,7 @@ from typing import Sequence
 import pandas as pd
 import torch
 
+from medicsynth.devices import choose_device
 from medicsynth.diffusion.families import Family, detect_family
 from medicsynth.diffusion.train import (
     LoraTrainConfig,
@@ -41,6 +42,7 @@ from medicsynth.diffusion.train import (
     balanced_weights,
     train_lora,
 )
+from medicsynth.params import build_config, require
 
 #: adapt.lora keys used only by the flow families (the rest are LoraTrainConfig fields).
 FLOW_KEYS = ("guidance", "weighting_scheme", "max_sequence_length")
@@ -48,11 +50,11 @@ FLOW_KEYS = ("guidance", "weighting_scheme", "max_sequence_length")
 
 @dataclass(frozen=True)
 class FlowOptions:
-    """Flow-matching extras (``adapt.lora`` keys): the scripts' defaults."""
+    """Flow-matching extras (``adapt.lora`` keys ``FLOW_KEYS``; no defaults: params.yaml sets them)."""
 
-    guidance: float = 3.5  # FLUX.1-dev's embedded guidance during training (ignored without guidance_embeds)
-    weighting_scheme: str = "logit_normal"  # timestep density: logit_normal | mode | cosmap | sigma_sqrt | none
-    max_sequence_length: int = 0  # T5 tokens; 0 = the pipeline's default (SD3 256, FLUX 512)
+    guidance: float  # FLUX.1-dev's embedded guidance during training (ignored without guidance_embeds)
+    weighting_scheme: str  # timestep density: logit_normal | mode | cosmap | sigma_sqrt | none
+    max_sequence_length: int  # T5 tokens; 0 = the pipeline's default (SD3 256, FLUX 512)
 
 
 def load_base_pipeline(model_dir: str | Path, family: Family):
@@ -258,13 +260,13 @@ def adapt_lora(params: dict, train: pd.DataFrame, out_dir: str | Path, progress:
     from medicsynth.diffusion.generate import resolve_model
     from medicsynth.diffusion.tiny import label_prompt
 
-    lora_params = dict(params.get("lora") or {})
-    captions = lora_params.pop("captions", "template")
-    flow = FlowOptions(**{k: lora_params.pop(k) for k in FLOW_KEYS if k in lora_params})
-    balance = params.get("balance") or None
-    cfg = LoraTrainConfig.from_params({**lora_params, "balance": balance or "", "seed": params.get("seed", 0)})
-    device = torch.device("cuda" if cfg.device == "auto" and torch.cuda.is_available() else
-                          ("cpu" if cfg.device == "auto" else cfg.device))
+    lora_params = dict(require(params, "adapt", "lora") or {})
+    captions = require(lora_params, "adapt.lora", "captions")
+    flow = build_config(FlowOptions, {k: lora_params[k] for k in FLOW_KEYS if k in lora_params}, "adapt.lora")
+    trainer = {k: v for k, v in lora_params.items() if k not in ("captions", *FLOW_KEYS)}
+    balance = require(params, "adapt", "balance") or None
+    cfg = LoraTrainConfig.from_params({**trainer, "balance": balance or "", "seed": require(params, "adapt", "seed")})
+    device = choose_device(cfg.device, key="adapt.lora.device")
     ref = resolve_model(cfg.base_model)
     family = detect_family(ref.path)
     pipe = load_base_pipeline(ref.path, family)

@@ -43,6 +43,7 @@ from PIL import Image
 from tqdm import tqdm
 
 from medicsynth.diffusion.tiny import TinyConfig, build_pipeline, count_parameters, save_pipeline
+from medicsynth.params import build_config
 
 
 @dataclass
@@ -229,34 +230,43 @@ def train_denoiser(
 # Demo: the tiny pipeline from scratch
 
 
-@dataclass
+@dataclass(kw_only=True)
 class DemoTrainConfig:
-    """Hyper-parameters of demo training (``adapt.demo`` in params.yaml)."""
+    """Hyper-parameters of demo training (``adapt.demo`` plus ``adapt.balance`` / ``adapt.seed``).
+
+    Fields without a default are set by params.yaml, the one source of their values (build with
+    :meth:`from_params`; a missing key is an error naming it). Fields with a default are recipe
+    constants params.yaml does not list (an ``adapt.demo`` key of that name overrides them).
+    """
 
     # Small batches, many updates: at equal compute, VAE batch 8 × 1100 steps reconstructed the
     # rare classes' colours far better than batch 32 × 300, and UNet batch 8 × 1500 steps beat
     # batch 16 × 750 by ~15 points of disaster-type agreement (same seed, same wall time).
-    vae_steps: int = 1000
-    vae_batch: int = 8
+    vae_steps: int
+    vae_batch: int
     vae_crop: int = 32  # random crops: the notes found full-image VAE training less reliable
-    vae_lr: float = 2e-3
+    vae_lr: float
     vae_kl_weight: float = 1e-6
-    unet_steps: int = 1400
-    unet_batch: int = 8
-    unet_lr: float = 2e-3
-    warmup_steps: int = 25
-    caption_dropout: float = 0.1
-    snr_gamma: float = 5.0
+    unet_steps: int
+    unet_batch: int
+    unet_lr: float
+    warmup_steps: int
+    caption_dropout: float
+    snr_gamma: float
     ema_decay: float = 0.0
     latent_norm: str = "channel"  # channel (per-channel standardisation folded into the VAE) | global
-    balance: str = "disaster_types"  # sample training images inversely to this task's class counts
-    seed: int = 0
+    balance: str  # sample training images inversely to this task's class counts ("" = uniform)
+    seed: int
     tiny: TinyConfig = field(default_factory=TinyConfig)
 
     @classmethod
     def from_params(cls, params: dict) -> "DemoTrainConfig":
+        """Build from ``adapt.demo`` merged with ``balance`` and ``seed`` (keys of ``adapt``).
+
+        Every key params.yaml sets is required (``KeyError`` naming ``adapt.demo.<key>``); an
+        unknown key is a ``ValueError``; ``tiny`` (optional) holds :class:`TinyConfig` fields.
+        """
         params = dict(params)
-        tiny = TinyConfig.from_dict(params.pop("tiny", {}) or {})
         removed = sorted(k for k in params if k in ("vae_max_seconds", "unet_max_seconds"))
         if removed:
             raise KeyError(
@@ -264,10 +274,8 @@ class DemoTrainConfig:
                 "(a time cap made it depend on how busy the machine was). Delete them from params.yaml "
                 "and set adapt.demo.vae_steps / unet_steps instead."
             )
-        unknown = set(params) - {f for f in cls.__dataclass_fields__ if f != "tiny"}
-        if unknown:
-            raise KeyError(f"adapt.demo: unknown key(s) {sorted(unknown)}")
-        return cls(tiny=tiny, **params)
+        return build_config(cls, params, "adapt.demo",
+                            convert={"tiny": lambda d: TinyConfig.from_dict(d or {})})
 
 
 def load_images(files: Sequence[str], size: int, root: str | Path = ".") -> torch.Tensor:
@@ -464,38 +472,41 @@ def demo_metrics(cfg: DemoTrainConfig, pipe, logs: dict[str, TrainLog], n_images
 # LoRA on a real Stable Diffusion checkpoint
 
 
-@dataclass
+@dataclass(kw_only=True)
 class LoraTrainConfig:
-    """Hyper-parameters of LoRA training (``adapt.lora`` in params.yaml)."""
+    """Hyper-parameters of LoRA training (``adapt.lora`` plus ``adapt.balance`` / ``adapt.seed``).
 
-    base_model: str = "stable-diffusion-v1-5/stable-diffusion-v1-5"
-    rank: int = 16
-    alpha: float = 16.0
+    Fields without a default are set by params.yaml (build with :meth:`from_params`; a missing
+    key is an error naming it); fields with a default are constants params.yaml does not list.
+    """
+
+    base_model: str
+    rank: int
+    alpha: float
     target_modules: tuple[str, ...] = ("to_q", "to_k", "to_v", "to_out.0")
-    steps: int = 2000
-    batch: int = 8
-    lr: float = 1e-4
+    steps: int
+    batch: int
+    lr: float
     warmup_steps: int = 100
-    resolution: int = 512
+    resolution: int
     snr_gamma: float = 5.0
     caption_dropout: float = 0.1
-    gradient_checkpointing: bool = True
-    mixed_precision: str = "bf16"  # bf16 | fp16 | no (fp32; what CPU tests use)
-    balance: str = "disaster_types"
+    gradient_checkpointing: bool
+    mixed_precision: str  # bf16 | fp16 | no (fp32; what CPU tests use)
+    balance: str
     max_seconds: float = 0.0  # wall-clock limit: past it the stage fails (never a shorter run); 0 = none
     num_workers: int = 4
-    seed: int = 0
-    device: str = "auto"
+    seed: int
+    device: str = "auto"  # auto | cpu | cuda (medicsynth.devices.choose_device)
 
     @classmethod
     def from_params(cls, params: dict) -> "LoraTrainConfig":
-        params = dict(params)
-        unknown = set(params) - set(cls.__dataclass_fields__)
-        if unknown:
-            raise KeyError(f"adapt.lora: unknown key(s) {sorted(unknown)}")
-        if "target_modules" in params:
-            params["target_modules"] = tuple(params["target_modules"])
-        return cls(**params)
+        """Build from ``adapt.lora``'s trainer keys merged with ``balance`` and ``seed``.
+
+        Every key params.yaml sets is required (``KeyError`` naming ``adapt.lora.<key>``); an
+        unknown key is a ``ValueError``.
+        """
+        return build_config(cls, params, "adapt.lora", convert={"target_modules": tuple})
 
 
 class _ImageFiles(torch.utils.data.Dataset):
