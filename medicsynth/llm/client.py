@@ -83,6 +83,10 @@ FAILURE_REASONS: tuple[str, ...] = (
 )
 
 
+#: How requests are sent (:attr:`LLMConfig.mode`).
+MODES: tuple[str, ...] = ("sync", "batch")
+
+
 class LLMStageError(RuntimeError):
     """A paid stage that must fail (the message names provider and model, and is redacted)."""
 
@@ -124,6 +128,9 @@ class LLMConfig:
             :func:`raise_if_failing` fails the stage.
         budget_usd: :meth:`LLMClient.run` refuses a batch whose estimated cost
             (:mod:`medicsynth.llm.cost`) is above this, before sending anything; ``None`` = no cap.
+        mode: ``"sync"`` (one HTTP call per request) or ``"batch"`` (the provider's batch API at
+            the batch price, :mod:`medicsynth.llm.batch`; same requests, same results).
+        batch_poll_s: batch mode: seconds between status polls of a submitted batch.
     """
 
     provider: str
@@ -142,6 +149,8 @@ class LLMConfig:
     abort_after: int | None = 3
     max_failure_share: float = 0.5
     budget_usd: float | None = None
+    mode: str = "sync"
+    batch_poll_s: float = 60.0
 
     def __post_init__(self) -> None:
         if self.provider not in PROVIDERS:
@@ -161,6 +170,8 @@ class LLMConfig:
             "abort_after": self.abort_after is None or self.abort_after >= 1,
             "max_failure_share": 0.0 <= self.max_failure_share <= 1.0,
             "budget_usd": self.budget_usd is None or self.budget_usd >= 0,
+            "mode": self.mode in MODES,
+            "batch_poll_s": self.batch_poll_s >= 0,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
@@ -226,6 +237,9 @@ class LLMResult:
 # ------------------------------------------------------------------------------------------
 
 
+BATCH_COUNTERS = ("batches_submitted", "batches_resumed", "requests_submitted", "retried")
+
+
 @dataclass
 class Usage:
     """Counters of one client (one stage). Thread-safe; :meth:`as_dict` for metrics JSON.
@@ -251,6 +265,8 @@ class Usage:
     estimate: dict | None = None  # the last batch's cost estimate (medicsynth.llm.cost), before sending
     price: Any = None  # medicsynth.llm.cost.ModelPrice of the model, when the price table has it
     price_date: str | None = None
+    mode: str = "sync"  # batch mode: cost at the batch price, and the "batch" counters in as_dict
+    batch: Counter = field(default_factory=Counter)  # batches_submitted, batches_resumed, requests_submitted, retried
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, **counts: int) -> None:
@@ -276,6 +292,12 @@ class Usage:
             if result.used_fallback:
                 self.fallback_retries += 1
 
+    def _cost(self) -> float | None:
+        if self.price is None:
+            return None
+        usd = self.price.usd(self.input_tokens, self.output_tokens, batch=self.mode == "batch")
+        return None if usd is None else round(usd, 6)
+
     def as_dict(self) -> dict[str, Any]:
         with self._lock:
             lat = sorted(self.latencies_s)
@@ -298,11 +320,10 @@ class Usage:
                 "cached_input_tokens": self.cached_input_tokens,
                 "cached_output_tokens": self.cached_output_tokens,
                 "estimate": self.estimate,
-                "cost_usd": (
-                    None if self.price is None
-                    else round(self.price.usd(self.input_tokens, self.output_tokens), 6)
-                ),
+                "cost_usd": self._cost(),
                 "price_date": self.price_date,
+                **({"mode": "batch", "batch": {k: self.batch[k] for k in BATCH_COUNTERS}}
+                   if self.mode == "batch" else {}),
                 "latency_s": {
                     "count": len(lat),
                     "mean": round(sum(lat) / len(lat), 4) if lat else None,
@@ -488,7 +509,7 @@ class LLMClient:
         self.prices = prices
         self.cache = ResponseCache(cache_dir)
         self.provider = make_provider(config, sdk_client)
-        self.usage = Usage()
+        self.usage = Usage(mode=config.mode)
         if prices is not None:
             self.usage.price, self.usage.price_date = prices.price(config.model), prices.date
         self._sleep = sleep
@@ -499,6 +520,8 @@ class LLMClient:
         self._inflight: dict[str, threading.Event] = {}
         # Failures of this client's calls, by cache key: a duplicate shares them (never re-sent).
         self._failed: dict[str, _Failure] = {}
+        # Batch mode: keys answered by a batch in this run (counted as calls, not cache hits).
+        self._fresh: set[str] = set()
         # Probe gate and early stop (module docstring, "Stopping early").
         self._gate = threading.Condition()
         self._verified = False
@@ -518,13 +541,21 @@ class LLMClient:
         cost is above ``budget_usd``.
         """
         requests = list(requests)
-        results: list[LLMResult | None] = [None] * len(requests)
         if not requests:
             return []
         if self.prices is not None or self.config.budget_usd is not None:
             estimate = estimate_requests(self, requests, self.prices)
             self.usage.estimate = estimate.as_dict()
             check_budget(estimate, self.config.budget_usd, self.budget_key)
+        if self.config.mode == "batch":
+            from medicsynth.llm.batch import run_batch
+
+            return run_batch(self, requests, desc, progress)
+        return self._run_sync(requests, desc, progress)
+
+    def _run_sync(self, requests: list[LLMRequest], desc: str, progress: bool) -> list[LLMResult]:
+        # The sync path (batch mode ends with it too, every answer then being cached).
+        results: list[LLMResult | None] = [None] * len(requests)
         workers = min(self.config.concurrency, len(requests))
         failed = 0
         with (
@@ -659,7 +690,7 @@ class LLMClient:
         while True:
             hit = self.cache.get(key)
             if hit is not None:
-                return self._cache_hit(hit, result)
+                return self._cache_hit(hit, result, key)
             with self._inflight_lock:
                 failed = self._failed.get(key)
                 done = self._inflight.get(key)
@@ -675,7 +706,7 @@ class LLMClient:
                 # The previous owner may have cached the answer just before this one registered.
                 hit = self.cache.get(key)
                 if hit is not None:
-                    return self._cache_hit(hit, result)
+                    return self._cache_hit(hit, result, key)
                 return self._call_api(key, req, prompt, image, result)
             except _Failure as failure:
                 with self._inflight_lock:
@@ -686,7 +717,17 @@ class LLMClient:
                     del self._inflight[key]
                 done.set()
 
-    def _cache_hit(self, hit: RawResponse, result: LLMResult) -> RawResponse:
+    def _redact(self, text: str) -> str:
+        return redact(text, self._secrets)
+
+    def _cache_hit(self, hit: RawResponse, result: LLMResult, key: str = "") -> RawResponse:
+        if key in self._fresh:
+            # Answered by a batch in this run: paid now (usage counted when it arrived), not a hit.
+            result.cached = False
+            result.calls += 1
+            result.input_tokens += hit.input_tokens
+            result.output_tokens += hit.output_tokens
+            return hit
         self.usage.add(cache_hits=1, cached_input_tokens=hit.input_tokens, cached_output_tokens=hit.output_tokens)
         result.cached = result.calls == 0
         result.input_tokens += hit.input_tokens
