@@ -17,7 +17,7 @@ from pathlib import Path
 
 import pytest
 
-from medicsynth.llm import LLMClient, LLMConfig, LLMRequest, classify_request
+from medicsynth.llm import LLMClient, classify_request, config_with_defaults
 from medicsynth.llm.cost import LLMBudgetError, price_table_from_params
 from medicsynth.labels import TASKS
 from tests.api_server import FakeLLMServer, auto, error, refusal
@@ -45,7 +45,7 @@ def settings(server: FakeLLMServer, provider: str, **overrides) -> dict:
 
 
 def client_for(server, provider, cache_dir, prices=None, **overrides) -> LLMClient:
-    return LLMClient(LLMConfig(**settings(server, provider, **overrides)), cache_dir, prices=prices)
+    return LLMClient(config_with_defaults(**settings(server, provider, **overrides)), cache_dir, prices=prices)
 
 
 def classify(paths):
@@ -147,10 +147,10 @@ def test_half_expired_batch_is_resubmitted_within_the_run(tmp_path, provider):
 
 WORKER = """
 import sys
-from medicsynth.llm import LLMClient, LLMConfig, classify_request
+from medicsynth.llm import LLMClient, classify_request, config_with_defaults
 from medicsynth.labels import TASKS
 provider, base_url, cache_dir, prompts, *paths = sys.argv[1:]
-cfg = LLMConfig(provider=provider, model="batch-model", base_url=base_url, timeout_s=5.0, max_retries=1,
+cfg = config_with_defaults(provider=provider, model="batch-model", base_url=base_url, timeout_s=5.0, max_retries=1,
                 backoff_base_s=0.01, backoff_max_s=0.05, mode="batch", batch_poll_s=0.05)
 results = LLMClient(cfg, cache_dir).run([classify_request(p, TASKS, prompt_dir=prompts) for p in paths], progress=False)
 print("OK", sum(r.ok for r in results))

@@ -68,7 +68,7 @@ from medicsynth.llm.redact import env_secrets, redact
 
 log = logging.getLogger(__name__)
 
-#: Default cache directory, relative to the repository root (see medicsynth.llm.cache).
+#: Where the cache usually lives (params.yaml ``llm.cache_dir``; see medicsynth.llm.cache).
 DEFAULT_CACHE_DIR = ".llm_cache"
 
 FAILURE_REASONS: tuple[str, ...] = (
@@ -108,6 +108,9 @@ class LLMFailureShareError(LLMStageError):
 class LLMConfig:
     """How to call one model. Stages fill it from params; API keys never go here.
 
+    Every field is required: the defaults live in one place, params.yaml ``llm.client``, which
+    :func:`config_from_params` lays under a stage's own settings.
+
     Args:
         provider: ``"openai"`` or ``"anthropic"``.
         model: model id as the provider names it.
@@ -135,22 +138,22 @@ class LLMConfig:
 
     provider: str
     model: str
-    base_url: str | None = None
-    temperature: float = 0.0
-    max_tokens: int = 400
-    concurrency: int = 8
-    timeout_s: float = 60.0
-    max_retries: int = 5
-    image_max_side: int = 768
-    max_calls: int | None = None
-    backoff_base_s: float = 1.0
-    backoff_max_s: float = 60.0
-    jpeg_quality: int = 90
-    abort_after: int | None = 3
-    max_failure_share: float = 0.5
-    budget_usd: float | None = None
-    mode: str = "sync"
-    batch_poll_s: float = 60.0
+    base_url: str | None
+    temperature: float
+    max_tokens: int
+    concurrency: int
+    timeout_s: float
+    max_retries: int
+    image_max_side: int
+    max_calls: int | None
+    backoff_base_s: float
+    backoff_max_s: float
+    jpeg_quality: int
+    abort_after: int | None
+    max_failure_share: float
+    budget_usd: float | None
+    mode: str
+    batch_poll_s: float
 
     def __post_init__(self) -> None:
         if self.provider not in PROVIDERS:
@@ -852,29 +855,81 @@ class LLMClient:
 _CONFIG_FIELDS = tuple(f.name for f in fields(LLMConfig))
 
 
-def config_from_params(llm_params: Mapping[str, Any]) -> LLMConfig:
-    """:class:`LLMConfig` from a params mapping; an unknown key is an error naming it.
+def config_from_params(llm_params: Mapping[str, Any], defaults: Mapping[str, Any] | None = None) -> LLMConfig:
+    """:class:`LLMConfig` from a stage's settings laid over ``defaults`` (params.yaml ``llm.client``).
 
-    ``cache_dir`` may appear in the mapping (it is the client's, not the config's) and is ignored.
+    An unknown key (in either) is an error naming it; so is a field that neither gives (e.g. a
+    ``defaults`` without ``max_tokens``). ``cache_dir`` may appear (it is the client's, not the
+    config's) and is ignored.
     """
-    unknown = sorted(set(llm_params) - set(_CONFIG_FIELDS) - {"cache_dir"})
-    if unknown:
+    for where, mapping in (("llm settings", llm_params), ("llm.client", defaults or {})):
+        unknown = sorted(set(mapping) - set(_CONFIG_FIELDS) - {"cache_dir"})
+        if unknown:
+            raise ValueError(
+                f"unknown {where} key(s) {', '.join(unknown)}; expected some of {', '.join(_CONFIG_FIELDS)}, cache_dir"
+            )
+    merged = {**dict(defaults or {}), **dict(llm_params)}
+    missing = [k for k in _CONFIG_FIELDS if k not in merged]
+    if missing:
         raise ValueError(
-            f"unknown llm setting(s) {', '.join(unknown)}; expected some of {', '.join(_CONFIG_FIELDS)}, cache_dir"
+            f"llm setting(s) {', '.join(missing)} missing: set them in params.yaml llm.client (the defaults "
+            f"of every client) or in the stage's own llm settings"
         )
-    return LLMConfig(**{k: v for k, v in llm_params.items() if k in _CONFIG_FIELDS})
+    return LLMConfig(**{k: merged[k] for k in _CONFIG_FIELDS})
+
+
+def repository_llm_params() -> dict[str, Any]:
+    """The ``llm`` section of the repository's own params.yaml (next to this package).
+
+    For callers that are handed no ``llm`` section (library use, tests): the defaults still come
+    from params.yaml, never from a copy in code. Stages pass the section of the params file they
+    were given instead.
+    """
+    from medicsynth.params import load_params
+
+    return dict(load_params(Path(__file__).resolve().parents[2] / "params.yaml").get("llm") or {})
+
+
+def config_with_defaults(**settings: Any) -> LLMConfig:
+    """:class:`LLMConfig` of ``settings`` over the repository's params.yaml ``llm.client`` (tests, benches)."""
+    return config_from_params(settings, repository_llm_params().get("client"))
 
 
 def client_from_params(
     llm_params: Mapping[str, Any],
     cache_dir: str | Path | None = None,
     *,
+    llm: Mapping[str, Any] | None = None,
+    where: str | None = None,
     sdk_client: Any | None = None,
     prices: PriceTable | None = None,
 ) -> LLMClient:
-    """An :class:`LLMClient` from params (``provider``, ``model``, ...); ``cache_dir`` defaults to
-    ``llm_params["cache_dir"]``, then :data:`DEFAULT_CACHE_DIR`. ``prices``: the dated price table
-    (:func:`medicsynth.llm.cost.price_table_from_params` of ``llm.prices``)."""
+    """An :class:`LLMClient` from a stage's settings (``provider``, ``model``, ...).
+
+    Args:
+        llm_params: the stage's client settings (``relabel.openai``, ``filter.vlm``, ...).
+        cache_dir: the paid-call cache; default ``llm_params["cache_dir"]``, then ``llm.cache_dir``.
+        llm: the params ``llm`` section: ``client`` (defaults of every setting), ``prices`` (the
+            dated price table, :func:`medicsynth.llm.cost.price_table_from_params`) and
+            ``cache_dir``; ``None`` reads the repository's params.yaml (:func:`repository_llm_params`),
+            and so does a section without ``client`` (for its ``client`` only).
+        where: the params path of the settings (``"relabel.openai"``), so that budget messages
+            name the key to raise (``relabel.openai.budget_usd``).
+        prices: a price table that replaces ``llm.prices``.
+    """
+    from medicsynth.llm.cost import price_table_from_params
+
+    llm = dict(llm) if llm is not None else repository_llm_params()
+    if "client" not in llm:
+        llm["client"] = repository_llm_params().get("client")
     if cache_dir is None:
-        cache_dir = llm_params.get("cache_dir") or DEFAULT_CACHE_DIR
-    return LLMClient(config_from_params(llm_params), cache_dir, sdk_client=sdk_client, prices=prices)
+        cache_dir = llm_params.get("cache_dir") or llm.get("cache_dir")
+    if not cache_dir:
+        raise ValueError("no cache_dir for the LLM client: set llm.cache_dir in params.yaml")
+    if prices is None:
+        prices = price_table_from_params(llm.get("prices"))
+    client = LLMClient(config_from_params(llm_params, llm.get("client")), cache_dir, sdk_client=sdk_client,
+                       prices=prices)
+    if where:
+        client.budget_key = f"{where}.budget_usd"
+    return client
