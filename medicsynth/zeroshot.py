@@ -165,8 +165,8 @@ def run_zeroshot(
     llm_params = llm_params or {}
     cache_dir = llm_params.get("cache_dir") or ".llm_cache"
     prices = price_table_from_params(llm_params.get("prices"))
-    client = client_from_params(settings, cache_dir, sdk_client=sdk_client, prices=prices)
-    client.budget_key = "zeroshot.budget_usd"
+    client = client_from_params(settings, cache_dir, sdk_client=sdk_client, prices=prices, llm=llm_params,
+                                where="zeroshot")
 
     # Step 2: the capped, seeded subset of the test split and one request per image.
     test = read_manifest(manifest_path)

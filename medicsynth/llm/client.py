@@ -885,9 +885,10 @@ def repository_llm_params() -> dict[str, Any]:
     from params.yaml, never from a copy in code. Stages pass the section of the params file they
     were given instead.
     """
-    from medicsynth.params import load_params
+    import yaml
 
-    return dict(load_params(Path(__file__).resolve().parents[2] / "params.yaml").get("llm") or {})
+    with open(Path(__file__).resolve().parents[2] / "params.yaml", encoding="utf-8") as fh:
+        return dict((yaml.safe_load(fh) or {}).get("llm") or {})
 
 
 def config_with_defaults(**settings: Any) -> LLMConfig:
