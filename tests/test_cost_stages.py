@@ -110,3 +110,32 @@ def test_caption_clients_name_their_budget_key_and_carry_prices(tmp_path):
     clients = make_clients(config, tmp_path / "c", llm=llm_section(tmp_path))
     assert {c.budget_key for c in clients.values()} == {"caption.llm.budget_usd"}
     assert all(c.prices is not None and c.usage.price is not None for c in clients.values())
+
+
+def test_hosted_generation_refuses_over_budget_then_records_estimate_beside_paid_calls(tmp_path, monkeypatch):
+    from medicsynth.diffusion.generate import GenerateOptions
+    from medicsynth.diffusion.hosted import HostedError, generate_hosted
+    from tests.images_api_server import FakeImagesServer
+    from tests.test_generators import hosted_params, write_plan
+
+    monkeypatch.setenv("OPENAI_API_KEY", "test-key")
+    prices = repository_llm_params()["prices"]
+    per = prices["images"]["gpt-image-1"]["low"]
+    write_plan(tmp_path / "captions.tsv", 4)
+    args = (tmp_path / "captions.tsv", tmp_path / "images", tmp_path / "manifest.tsv")
+    with FakeImagesServer() as server:
+        try:
+            tight = GenerateOptions(**hosted_params(server, tmp_path, budget_usd=per * 3.5))
+            with pytest.raises(HostedError) as info:
+                generate_hosted(*args, tight, progress=False, prices=prices)
+            assert server.count() == 0
+            msg = str(info.value)
+            assert f"${4 * per:.2f} for 4 images" in msg and "generate.hosted.budget_usd" in msg
+            assert "Nothing was sent" in msg
+            roomy = GenerateOptions(**hosted_params(server, tmp_path, budget_usd=per * 4))
+            m = generate_hosted(*args, roomy, progress=False, prices=prices)
+        finally:
+            server.release.set()
+    cost = m["hosted"]["cost"]
+    assert cost["estimate"]["to_send"] == 4 and cost["estimate"]["usd"] == pytest.approx(4 * per)
+    assert cost["paid_calls"] == server.count() == 4 and cost["usd"] == pytest.approx(4 * per)

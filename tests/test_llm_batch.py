@@ -231,3 +231,31 @@ def test_batch_estimate_uses_batch_prices_and_budget_names_the_key(tmp_path):
         with pytest.raises(LLMBudgetError, match="batch price"):
             capped.run(classify(paths), progress=False)
         assert server.batch_creates == 1
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_resumed_batch_caches_answers_a_later_run_did_not_ask_for(tmp_path, provider):
+    """A killed run's batch is resumed by a run with fewer requests: every answer of that paid
+    batch is still cached, so the full request set later sends nothing."""
+    paths = make_images(tmp_path / "img", 4)
+    cache = tmp_path / "cache"
+    script = tmp_path / "worker.py"
+    script.write_text(WORKER)
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    with BatchLLMServer() as server:
+        server.hold.set()
+        args = [sys.executable, str(script), provider, server.base_url(provider), str(cache), str(PROMPTS), *paths]
+        proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        deadline = time.monotonic() + 60
+        while not list((cache / "batches").glob("*.json")) and time.monotonic() < deadline:
+            assert proc.poll() is None, proc.communicate()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGKILL)
+        proc.wait()
+        server.hold.clear()
+        some = client_for(server, provider, cache).run(classify(paths[:2]), progress=False)
+        assert all(r.ok for r in some) and server.batch_creates == 1
+        everything = client_for(server, provider, cache)
+        assert all(r.ok for r in everything.run(classify(paths), progress=False))
+        assert server.batch_creates == 1 and everything.usage.cache_hits == 4
+        assert len(server.answered) == 4 and set(server.answered.values()) == {1}

@@ -227,6 +227,13 @@ class AnthropicBatches:
         return out
 
 
+def _recorded_call(rec: dict[str, Any], cid: str) -> BatchCall:
+    """A :class:`BatchCall` of a recorded batch's entry (no body: it is only reduced, never sent)."""
+    info = (rec.get("calls") or {}).get(cid) or {}
+    return BatchCall(cid, {}, {} if info.get("schema", True) else None, str(info.get("schema_name", "answer")),
+                     dict(info.get("meta") or {}))
+
+
 def _backend(provider: Any) -> OpenAIBatches | AnthropicBatches:
     return OpenAIBatches(provider) if provider.name == "openai" else AnthropicBatches(provider)
 
@@ -340,7 +347,11 @@ def collect(client: Any, calls: dict[str, BatchCall]) -> None:
         for chunk in _chunks(to_send):
             batch_id = _sdk_call(client, "submission", lambda chunk=chunk: backend.submit(chunk))
             rec = {"batch_id": batch_id, "provider": cfg.provider, "model": cfg.model, "base_url": cfg.base_url,
-                   "custom_ids": [c.key for c in chunk], "submitted": time.time()}
+                   "custom_ids": [c.key for c in chunk], "submitted": time.time(),
+                   # What reduces and labels each answer, so that a later run with other requests
+                   # still caches every answer of this (paid) batch.
+                   "calls": {c.key: {"schema": c.schema is not None, "schema_name": c.schema_name, "meta": c.meta}
+                             for c in chunk}}
             store.save(rec)  # from here on a killed stage resumes this batch instead of resubmitting
             active.append(rec)
             client.usage.add(api_calls=len(chunk), http_attempts=len(chunk))
@@ -358,9 +369,15 @@ def collect(client: Any, calls: dict[str, BatchCall]) -> None:
                 if not done:
                     still.append(rec)
                     continue
-                mine = {cid: pending[cid] for cid in rec["custom_ids"] if cid in pending}
-                outcomes = _sdk_call(client, "results", lambda rec=rec, mine=mine: backend.results(rec["batch_id"], mine))
-                for key, call in mine.items():
+                every = {cid: pending.get(cid) or _recorded_call(rec, cid) for cid in rec["custom_ids"]}
+                outcomes = _sdk_call(client, "results", lambda rec=rec, every=every: backend.results(rec["batch_id"], every))
+                for key, call in every.items():
+                    if key not in pending:  # asked by an earlier run for other requests: cache its answer
+                        out = outcomes.get(key)
+                        if isinstance(out, RawResponse) and _is_model_answer(out) and client.cache.get(key) is None:
+                            client.cache.put(key, out, meta=call.meta)
+                            client.usage.add(input_tokens=out.input_tokens, output_tokens=out.output_tokens)
+                        continue
                     out = outcomes.get(key) or TransientError("batch_missing", f"no result in batch {rec['batch_id']} ({status})")
                     if isinstance(out, RawResponse) and _is_model_answer(out):
                         client.cache.put(key, out, meta=call.meta)  # paid: cached before anything else
