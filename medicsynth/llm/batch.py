@@ -282,24 +282,38 @@ def _sdk_call(client: Any, what: str, fn: Callable[[], Any]) -> Any:
     raise AssertionError("unreachable")  # pragma: no cover
 
 
-def _wanted_calls(client: Any, requests: list[Any], fallback: bool) -> dict[str, BatchCall]:
+class _Sha:
+    """Stands for an encoded image where only its hash is needed (the cache key)."""
+
+    def __init__(self, sha256: str) -> None:
+        self.sha256 = sha256
+
+
+def _wanted_calls(client: Any, requests: list[Any], fallback: bool, shas: dict[int, str | None]) -> dict[str, BatchCall]:
     """The calls the sync path would send now for ``requests``: primary prompts, or (``fallback``)
-    the refusal-fallback prompts of requests whose cached answer is a refusal."""
+    the refusal-fallback prompts of requests whose cached answer is a refusal. ``shas`` keeps each
+    request's image hash between the two passes, so the fallback pass re-encodes only the images
+    it sends (``None``: no image; absent: a bad image, which the sync pass reports)."""
     cfg = client.config
     calls: dict[str, BatchCall] = {}
-    for req in requests:
+    for i, req in enumerate(requests):
         image = None
+        if fallback:
+            if i not in shas or not req.fallback_prompt:
+                continue
+            stub = _Sha(shas[i]) if shas[i] else None
+            primary = client.cache.get(client.cache_key_for(req, req.prompt, stub))
+            if primary is None or not client._is_refusal(primary, req):
+                continue
+            if client.cache.get(client.cache_key_for(req, req.fallback_prompt, stub)) is not None:
+                continue
         if req.image_path is not None:
             try:
                 image = encode_image(req.image_path, cfg.image_max_side, cfg.jpeg_quality)
             except ImageError:
                 continue  # the sync path reports bad_image without a call
-        prompt = req.prompt
-        if fallback:
-            primary = client.cache.get(client.cache_key_for(req, req.prompt, image))
-            if primary is None or not req.fallback_prompt or not client._is_refusal(primary, req):
-                continue
-            prompt = req.fallback_prompt
+        shas[i] = image.sha256 if image else None
+        prompt = req.fallback_prompt if fallback else req.prompt
         key = client.cache_key_for(req, prompt, image)
         if key in calls or key in client._failed or client.cache.get(key) is not None:
             continue
@@ -420,8 +434,9 @@ def run_batch(client: Any, requests: list[Any], desc: str = "llm", progress: boo
     :meth:`LLMClient.run` raises, and :class:`~medicsynth.llm.client.LLMStageError` when the batch
     API itself keeps failing (batch ids stay recorded: a rerun resumes them).
     """
+    shas: dict[int, str | None] = {}
     for fallback in (False, True):
-        calls = _wanted_calls(client, requests, fallback)
+        calls = _wanted_calls(client, requests, fallback, shas)
         if calls:
             collect(client, calls)
     return client._run_sync(requests, desc, progress)
