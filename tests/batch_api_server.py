@@ -97,9 +97,11 @@ class BatchLLMServer(FakeLLMServer):
             self.batches[bid] = batch
             return batch
 
-    def poll(self, bid: str) -> dict[str, Any]:
+    def poll(self, bid: str) -> dict[str, Any] | None:
         with self._blk:
-            batch = self.batches[bid]
+            batch = self.batches.get(bid)
+            if batch is None:
+                return None
             if batch["status"] == "in_progress" and not self.hold.is_set():
                 batch["polls"] += 1
                 if batch["polls"] >= self.polls_to_end:
@@ -144,6 +146,9 @@ class _BatchHandler(_Handler):
     def do_GET(self) -> None:  # noqa: N802 - stdlib naming
         parts = self.path.split("?")[0].strip("/").split("/")
         fake = self.fake
+        batch_id = parts[2] if parts[:2] == ["v1", "batches"] else parts[3] if parts[:3] == ["v1", "messages", "batches"] and len(parts) > 3 else None
+        if batch_id is not None and batch_id not in fake.batches:
+            return self._not_found(batch_id, "anthropic" if parts[1] == "messages" else "openai")
         if parts[:2] == ["v1", "batches"] and len(parts) == 3:
             return self._json(self._openai_batch(fake.poll(parts[2])))
         if parts[:2] == ["v1", "files"] and len(parts) == 4 and parts[3] == "content":
@@ -153,6 +158,12 @@ class _BatchHandler(_Handler):
         if parts[:3] == ["v1", "messages", "batches"] and len(parts) == 5 and parts[4] == "results":
             return self._send(200, {"Content-Type": "application/binary"}, self._anthropic_results(fake.batches[parts[3]]))
         self._send(404, {"Content-Type": "application/json"}, b'{"error": {"message": "not found"}}')
+
+    def _not_found(self, batch_id: str, provider: str) -> None:
+        message = f"No batch found with id '{batch_id}'."
+        body = ({"type": "error", "error": {"type": "not_found_error", "message": message}} if provider == "anthropic"
+                else {"error": {"message": message, "type": "invalid_request_error", "code": None}})
+        self._json(body, 404)
 
     def _body(self) -> bytes:
         length = int(self.headers.get("Content-Length") or 0)

@@ -259,3 +259,19 @@ def test_resumed_batch_caches_answers_a_later_run_did_not_ask_for(tmp_path, prov
         assert all(r.ok for r in everything.run(classify(paths), progress=False))
         assert server.batch_creates == 1 and everything.usage.cache_hits == 4
         assert len(server.answered) == 4 and set(server.answered.values()) == {1}
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_recorded_batch_unknown_to_the_api_is_resubmitted(tmp_path, provider):
+    from medicsynth.llm.batch import BatchStore, _wanted_calls
+
+    paths = make_images(tmp_path / "img", 3)
+    with BatchLLMServer() as server:
+        client = client_for(server, provider, tmp_path / "cache")
+        keys = list(_wanted_calls(client, classify(paths), False, {}))
+        BatchStore(tmp_path / "cache" / "batches").save({
+            "batch_id": "batch_gone", "provider": provider, "model": "batch-model",
+            "base_url": server.base_url(provider), "custom_ids": keys, "submitted": 0.0})
+        assert all(r.ok for r in client.run(classify(paths), progress=False))
+        assert server.batch_creates == 1 and set(server.answered.values()) == {1}
+        assert not list((tmp_path / "cache" / "batches").glob("*.json"))

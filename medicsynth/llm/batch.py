@@ -257,8 +257,9 @@ def _chunks(calls: list[BatchCall]) -> Iterable[list[BatchCall]]:
         yield chunk
 
 
-def _sdk_call(client: Any, what: str, fn: Callable[[], Any]) -> Any:
-    """``fn()`` (one batch-API call) with the client's retries; a permanent error stops the stage."""
+def _sdk_call(client: Any, what: str, fn: Callable[[], Any], missing_ok: bool = False) -> Any:
+    """``fn()`` (one batch-API call) with the client's retries; a permanent error stops the stage,
+    except HTTP 404 with ``missing_ok`` (a recorded batch the API no longer knows): ``None``."""
     from medicsynth.llm.client import LLMAbortError, LLMStageError
 
     cfg = client.config
@@ -271,6 +272,8 @@ def _sdk_call(client: Any, what: str, fn: Callable[[], Any]) -> Any:
             if err is None:
                 raise
             if isinstance(err, PermanentError):
+                if missing_ok and err.reason == "http_404":
+                    return None
                 cls = LLMAbortError if err.fatal else LLMStageError
                 raise cls(client._redact(f"{cfg.provider} model {cfg.model!r}: batch {what} failed: {err}")) from None
             if attempt == cfg.max_retries:
@@ -379,7 +382,14 @@ def collect(client: Any, calls: dict[str, BatchCall]) -> None:
         while active:
             still = []
             for rec in active:
-                done, status = _sdk_call(client, "status", lambda rec=rec: backend.ended(rec["batch_id"]))
+                state = _sdk_call(client, "status", lambda rec=rec: backend.ended(rec["batch_id"]), missing_ok=True)
+                if state is None:  # unknown to the API (deleted, another account): send ours again
+                    log.warning("%s batch %s not found; resubmitting its requests", cfg.provider, rec["batch_id"])
+                    store.remove(rec)
+                    to_send.extend(pending[cid] for cid in rec["custom_ids"] if cid in pending and cid not in
+                                   {c.key for c in to_send})
+                    continue
+                done, status = state
                 if not done:
                     still.append(rec)
                     continue
@@ -403,13 +413,13 @@ def collect(client: Any, calls: dict[str, BatchCall]) -> None:
                         pending.pop(key)
                     else:
                         err = out if isinstance(out, ProviderError) else TransientError("bad_response", "not a model answer")
-                        stats["retried"] += 1
                         if rounds.get(key, 1) > cfg.max_retries:
                             client._failed[key] = _Failure("retries_exhausted", client._redact(
                                 f"{err.reason} after {rounds.get(key, 1)} batch(es): {err}"[:300]))
                             pending.pop(key)
                         else:
                             to_send.append(call)
+                            stats["retried"] += 1
                         client.usage.add_retry(err.reason)
                 store.remove(rec)  # every answer of ours is cached or its failure recorded
             active = still
