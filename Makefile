@@ -92,3 +92,9 @@ study-exp: venv
 ## Apply presets/study.yaml to params.yaml in the workspace (comments kept; `git diff params.yaml` shows it).
 study-apply: venv
 	$(BIN)/python -m medicsynth.presets apply presets/study.yaml
+
+.PHONY: estimate
+## Print the paid-API cost per stage and in total, for params.yaml as it is and for a MEDIC-sized
+## plan (71,198 images), at sync and batch prices (llm.prices). Calls nothing.
+estimate: venv
+	$(BIN)/python -m medicsynth.llm.plan --params params.yaml

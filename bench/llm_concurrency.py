@@ -23,7 +23,7 @@ REPO = Path(__file__).resolve().parents[1]
 from PIL import Image
 
 from medicsynth.io import write_json
-from medicsynth.llm import LLMClient, LLMConfig, classify_request
+from medicsynth.llm import LLMClient, classify_request, config_with_defaults
 from tests.api_server import FakeLLMServer, auto
 
 
@@ -48,7 +48,7 @@ def sdk_client(provider: str, base_url: str, timeout_s: float):
 
 
 def run_level(server: FakeLLMServer, provider: str, images: list[str], concurrency: int, work: Path) -> dict:
-    config = LLMConfig(provider=provider, model="bench-model", base_url=server.base_url(provider),
+    config = config_with_defaults(provider=provider, model="bench-model", base_url=server.base_url(provider),
                        concurrency=concurrency, timeout_s=30.0, max_retries=2)
     client = LLMClient(config, work / f"cache-c{concurrency}",
                        sdk_client=sdk_client(provider, server.base_url(provider), config.timeout_s))

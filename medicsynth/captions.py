@@ -1005,14 +1005,17 @@ def llm_params(config: CaptionConfig, mode: str) -> dict[str, Any]:
     return {**shared, **(config.llm.get(config.backend) or {}), "provider": config.backend, "temperature": temperature}
 
 
-def make_clients(config: CaptionConfig, cache_dir: str | Path | None = None, sdk_client: Any | None = None) -> dict[str, Any]:
+def make_clients(config: CaptionConfig, cache_dir: str | Path | None = None, sdk_client: Any | None = None,
+                 llm: dict[str, Any] | None = None) -> dict[str, Any]:
     """One LLM client per mode (:func:`llm_params`), differing only in temperature; the provider
-    is ``config.backend``. Both share the cache. ``{}`` for the template backend."""
+    is ``config.backend``. Both share the cache. ``{}`` for the template backend. ``llm`` is the
+    params ``llm`` section (client defaults, prices); ``caption.llm.budget_usd`` caps each mode's
+    client (grounded, hypothetical) before its first call."""
     from medicsynth.llm.client import client_from_params
 
     if config.backend == "template":
         return {}
     return {
-        mode: client_from_params(llm_params(config, mode), cache_dir, sdk_client=sdk_client)
+        mode: client_from_params(llm_params(config, mode), cache_dir, sdk_client=sdk_client, llm=llm, where="caption.llm")
         for mode in ("grounded", "hypothetical")
     }

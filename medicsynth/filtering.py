@@ -799,13 +799,16 @@ class FilterPaths:
     prompt_dir: str = "prompts"  # holds refusal_fallback.txt
 
 
-def run_filter(config: FilterConfig, paths: FilterPaths, *, predictor: Predictor | None = None) -> FilterResult:
+def run_filter(config: FilterConfig, paths: FilterPaths, *, predictor: Predictor | None = None,
+               llm: dict[str, Any] | None = None) -> FilterResult:
     """Read the stage's inputs, run :func:`filter_synthetic`, return its result (nothing written).
 
     With ``method='vlm'`` the judge is an LLM client built from ``config.vlm`` (keys from the
     environment) with the judge prompts of ``paths``, retried once after a refusal with the
     project's academic-research preface; ``metrics['judge']['usage']`` then records the calls
-    paid now vs answered from the cache. ``predictor`` replaces the classifier (tests).
+    paid now vs answered from the cache, with the cost estimate beside them. ``llm`` is the params
+    ``llm`` section (client defaults, prices); ``filter.vlm.budget_usd`` caps the judge's estimated
+    cost before any call. ``predictor`` replaces the classifier (tests).
     """
     synthetic = read_manifest(paths.synthetic)
     real = read_manifest(paths.real, validate=False) if config.check_real_duplicates else None
@@ -813,7 +816,7 @@ def run_filter(config: FilterConfig, paths: FilterPaths, *, predictor: Predictor
     if config.method == "vlm":
         from medicsynth.llm import client_from_params, load_prompt, with_refusal_preface
 
-        client = client_from_params(config.vlm)
+        client = client_from_params(config.vlm, llm=llm, where="filter.vlm")
         user = load_prompt(Path(paths.judge_user).name, Path(paths.judge_user).parent)
         system = load_prompt(Path(paths.judge_system).name, Path(paths.judge_system).parent)
         # Graphic disaster images are refused often: one retry with the preface (as caption and relabel do).

@@ -396,28 +396,35 @@ def voter_llm_params(provider: str, cfg: dict) -> dict[str, Any]:
     return out
 
 
-def voter_settings(provider: str, cfg: dict) -> dict[str, Any]:
+def voter_settings(provider: str, cfg: dict, llm: dict[str, Any] | None = None) -> dict[str, Any]:
     """What a VLM voter's requests carry, for the metrics: model id, the temperature actually sent
     (``None`` where the provider's SDK/API takes none: anthropic 2.x, API version 2026-10-21), the
     temperature asked for, and the image size (``full`` or the longest side in px)."""
     from medicsynth.llm.client import config_from_params
     from medicsynth.llm.providers import make_provider
 
-    config = config_from_params({k: v for k, v in voter_llm_params(provider, cfg).items() if k != "cache_dir"})
+    from medicsynth.llm.client import repository_llm_params
+
+    defaults = (llm if llm is not None and "client" in llm else repository_llm_params()).get("client")
+    config = config_from_params({k: v for k, v in voter_llm_params(provider, cfg).items() if k != "cache_dir"},
+                                defaults)
     sent = make_provider(config, sdk_client=object()).temperature_sent  # no SDK client is built
     return {"model": config.model, "temperature_requested": cfg.get("temperature"), "temperature_sent": sent,
             "image_max_side": "full" if config.image_max_side == FULL_SIZE else config.image_max_side}
 
 
-def vlm_votes(provider: str, cfg: dict, cache_dir: str, files: Sequence[str], rows: np.ndarray, n: int):
+def vlm_votes(provider: str, cfg: dict, cache_dir: str, files: Sequence[str], rows: np.ndarray, n: int,
+              llm: dict[str, Any] | None = None):
     """Ask one VLM provider for the four labels of images ``rows``.
 
     Returns ``(votes, answers, usage)``: an ``(n, tasks)`` int matrix with -1 where the provider
-    was not asked or failed, ``{row: "ok" | "failed:<reason>"}`` and the client's usage dict.
+    was not asked or failed, ``{row: "ok" | "failed:<reason>"}`` and the client's usage dict
+    (with the cost estimate beside the actual usage). ``llm`` is the params ``llm`` section (client
+    defaults, prices); the cost cap is ``relabel.<provider>.budget_usd``, checked before any call.
     """
     from medicsynth.llm import classify_request, client_from_params
 
-    client = client_from_params(voter_llm_params(provider, cfg), cache_dir)
+    client = client_from_params(voter_llm_params(provider, cfg), cache_dir, llm=llm, where=f"relabel.{provider}")
     requests = [classify_request(files[i], TASKS) for i in rows]
     results = client.raise_if_failing(client.run(requests, desc=f"relabel votes ({provider})"), f"relabel votes ({provider})")
     votes = np.full((n, len(TASKS)), -1, dtype=np.int64)
@@ -433,7 +440,7 @@ def vlm_votes(provider: str, cfg: dict, cache_dir: str, files: Sequence[str], ro
 
 
 def collect_votes(voters: Sequence[str], probs: dict[str, np.ndarray], order: np.ndarray, files: Sequence[str],
-                  relabel_params: dict[str, Any], cache_dir: str):
+                  relabel_params: dict[str, Any], cache_dir: str, llm: dict[str, Any] | None = None):
     """Step 5: one ``(n, tasks)`` vote matrix per voter (-1 = abstained/failed), in ``voters`` order.
 
     ``model`` votes from the out-of-fold probabilities (``relabel.model_threshold``); ``openai``
@@ -447,7 +454,7 @@ def collect_votes(voters: Sequence[str], probs: dict[str, np.ndarray], order: np
             votes.append(model_votes(probs, require(relabel_params, "relabel", "model_threshold")))
         elif voter in ("openai", "anthropic"):
             v, answers[voter], usage[voter] = vlm_votes(voter, require(relabel_params, "relabel", voter), cache_dir,
-                                                        files, order, n)
+                                                        files, order, n, llm)
             votes.append(v)
         else:
             raise ValueError(f"relabel.voters: unknown voter {voter!r} ({', '.join(VOTERS)})")
@@ -509,7 +516,8 @@ class RelabelResult:
 
 
 def run_relabel(pool: pd.DataFrame, relabel_params: dict[str, Any], *, llm_cache_dir: str = ".llm_cache",
-                clean: pd.DataFrame | None = None, progress: bool = True) -> RelabelResult:
+                clean: pd.DataFrame | None = None, progress: bool = True,
+                llm: dict[str, Any] | None = None) -> RelabelResult:
     """Relabel the manifest rows ``pool`` (train and dev together) as ``relabel_params`` says.
 
     Steps: fold-model config (1), ``k_folds`` out-of-fold probabilities (2, cached under
@@ -542,12 +550,12 @@ def run_relabel(pool: pd.DataFrame, relabel_params: dict[str, Any], *, llm_cache
     flagged_before_budget = int(flags.any(1).sum())
     flags, order = apply_budget(flags, scores, require(p, "relabel", "max_flagged"))  # 4
     voters = list(require(p, "relabel", "voters"))
-    votes, answers, usage = collect_votes(voters, probs, order, files, p, llm_cache_dir)  # 5
+    votes, answers, usage = collect_votes(voters, probs, order, files, p, llm_cache_dir, llm)  # 5
     new = consensus(labels, flags, votes, require(p, "relabel", "consensus"))  # 6
     relabelled, changes = change_table(pool, labels, new, flags, scores, voters, votes, answers)  # 7
     settings = {"flag": method, "voters": voters, "consensus": require(p, "relabel", "consensus"),
                 **ensemble_settings}
-    vlm = {v: voter_settings(v, require(p, "relabel", v)) for v in voters if v in ("openai", "anthropic")}
+    vlm = {v: voter_settings(v, require(p, "relabel", v), llm) for v in voters if v in ("openai", "anthropic")}
     if vlm:  # what the VLM voters' requests carried (absent with the model voter alone: metrics unchanged)
         settings["voter_settings"] = vlm
     metrics = relabel_metrics(labels, new, flags, flagged_before_budget, settings, usage)  # 8

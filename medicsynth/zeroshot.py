@@ -604,7 +604,8 @@ def run_zeroshot(
                         max_calls=calls_left, budget_usd=None)
         if cell["strategy"] in REASONING_STRATEGIES:
             settings["max_tokens"] = params["reasoning_max_tokens"]
-        return client_from_params(settings, cache_dir, sdk_client=(sdk_clients or {}).get(cell["provider"]))
+        return client_from_params(settings, cache_dir, llm=llm_params, where="zeroshot", prices=prices,
+                                  sdk_client=(sdk_clients or {}).get(cell["provider"]))
 
     cells = [dict(row, strategy=s) for row in models for s in strategies]
     for cell in cells:

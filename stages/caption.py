@@ -1,6 +1,7 @@
 """Stage ``caption``: one label-aware caption per planned synthetic image.
 
-Reads ``caption`` from params.yaml, ``data/allocation/plan.tsv`` and (LLM backends) the real
+Reads ``caption`` (and, for LLM backends, ``llm``: client defaults and prices) from params.yaml,
+``data/allocation/plan.tsv`` and (LLM backends) the real
 training manifest to ground on. Writes ``data/captions/captions.tsv`` and ``metrics/caption.json``.
 
 ``captions.tsv`` is declared ``persist: true`` in dvc.yaml: DVC leaves it in place, this stage
@@ -12,11 +13,13 @@ client's on-disk cache (``caption.llm.cache_dir``, default ``.llm_cache/``).
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 
 import pandas as pd
 
 from medicsynth.captions import CaptionConfig, caption_plan, load_length_limit, make_clients
+from medicsynth.llm.cost import LLMBudgetError
 from medicsynth.timing import write_metrics, write_timing
 
 # How many captions this run wrote or reused depends on what an earlier (possibly killed) run left
@@ -40,7 +43,8 @@ def main() -> None:
     parser.add_argument("--params", default="params.yaml")
     args = parser.parse_args()
 
-    params = section(load_params(args.params), "caption")
+    all_params = load_params(args.params)
+    params = section(all_params, "caption")
     config = CaptionConfig.from_params(params)
     plan = read_tsv(PLAN_TSV)
     previous = read_tsv(CAPTIONS_TSV) if Path(CAPTIONS_TSV).exists() else None
@@ -49,12 +53,15 @@ def main() -> None:
     if config.backend != "template":
         manifest = read_manifest(require(params, "caption", "train_manifest"))
         train = manifest[(manifest["split"] == "train") & (manifest["source"] == "real")]
-        clients = make_clients(config, config.llm.get("cache_dir"))
+        clients = make_clients(config, config.llm.get("cache_dir"), llm=all_params.get("llm"))
 
     limit = load_length_limit(config.tokenizer, config.max_tokens, config.max_words)
     if limit.note:
         print(f"caption: {limit.note}")
-    result = caption_plan(plan, config, train=train, previous=previous, limit=limit, clients=clients)
+    try:
+        result = caption_plan(plan, config, train=train, previous=previous, limit=limit, clients=clients)
+    except LLMBudgetError as exc:  # above caption.llm.budget_usd: nothing was sent
+        sys.exit(f"caption refused: {exc}")
     write_tsv(result.table, CAPTIONS_TSV)
     m = result.metrics
     run = {k: m.pop(k) for k in RUN_KEYS if k in m}

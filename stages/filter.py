@@ -1,7 +1,7 @@
 """filter stage: the quality gate between generated images and training.
 
 Reads ``data/synthetic/manifest.tsv`` (generate), the real training manifest (near-copy check)
-and params ``filter``; writes the kept rows (``data/filtered/manifest.tsv``), every image's rule
+and params ``filter`` (method vlm: also ``llm``, client defaults and prices); writes the kept rows (``data/filtered/manifest.tsv``), every image's rule
 outcomes (``data/filtered/decisions.tsv``), ``metrics/filter.json`` and ``plots/filter_grid.png``.
 The rules are documented in :mod:`medicsynth.filtering`.
 """
@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 
 from medicsynth.filtering import FilterConfig, FilterPaths, run_filter, write_filter_outputs
+from medicsynth.llm.cost import LLMBudgetError
 from medicsynth.params import load_params, section
 
 
@@ -20,8 +22,12 @@ def main() -> None:
     ap.add_argument("--params", default="params.yaml")
     args = ap.parse_args()
 
-    config = FilterConfig.from_params(section(load_params(args.params), "filter"))
-    result = run_filter(config, FilterPaths())
+    params = load_params(args.params)
+    config = FilterConfig.from_params(section(params, "filter"))
+    try:
+        result = run_filter(config, FilterPaths(), llm=params.get("llm"))
+    except LLMBudgetError as exc:  # above filter.vlm.budget_usd: nothing was sent
+        sys.exit(f"filter refused: {exc}")
     write_filter_outputs(result, config, FilterPaths())
 
     m = result.metrics

@@ -39,8 +39,10 @@ def main() -> None:
     parser.add_argument("--demo-dir", default="models/diffusion/demo")
     args = parser.parse_args()
 
-    opts = GenerateOptions.from_params(section(load_params(args.params), "generate"))
-    metrics = generate_plan(args.captions, args.images, args.manifest, opts, demo_dir=args.demo_dir)
+    params = load_params(args.params)
+    opts = GenerateOptions.from_params(section(params, "generate"))
+    prices = (params.get("llm") or {}).get("prices") if opts.backend == "openai" else None
+    metrics = generate_plan(args.captions, args.images, args.manifest, opts, demo_dir=args.demo_dir, prices=prices)
     state = PartialState()
     if state.is_main_process:  # only the main process has the complete picture
         run = {k: metrics.pop(k) for k in RUN_KEYS if k in metrics}

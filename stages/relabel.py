@@ -1,7 +1,9 @@
 """relabel: flag suspect labels, ask the configured voters, change labels only by consensus.
 
-Reads params.yaml's ``relabel`` section only (its fold models are configured in
-``relabel.model``), and ``llm.cache_dir``. The procedure is :func:`medicsynth.relabel.run_relabel`.
+Reads params.yaml's ``relabel`` section (its fold models are configured in ``relabel.model``),
+and ``llm`` (``cache_dir``, the client defaults ``llm.client`` and the price table ``llm.prices``).
+Exits non-zero, sending nothing, when a VLM voter's estimated cost is above
+``relabel.<provider>.budget_usd``. The procedure is :func:`medicsynth.relabel.run_relabel`.
 Outputs: data/variants/relabelled/{train,dev}.tsv, data/relabelled_test.tsv (the relabelled test
 labels, "+relabel" in the provenance of changed rows, when relabel.splits lists test; a header
 only otherwise, so that evaluate can depend on it and reruns only when test labels change;
@@ -15,10 +17,12 @@ train on (as in the study): opt in knowingly.
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 
 import pandas as pd
 
+from medicsynth.llm.cost import LLMBudgetError
 from medicsynth.timing import write_metrics
 from medicsynth.manifest import read_manifest, write_manifest, write_tsv
 from medicsynth.params import load_params, require, section
@@ -38,7 +42,11 @@ def main() -> None:
     splits = list(require(p, "relabel", "splits"))
     pool = pd.concat([read_manifest(SPLIT_FILES[s]) for s in splits], ignore_index=True)
     clean = pd.read_csv(CLEAN_LABELS, sep="\t", dtype=str) if CLEAN_LABELS.exists() else None
-    result = run_relabel(pool, p, llm_cache_dir=require(section(params, "llm"), "llm", "cache_dir"), clean=clean)
+    llm = section(params, "llm")
+    try:
+        result = run_relabel(pool, p, llm_cache_dir=require(llm, "llm", "cache_dir"), clean=clean, llm=llm)
+    except LLMBudgetError as exc:  # above relabel.<provider>.budget_usd: nothing was sent
+        sys.exit(f"relabel refused: {exc}")
 
     for split in splits:
         rows = result.relabelled[result.relabelled["split"] == split]

@@ -23,6 +23,8 @@ from PIL import Image
 
 from medicsynth.labels import CLASSES, TASKS
 from medicsynth.llm import (
+    config_with_defaults,
+    repository_llm_params,
     LabelsAnswerError,
     LLMClient,
     LLMConfig,
@@ -92,7 +94,7 @@ def make_client(server: FakeLLMServer, provider: str, cache_dir: Path, **overrid
         concurrency=4,
     )
     settings.update(overrides)
-    return LLMClient(LLMConfig(**settings), cache_dir)
+    return LLMClient(config_with_defaults(**settings), cache_dir)
 
 
 def classify(paths: list[str]) -> list[LLMRequest]:
@@ -164,14 +166,20 @@ def test_parse_retry_after():
 
 
 def test_config_from_params_rejects_unknown_keys_and_bad_values():
-    cfg = config_from_params({"provider": "openai", "model": "m", "cache_dir": "x", "max_calls": 5})
-    assert cfg.max_calls == 5 and cfg.temperature == 0.0
+    defaults = repository_llm_params()["client"]
+    cfg = config_from_params({"provider": "openai", "model": "m", "cache_dir": "x", "max_calls": 5}, defaults)
+    assert cfg.max_calls == 5 and cfg.temperature == defaults["temperature"]
+    # No defaults in code: without llm.client a missing setting is an error naming it.
+    with pytest.raises(ValueError, match="max_tokens.*missing.*llm.client"):
+        config_from_params({"provider": "openai", "model": "m"})
+    with pytest.raises(ValueError, match="unknown llm.client key.*colour"):
+        config_from_params({"provider": "openai", "model": "m"}, {**defaults, "colour": 1})
     with pytest.raises(ValueError, match="unknown llm setting.*max_image"):
         config_from_params({"provider": "openai", "model": "m", "max_image": 3})
     with pytest.raises(ValueError, match="concurrency=0"):
-        LLMConfig(provider="openai", model="m", concurrency=0)
+        config_with_defaults(provider="openai", model="m", concurrency=0)
     with pytest.raises(ValueError, match="provider 'none'"):
-        LLMConfig(provider="none", model="m")
+        config_with_defaults(provider="none", model="m")
 
 
 def test_missing_api_key_is_a_clear_error_without_calls(monkeypatch, tmp_path):
@@ -321,7 +329,7 @@ def test_retry_after_header_is_honoured(llm_server, tmp_path, provider):
     waits: list[float] = []
     llm_server.script(error(429, retry_after=1), error(503, retry_after=0.4), answer(GOOD))
     client = LLMClient(
-        LLMConfig(provider=provider, model="m", base_url=llm_server.base_url(provider), backoff_base_s=0.001),
+        config_with_defaults(provider=provider, model="m", base_url=llm_server.base_url(provider), backoff_base_s=0.001),
         tmp_path / "cache",
         sleep=waits.append,
     )
@@ -350,7 +358,7 @@ def test_backoff_grows_exponentially_with_jitter(tmp_path, llm_server):
     waits: list[float] = []
     llm_server.script(*[error(502)] * 5, answer(GOOD))
     client = LLMClient(
-        LLMConfig(provider="openai", model="m", base_url=llm_server.openai_base_url, max_retries=5,
+        config_with_defaults(provider="openai", model="m", base_url=llm_server.openai_base_url, max_retries=5,
                   backoff_base_s=0.1, backoff_max_s=0.5),
         tmp_path / "cache",
         sleep=waits.append,
@@ -568,7 +576,7 @@ CHILD = textwrap.dedent(
     logging.basicConfig(level=logging.DEBUG)  # SDK debug logs too: they must not leak the key
     from medicsynth.llm import LLMClient, LLMConfig, classify_request
     repo, provider, base_url, cache_dir, *images = sys.argv[1:]
-    config = LLMConfig(provider=provider, model="m", base_url=base_url, concurrency=1, timeout_s=30,
+    config = config_with_defaults(provider=provider, model="m", base_url=base_url, concurrency=1, timeout_s=30,
                        max_retries=0)
     client = LLMClient(config, cache_dir)
     requests = [classify_request(p, prompt_dir=repo + "/prompts") for p in images]

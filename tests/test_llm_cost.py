@@ -11,6 +11,7 @@ import yaml
 from PIL import Image
 
 from medicsynth.llm import (
+    config_with_defaults,
     LLMBudgetError,
     LLMClient,
     LLMConfig,
@@ -92,7 +93,7 @@ def test_estimate_counts_text_images_and_skips_cached_and_duplicate_calls(tmp_pa
     paths.append(str(copy))
     prices = price_table_from_params(PRICES)
     with FakeLLMServer() as server:
-        config = LLMConfig(provider=provider, model=model, base_url=server.base_url(provider), max_tokens=100)
+        config = config_with_defaults(provider=provider, model=model, base_url=server.base_url(provider), max_tokens=100)
         client = LLMClient(config, tmp_path / "cache", prices=prices)
         requests = [classify_request(p, TASKS, prompt_dir=PROMPTS) for p in paths]
         est = estimate_requests(client, requests, prices)
@@ -129,25 +130,25 @@ def test_budget_refuses_before_sending_and_names_how_to_raise_it(tmp_path, provi
     requests = [classify_request(p, TASKS, prompt_dir=PROMPTS) for p in paths]
     with FakeLLMServer() as server:
         base = dict(provider=provider, model=model, base_url=server.base_url(provider), max_tokens=300)
-        probe = estimate_requests(LLMClient(LLMConfig(**base), tmp_path / "c"), requests, prices)
-        tight = LLMClient(LLMConfig(**base, budget_usd=probe.usd * 0.9), tmp_path / "c", prices=prices)
+        probe = estimate_requests(LLMClient(config_with_defaults(**base), tmp_path / "c"), requests, prices)
+        tight = LLMClient(config_with_defaults(**base, budget_usd=probe.usd * 0.9), tmp_path / "c", prices=prices)
         with pytest.raises(LLMBudgetError) as info:
             tight.run(requests, progress=False)
         assert server.count() == 0
         message = str(info.value)
         assert f"${probe.usd:.2f}" in message and "Nothing was sent" in message
         assert f"Raise budget_usd to at least {math.ceil(probe.usd * 100) / 100:.2f}" in message
-        roomy = LLMClient(LLMConfig(**base, budget_usd=probe.usd * 1.1), tmp_path / "c", prices=prices)
+        roomy = LLMClient(config_with_defaults(**base, budget_usd=probe.usd * 1.1), tmp_path / "c", prices=prices)
         assert all(r.ok for r in roomy.run(requests, progress=False)) and server.count() == 3
         # Everything cached now: nothing to pay, so even a zero cap lets the run through.
-        cached = LLMClient(LLMConfig(**base, budget_usd=0.0), tmp_path / "c", prices=prices)
+        cached = LLMClient(config_with_defaults(**base, budget_usd=0.0), tmp_path / "c", prices=prices)
         assert all(r.cached for r in cached.run(requests, progress=False)) and server.count() == 3
 
 
 def test_budget_without_a_price_is_an_error_naming_the_model(tmp_path):
     paths = images(tmp_path, [(64, 64)])
     with FakeLLMServer() as server:
-        config = LLMConfig(provider="openai", model="gpt-unpriced", base_url=server.openai_base_url, budget_usd=5.0)
+        config = config_with_defaults(provider="openai", model="gpt-unpriced", base_url=server.openai_base_url, budget_usd=5.0)
         client = LLMClient(config, tmp_path / "c", prices=price_table_from_params(PRICES))
         with pytest.raises(LLMBudgetError, match="no price for openai model 'gpt-unpriced' in llm.prices"):
             client.run([classify_request(paths[0], TASKS, prompt_dir=PROMPTS)], progress=False)

@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 
 from medicsynth.llm import (
+    config_with_defaults,
     LLMAbortError,
     LLMClient,
     LLMConfig,
@@ -56,7 +57,7 @@ def client_for(server: FakeLLMServer, provider: str, cache_dir: Path, **override
     settings = dict(provider=provider, model="fault-model", base_url=server.base_url(provider), timeout_s=2.0,
                     max_retries=1, backoff_base_s=0.01, backoff_max_s=0.05, concurrency=4)
     settings.update(overrides)
-    return LLMClient(LLMConfig(**settings), cache_dir)
+    return LLMClient(config_with_defaults(**settings), cache_dir)
 
 
 def classify(paths: list[str]) -> list[LLMRequest]:

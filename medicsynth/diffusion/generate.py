@@ -842,8 +842,12 @@ def generate_plan(
     demo_dir: str | Path = DEMO_MODEL_DIR,
     progress: bool = True,
     renderer_hook: Callable[[Renderer], Renderer] | None = None,
+    prices: dict | None = None,
 ) -> dict:
     """Render ``plan_path`` into ``images_dir`` and write the manifest; return the metrics dict.
+
+    ``prices`` (``llm.prices``) is used by the hosted backend only: its cost estimate and
+    ``generate.hosted.budget_usd``.
 
     Works unchanged in one process or under ``accelerate launch`` (see module docstring); the
     manifest and the returned metrics are complete only on the main process (others return
@@ -852,7 +856,7 @@ def generate_plan(
     if opts.backend == "openai":
         from medicsynth.diffusion.hosted import generate_hosted
 
-        return generate_hosted(plan_path, images_dir, manifest_path, opts, progress=progress)
+        return generate_hosted(plan_path, images_dir, manifest_path, opts, progress=progress, prices=prices)
     if opts.backend != "diffusers":
         raise GenerateError(f"generate.backend must be diffusers or openai, got {opts.backend!r}")
     from accelerate import PartialState

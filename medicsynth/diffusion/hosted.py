@@ -15,6 +15,10 @@ guarantees of the local backend and of :mod:`medicsynth.llm`:
 - **Budget.** ``max_calls`` caps paid calls (cache misses) per run; images over budget, refused
   (content policy) or failed after the SDK's retries are left out of the manifest and counted
   per reason in the metrics (never silently replaced).
+- **Cost before spending.** The images still to pay for (not on disk, not cached) are priced
+  from ``llm.prices.images[<model>][<quality>]`` (USD per image, dated) before any call; above
+  ``budget_usd`` the stage refuses, naming the estimate and the key to raise. The metrics hold the
+  estimate beside the calls actually paid (``hosted.cost``).
 - **Provenance.** Each JPEG carries the same stamp as locally rendered ones (key, model, blank
   flag), so filter and merge treat both alike.
 
@@ -70,6 +74,7 @@ class HostedConfig:
     timeout_s: float  # per-attempt HTTP timeout
     max_retries: int  # the SDK's retries on 429/5xx/timeouts/connection errors
     cache_dir: str  # cache root (images under {cache_dir}/images)
+    budget_usd: float | None  # refuse before any call when the estimated cost is above this; None = no cap
 
     @classmethod
     def from_params(cls, params: dict | None) -> "HostedConfig":
@@ -270,15 +275,53 @@ def render_hosted(jobs, cfg: HostedConfig, client, cache: ImageCache, blank_std:
     return stats
 
 
+def image_price(prices: dict | None, cfg: HostedConfig) -> float | None:
+    """USD per image of ``cfg`` from ``llm.prices.images[<model>][<quality or auto>]``, or ``None``."""
+    table = ((prices or {}).get("images") or {}).get(cfg.model) or {}
+    per = table.get(cfg.quality or "auto")
+    return None if per is None else float(per)
+
+
+def estimate_hosted(jobs, cfg: HostedConfig, cache: ImageCache, prices: dict | None) -> dict:
+    """The cost of ``jobs`` before sending: images to pay for (cached ones are free), USD per
+    image and in total (``None`` without a price), and the price date."""
+    to_send = sum(1 for j in jobs if not cache.path(image_cache_key(cfg, j.prompt, j.id, j.seed)).exists())
+    per = image_price(prices, cfg)
+    return {"requests": len(jobs), "cached": len(jobs) - to_send, "to_send": to_send, "usd_per_image": per,
+            "usd": None if per is None else round(to_send * per, 6),
+            "price_date": (prices or {}).get("date")}
+
+
+def check_hosted_budget(estimate: dict, cfg: HostedConfig) -> None:
+    """Raise :class:`HostedError` when ``estimate`` is above ``cfg.budget_usd`` (nothing sent)."""
+    import math
+
+    if cfg.budget_usd is None or estimate["to_send"] == 0:
+        return
+    if estimate["usd"] is None:
+        raise HostedError(
+            f"generate.hosted.budget_usd={cfg.budget_usd}: no price for {cfg.model!r} quality "
+            f"{cfg.quality or 'auto'!r} in llm.prices.images; add it (USD per image, dated) or set budget_usd: null"
+        )
+    if estimate["usd"] > cfg.budget_usd:
+        raise HostedError(
+            f"openai model {cfg.model!r}: estimated cost ${estimate['usd']:.2f} for {estimate['to_send']} images "
+            f"(${estimate['usd_per_image']} each, {estimate['cached']} cached; prices of {estimate['price_date']}) "
+            f"is above generate.hosted.budget_usd=${cfg.budget_usd:.2f}. Nothing was sent. Raise "
+            f"generate.hosted.budget_usd to at least {math.ceil(estimate['usd'] * 100) / 100:.2f}, or plan fewer images."
+        )
+
+
 def generate_hosted(plan_path: str | Path, images_dir: str | Path, manifest_path: str | Path, opts,
-                    *, client=None, progress: bool = True) -> dict:
+                    *, client=None, progress: bool = True, prices: dict | None = None) -> dict:
     """The generate stage with ``backend: openai``: render the plan, write manifest, return metrics.
 
     ``opts`` is the stage's :class:`~medicsynth.diffusion.generate.GenerateOptions` (``hosted``
     holds :class:`HostedConfig` fields; ``blank_std``, ``jpeg_quality``, ``negative_prompt``
     apply; the Images API takes no negative prompt, so a plan's negative prompts are ignored and
     recorded as such). ``client`` replaces the SDK client (tests). The manifest lists the images
-    present with a matching stamp; the metrics count what is missing and why.
+    present with a matching stamp; the metrics count what is missing and why. ``prices`` is
+    ``llm.prices`` (its ``images`` table prices the estimate; ``budget_usd`` caps it).
     """
     from medicsynth.diffusion.generate import GenerateError, ModelRef, PlanStatus, build_manifest, plan_jobs, read_plan
     from medicsynth.manifest import write_manifest
@@ -298,10 +341,18 @@ def generate_hosted(plan_path: str | Path, images_dir: str | Path, manifest_path
     status = plan_jobs(plan, images_dir, opts, ref, "", source, width, height, str(plan_path), no_negative)
     images_dir.mkdir(parents=True, exist_ok=True)
     stats = HostedStats()
+    cost = None
     if status.todo:
-        client = client if client is not None else openai_client(cfg)
         cache = ImageCache(Path(cfg.cache_dir) / "images")
+        if prices is not None or cfg.budget_usd is not None:
+            cost = {"estimate": estimate_hosted(status.todo, cfg, cache, prices)}
+            check_hosted_budget(cost["estimate"], cfg)
+        client = client if client is not None else openai_client(cfg)
         stats = render_hosted(status.todo, cfg, client, cache, opts.blank_std, opts.jpeg_quality, progress)
+        if cost is not None:
+            per = cost["estimate"]["usd_per_image"]
+            cost["paid_calls"] = stats.calls
+            cost["usd"] = None if per is None else round(stats.calls * per, 6)
     failed = set(stats.failed_ids)
     present = [j for j in status.jobs if j.path.exists()]
     kept = PlanStatus(jobs=[j for j in present if j.id not in failed], todo=[], skipped=status.skipped, stale=status.stale)
@@ -318,7 +369,7 @@ def generate_hosted(plan_path: str | Path, images_dir: str | Path, manifest_path
         "renderable": len(status.jobs), "quarantined": len(status.quarantined),
         "quarantined_rows": status.quarantined[:50], "skipped": status.skipped, "stale_rerendered": status.stale,
         "rendered": stats.written, "missing": missing, "blank_flagged": int(manifest["blank_flag"].sum()),
-        "nsfw_flagged": 0, "hosted": stats.as_dict(),
+        "nsfw_flagged": 0, "hosted": {**stats.as_dict(), **({"cost": cost} if cost is not None else {})},
         "images_per_second": round(stats.written / stats.seconds, 4) if stats.seconds else 0.0,
         "options": {**{k: v for k, v in asdict(cfg).items()}, "width": width, "height": height},
         "seconds_total": round(time.perf_counter() - t0, 2),

@@ -7,7 +7,8 @@
 - :mod:`medicsynth.llm.transport`: the total deadline of one HTTP attempt.
 - :mod:`medicsynth.llm.redact`: credentials removed from anything written or logged.
 - :mod:`medicsynth.llm.cost`: token/dollar estimates before sending, the dated price table and
-  the ``budget_usd`` cap.
+  the ``budget_usd`` cap; :mod:`medicsynth.llm.plan`: the whole pipeline's estimate (``make estimate``).
+- :mod:`medicsynth.llm.batch`: ``mode: batch`` (OpenAI Batch API, Anthropic Message Batches).
 - :mod:`medicsynth.llm.labels_answer`: MEDIC label schema/validation, :func:`classify_request`
   and :func:`load_prompt` (the project's one prompt-file reader).
 
@@ -30,7 +31,9 @@ from medicsynth.llm.client import (
     Usage,
     client_from_params,
     config_from_params,
+    config_with_defaults,
     looks_like_refusal,
+    repository_llm_params,
     raise_if_failing,
 )
 from medicsynth.llm.labels_answer import (
@@ -78,6 +81,8 @@ __all__ = [
     "classify_request",
     "client_from_params",
     "config_from_params",
+    "config_with_defaults",
+    "repository_llm_params",
     "encode_image",
     "labels_json_schema",
     "load_prompt",

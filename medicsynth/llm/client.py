@@ -68,7 +68,7 @@ from medicsynth.llm.redact import env_secrets, redact
 
 log = logging.getLogger(__name__)
 
-#: Default cache directory, relative to the repository root (see medicsynth.llm.cache).
+#: Where the cache usually lives (params.yaml ``llm.cache_dir``; see medicsynth.llm.cache).
 DEFAULT_CACHE_DIR = ".llm_cache"
 
 FAILURE_REASONS: tuple[str, ...] = (
@@ -81,6 +81,10 @@ FAILURE_REASONS: tuple[str, ...] = (
     "api_error",
     "aborted",
 )
+
+
+#: How requests are sent (:attr:`LLMConfig.mode`).
+MODES: tuple[str, ...] = ("sync", "batch")
 
 
 class LLMStageError(RuntimeError):
@@ -104,6 +108,9 @@ class LLMFailureShareError(LLMStageError):
 class LLMConfig:
     """How to call one model. Stages fill it from params; API keys never go here.
 
+    Every field is required: the defaults live in one place, params.yaml ``llm.client``, which
+    :func:`config_from_params` lays under a stage's own settings.
+
     Args:
         provider: ``"openai"`` or ``"anthropic"``.
         model: model id as the provider names it.
@@ -124,24 +131,29 @@ class LLMConfig:
             :func:`raise_if_failing` fails the stage.
         budget_usd: :meth:`LLMClient.run` refuses a batch whose estimated cost
             (:mod:`medicsynth.llm.cost`) is above this, before sending anything; ``None`` = no cap.
+        mode: ``"sync"`` (one HTTP call per request) or ``"batch"`` (the provider's batch API at
+            the batch price, :mod:`medicsynth.llm.batch`; same requests, same results).
+        batch_poll_s: batch mode: seconds between status polls of a submitted batch.
     """
 
     provider: str
     model: str
-    base_url: str | None = None
-    temperature: float = 0.0
-    max_tokens: int = 400
-    concurrency: int = 8
-    timeout_s: float = 60.0
-    max_retries: int = 5
-    image_max_side: int = 768
-    max_calls: int | None = None
-    backoff_base_s: float = 1.0
-    backoff_max_s: float = 60.0
-    jpeg_quality: int = 90
-    abort_after: int | None = 3
-    max_failure_share: float = 0.5
-    budget_usd: float | None = None
+    base_url: str | None
+    temperature: float
+    max_tokens: int
+    concurrency: int
+    timeout_s: float
+    max_retries: int
+    image_max_side: int
+    max_calls: int | None
+    backoff_base_s: float
+    backoff_max_s: float
+    jpeg_quality: int
+    abort_after: int | None
+    max_failure_share: float
+    budget_usd: float | None
+    mode: str
+    batch_poll_s: float
 
     def __post_init__(self) -> None:
         if self.provider not in PROVIDERS:
@@ -161,6 +173,8 @@ class LLMConfig:
             "abort_after": self.abort_after is None or self.abort_after >= 1,
             "max_failure_share": 0.0 <= self.max_failure_share <= 1.0,
             "budget_usd": self.budget_usd is None or self.budget_usd >= 0,
+            "mode": self.mode in MODES,
+            "batch_poll_s": self.batch_poll_s >= 0,
         }
         bad = [name for name, ok in checks.items() if not ok]
         if bad:
@@ -226,6 +240,9 @@ class LLMResult:
 # ------------------------------------------------------------------------------------------
 
 
+BATCH_COUNTERS = ("batches_submitted", "batches_resumed", "requests_submitted", "retried")
+
+
 @dataclass
 class Usage:
     """Counters of one client (one stage). Thread-safe; :meth:`as_dict` for metrics JSON.
@@ -251,6 +268,8 @@ class Usage:
     estimate: dict | None = None  # the last batch's cost estimate (medicsynth.llm.cost), before sending
     price: Any = None  # medicsynth.llm.cost.ModelPrice of the model, when the price table has it
     price_date: str | None = None
+    mode: str = "sync"  # batch mode: cost at the batch price, and the "batch" counters in as_dict
+    batch: Counter = field(default_factory=Counter)  # batches_submitted, batches_resumed, requests_submitted, retried
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False, compare=False)
 
     def add(self, **counts: int) -> None:
@@ -276,6 +295,12 @@ class Usage:
             if result.used_fallback:
                 self.fallback_retries += 1
 
+    def _cost(self) -> float | None:
+        if self.price is None:
+            return None
+        usd = self.price.usd(self.input_tokens, self.output_tokens, batch=self.mode == "batch")
+        return None if usd is None else round(usd, 6)
+
     def as_dict(self) -> dict[str, Any]:
         with self._lock:
             lat = sorted(self.latencies_s)
@@ -298,11 +323,10 @@ class Usage:
                 "cached_input_tokens": self.cached_input_tokens,
                 "cached_output_tokens": self.cached_output_tokens,
                 "estimate": self.estimate,
-                "cost_usd": (
-                    None if self.price is None
-                    else round(self.price.usd(self.input_tokens, self.output_tokens), 6)
-                ),
+                "cost_usd": self._cost(),
                 "price_date": self.price_date,
+                **({"mode": "batch", "batch": {k: self.batch[k] for k in BATCH_COUNTERS}}
+                   if self.mode == "batch" else {}),
                 "latency_s": {
                     "count": len(lat),
                     "mean": round(sum(lat) / len(lat), 4) if lat else None,
@@ -488,7 +512,7 @@ class LLMClient:
         self.prices = prices
         self.cache = ResponseCache(cache_dir)
         self.provider = make_provider(config, sdk_client)
-        self.usage = Usage()
+        self.usage = Usage(mode=config.mode)
         if prices is not None:
             self.usage.price, self.usage.price_date = prices.price(config.model), prices.date
         self._sleep = sleep
@@ -499,6 +523,8 @@ class LLMClient:
         self._inflight: dict[str, threading.Event] = {}
         # Failures of this client's calls, by cache key: a duplicate shares them (never re-sent).
         self._failed: dict[str, _Failure] = {}
+        # Batch mode: keys answered by a batch in this run (counted as calls, not cache hits).
+        self._fresh: set[str] = set()
         # Probe gate and early stop (module docstring, "Stopping early").
         self._gate = threading.Condition()
         self._verified = False
@@ -518,13 +544,21 @@ class LLMClient:
         cost is above ``budget_usd``.
         """
         requests = list(requests)
-        results: list[LLMResult | None] = [None] * len(requests)
         if not requests:
             return []
         if self.prices is not None or self.config.budget_usd is not None:
             estimate = estimate_requests(self, requests, self.prices)
             self.usage.estimate = estimate.as_dict()
             check_budget(estimate, self.config.budget_usd, self.budget_key)
+        if self.config.mode == "batch":
+            from medicsynth.llm.batch import run_batch
+
+            return run_batch(self, requests, desc, progress)
+        return self._run_sync(requests, desc, progress)
+
+    def _run_sync(self, requests: list[LLMRequest], desc: str, progress: bool) -> list[LLMResult]:
+        # The sync path (batch mode ends with it too, every answer then being cached).
+        results: list[LLMResult | None] = [None] * len(requests)
         workers = min(self.config.concurrency, len(requests))
         failed = 0
         with (
@@ -659,7 +693,7 @@ class LLMClient:
         while True:
             hit = self.cache.get(key)
             if hit is not None:
-                return self._cache_hit(hit, result)
+                return self._cache_hit(hit, result, key)
             with self._inflight_lock:
                 failed = self._failed.get(key)
                 done = self._inflight.get(key)
@@ -675,7 +709,7 @@ class LLMClient:
                 # The previous owner may have cached the answer just before this one registered.
                 hit = self.cache.get(key)
                 if hit is not None:
-                    return self._cache_hit(hit, result)
+                    return self._cache_hit(hit, result, key)
                 return self._call_api(key, req, prompt, image, result)
             except _Failure as failure:
                 with self._inflight_lock:
@@ -686,7 +720,17 @@ class LLMClient:
                     del self._inflight[key]
                 done.set()
 
-    def _cache_hit(self, hit: RawResponse, result: LLMResult) -> RawResponse:
+    def _redact(self, text: str) -> str:
+        return redact(text, self._secrets)
+
+    def _cache_hit(self, hit: RawResponse, result: LLMResult, key: str = "") -> RawResponse:
+        if key in self._fresh:
+            # Answered by a batch in this run: paid now (usage counted when it arrived), not a hit.
+            result.cached = False
+            result.calls += 1
+            result.input_tokens += hit.input_tokens
+            result.output_tokens += hit.output_tokens
+            return hit
         self.usage.add(cache_hits=1, cached_input_tokens=hit.input_tokens, cached_output_tokens=hit.output_tokens)
         result.cached = result.calls == 0
         result.input_tokens += hit.input_tokens
@@ -811,29 +855,82 @@ class LLMClient:
 _CONFIG_FIELDS = tuple(f.name for f in fields(LLMConfig))
 
 
-def config_from_params(llm_params: Mapping[str, Any]) -> LLMConfig:
-    """:class:`LLMConfig` from a params mapping; an unknown key is an error naming it.
+def config_from_params(llm_params: Mapping[str, Any], defaults: Mapping[str, Any] | None = None) -> LLMConfig:
+    """:class:`LLMConfig` from a stage's settings laid over ``defaults`` (params.yaml ``llm.client``).
 
-    ``cache_dir`` may appear in the mapping (it is the client's, not the config's) and is ignored.
+    An unknown key (in either) is an error naming it; so is a field that neither gives (e.g. a
+    ``defaults`` without ``max_tokens``). ``cache_dir`` may appear (it is the client's, not the
+    config's) and is ignored.
     """
-    unknown = sorted(set(llm_params) - set(_CONFIG_FIELDS) - {"cache_dir"})
-    if unknown:
+    for where, mapping in (("llm settings", llm_params), ("llm.client", defaults or {})):
+        unknown = sorted(set(mapping) - set(_CONFIG_FIELDS) - {"cache_dir"})
+        if unknown:
+            raise ValueError(
+                f"unknown {where} key(s) {', '.join(unknown)}; expected some of {', '.join(_CONFIG_FIELDS)}, cache_dir"
+            )
+    merged = {**dict(defaults or {}), **dict(llm_params)}
+    missing = [k for k in _CONFIG_FIELDS if k not in merged]
+    if missing:
         raise ValueError(
-            f"unknown llm setting(s) {', '.join(unknown)}; expected some of {', '.join(_CONFIG_FIELDS)}, cache_dir"
+            f"llm setting(s) {', '.join(missing)} missing: set them in params.yaml llm.client (the defaults "
+            f"of every client) or in the stage's own llm settings"
         )
-    return LLMConfig(**{k: v for k, v in llm_params.items() if k in _CONFIG_FIELDS})
+    return LLMConfig(**{k: merged[k] for k in _CONFIG_FIELDS})
+
+
+def repository_llm_params() -> dict[str, Any]:
+    """The ``llm`` section of the repository's own params.yaml (next to this package).
+
+    For callers that are handed no ``llm`` section (library use, tests): the defaults still come
+    from params.yaml, never from a copy in code. Stages pass the section of the params file they
+    were given instead.
+    """
+    import yaml
+
+    with open(Path(__file__).resolve().parents[2] / "params.yaml", encoding="utf-8") as fh:
+        return dict((yaml.safe_load(fh) or {}).get("llm") or {})
+
+
+def config_with_defaults(**settings: Any) -> LLMConfig:
+    """:class:`LLMConfig` of ``settings`` over the repository's params.yaml ``llm.client`` (tests, benches)."""
+    return config_from_params(settings, repository_llm_params().get("client"))
 
 
 def client_from_params(
     llm_params: Mapping[str, Any],
     cache_dir: str | Path | None = None,
     *,
+    llm: Mapping[str, Any] | None = None,
+    where: str | None = None,
     sdk_client: Any | None = None,
     prices: PriceTable | None = None,
 ) -> LLMClient:
-    """An :class:`LLMClient` from params (``provider``, ``model``, ...); ``cache_dir`` defaults to
-    ``llm_params["cache_dir"]``, then :data:`DEFAULT_CACHE_DIR`. ``prices``: the dated price table
-    (:func:`medicsynth.llm.cost.price_table_from_params` of ``llm.prices``)."""
+    """An :class:`LLMClient` from a stage's settings (``provider``, ``model``, ...).
+
+    Args:
+        llm_params: the stage's client settings (``relabel.openai``, ``filter.vlm``, ...).
+        cache_dir: the paid-call cache; default ``llm_params["cache_dir"]``, then ``llm.cache_dir``.
+        llm: the params ``llm`` section: ``client`` (defaults of every setting), ``prices`` (the
+            dated price table, :func:`medicsynth.llm.cost.price_table_from_params`) and
+            ``cache_dir``; ``None`` reads the repository's params.yaml (:func:`repository_llm_params`),
+            and so does a section without ``client`` (for its ``client`` only).
+        where: the params path of the settings (``"relabel.openai"``), so that budget messages
+            name the key to raise (``relabel.openai.budget_usd``).
+        prices: a price table that replaces ``llm.prices``.
+    """
+    from medicsynth.llm.cost import price_table_from_params
+
+    llm = dict(llm) if llm is not None else repository_llm_params()
+    if "client" not in llm:
+        llm["client"] = repository_llm_params().get("client")
     if cache_dir is None:
-        cache_dir = llm_params.get("cache_dir") or DEFAULT_CACHE_DIR
-    return LLMClient(config_from_params(llm_params), cache_dir, sdk_client=sdk_client, prices=prices)
+        cache_dir = llm_params.get("cache_dir") or llm.get("cache_dir")
+    if not cache_dir:
+        raise ValueError("no cache_dir for the LLM client: set llm.cache_dir in params.yaml")
+    if prices is None:
+        prices = price_table_from_params(llm.get("prices"))
+    client = LLMClient(config_from_params(llm_params, llm.get("client")), cache_dir, sdk_client=sdk_client,
+                       prices=prices)
+    if where:
+        client.budget_key = f"{where}.budget_usd"
+    return client

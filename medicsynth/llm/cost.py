@@ -91,8 +91,15 @@ class ModelPrice:
     input_per_mtok: float
     output_per_mtok: float
     image: dict[str, float] = field(default_factory=dict)  # overrides of the provider's image rule
+    batch_input_per_mtok: float | None = None  # batch API prices (None: not in the table)
+    batch_output_per_mtok: float | None = None
 
-    def usd(self, input_tokens: int, output_tokens: int) -> float:
+    def usd(self, input_tokens: int, output_tokens: int, batch: bool = False) -> float | None:
+        """USD of the tokens at the sync price, or (``batch``) the batch price (``None`` if unlisted)."""
+        if batch:
+            if self.batch_input_per_mtok is None or self.batch_output_per_mtok is None:
+                return None
+            return (input_tokens * self.batch_input_per_mtok + output_tokens * self.batch_output_per_mtok) / 1e6
         return (input_tokens * self.input_per_mtok + output_tokens * self.output_per_mtok) / 1e6
 
 
@@ -128,8 +135,10 @@ def price_table_from_params(prices: Mapping[str, Any] | None) -> PriceTable | No
     models = {}
     for model, entry in dict(prices["models"]).items():
         try:
+            batch = [entry.get(k) for k in ("batch_input_per_mtok", "batch_output_per_mtok")]
             models[str(model)] = ModelPrice(
-                float(entry["input_per_mtok"]), float(entry["output_per_mtok"]), dict(entry.get("image") or {})
+                float(entry["input_per_mtok"]), float(entry["output_per_mtok"]), dict(entry.get("image") or {}),
+                *(None if b is None else float(b) for b in batch),
             )
         except (KeyError, TypeError, ValueError) as exc:
             raise ValueError(
@@ -158,9 +167,12 @@ class CostEstimate:
     output_tokens_max: int
     usd: float | None
     price_date: str | None
+    mode: str = "sync"  # "batch": priced at the model's batch prices
 
     def as_dict(self) -> dict[str, Any]:
         out = asdict(self)
+        if self.mode == "sync":
+            del out["mode"]  # sync estimates keep their earlier shape
         if self.usd is not None:
             out["usd"] = round(self.usd, 6)
         return out
@@ -222,9 +234,10 @@ def estimate_requests(client: Any, requests: Iterable[Any], prices: PriceTable |
         image_tokens += img
     to_send = len(seen) - cached
     output_max = to_send * cfg.max_tokens
-    usd = price.usd(input_tokens, output_max) if price else None
+    mode = getattr(cfg, "mode", "sync")
+    usd = price.usd(input_tokens, output_max, batch=mode == "batch") if price else None
     return CostEstimate(cfg.provider, cfg.model, n, cached, to_send, input_tokens, image_tokens, output_max, usd,
-                        prices.date if prices else None)
+                        prices.date if prices else None, mode)
 
 
 def check_budget(estimate: CostEstimate, budget_usd: float | None, where: str = "budget_usd") -> None:
@@ -236,8 +249,9 @@ def check_budget(estimate: CostEstimate, budget_usd: float | None, where: str = 
     if budget_usd is None or estimate.to_send == 0:
         return
     if estimate.usd is None:
+        kind = "batch price (batch_input_per_mtok, batch_output_per_mtok)" if estimate.mode == "batch" else "price"
         raise LLMBudgetError(
-            f"{where}={budget_usd}: no price for {estimate.provider} model {estimate.model!r} in llm.prices; "
+            f"{where}={budget_usd}: no {kind} for {estimate.provider} model {estimate.model!r} in llm.prices; "
             f"add it (USD per million input/output tokens, with the date you read them) or set {where}: null"
         )
     if estimate.usd > budget_usd:

@@ -300,6 +300,21 @@ class OpenAIProvider:
         schema: dict[str, Any] | None,
         schema_name: str,
     ) -> RawResponse:
+        params = self.request_params(system=system, prompt=prompt, image=image, schema=schema, schema_name=schema_name)
+        try:
+            with attempt_deadline(self.timeout_s) if self.timeout_s else contextlib.nullcontext():
+                resp = self.client.chat.completions.create(**params)
+        except Exception as exc:  # noqa: BLE001 - classified, or re-raised untouched
+            err = _classify_sdk_error(exc, self._sdk)
+            if err is None:
+                raise
+            raise err from None
+        return self.reduce(resp)
+
+    def request_params(
+        self, *, system: str, prompt: str, image: EncodedImage | None, schema: dict[str, Any] | None, schema_name: str
+    ) -> dict[str, Any]:
+        """The Chat Completions request body of one call (the same for sync calls and batch lines)."""
         content: list[dict[str, Any]] = [{"type": "text", "text": prompt}]
         if image is not None:
             url = f"data:{image.media_type};base64,{image.base64}"
@@ -314,20 +329,24 @@ class OpenAIProvider:
                 "type": "json_schema",
                 "json_schema": {"name": schema_name, "schema": schema, "strict": True},
             }
+        return {
+            "model": self.model,
+            "messages": messages,
+            "temperature": self.temperature,
+            "max_completion_tokens": self.max_tokens,
+            **kwargs,
+        }
+
+    def reduce_body(self, body: Any) -> RawResponse:
+        """:class:`RawResponse` of a chat completion given as JSON (a batch output line's body)."""
         try:
-            with attempt_deadline(self.timeout_s) if self.timeout_s else contextlib.nullcontext():
-                resp = self.client.chat.completions.create(
-                    model=self.model,
-                    messages=messages,
-                    temperature=self.temperature,
-                    max_completion_tokens=self.max_tokens,
-                    **kwargs,
-                )
-        except Exception as exc:  # noqa: BLE001 - classified, or re-raised untouched
-            err = _classify_sdk_error(exc, self._sdk)
-            if err is None:
-                raise
-            raise err from None
+            resp = self._sdk.types.chat.ChatCompletion.model_validate(body)
+        except Exception as exc:  # noqa: BLE001 - pydantic's ValidationError and friends
+            raise _bad_response(f"not a chat completion ({type(exc).__name__})") from None
+        return self.reduce(resp)
+
+    def reduce(self, resp: Any) -> RawResponse:
+        """:class:`RawResponse` of an SDK ``ChatCompletion``; :class:`TransientError` if it is none."""
         if not isinstance(resp, self._sdk.types.chat.ChatCompletion) or not getattr(resp, "choices", None):
             raise _bad_response(f"{_describe_body(resp)} has no choices")
         try:
@@ -398,6 +417,21 @@ class AnthropicProvider:
         schema: dict[str, Any] | None,
         schema_name: str,
     ) -> RawResponse:
+        params = self.request_params(system=system, prompt=prompt, image=image, schema=schema, schema_name=schema_name)
+        try:
+            with attempt_deadline(self.timeout_s) if self.timeout_s else contextlib.nullcontext():
+                resp = self.client.messages.create(**params)
+        except Exception as exc:  # noqa: BLE001 - classified, or re-raised untouched
+            err = _classify_sdk_error(exc, self._sdk)
+            if err is None:
+                raise
+            raise err from None
+        return self.reduce(resp, schema, schema_name)
+
+    def request_params(
+        self, *, system: str, prompt: str, image: EncodedImage | None, schema: dict[str, Any] | None, schema_name: str
+    ) -> dict[str, Any]:
+        """The Messages request body of one call (the same for sync calls and batch ``params``)."""
         content: list[dict[str, Any]] = []
         if image is not None:
             content.append(
@@ -416,19 +450,23 @@ class AnthropicProvider:
                 }
             ]
             kwargs["tool_choice"] = {"type": "tool", "name": schema_name}
+        return {
+            "model": self.model,
+            "max_tokens": self.max_tokens,
+            "messages": [{"role": "user", "content": content}],
+            **kwargs,
+        }
+
+    def reduce_body(self, body: Any, schema: dict[str, Any] | None, schema_name: str) -> RawResponse:
+        """:class:`RawResponse` of a Message given as JSON (a batch result's ``message``)."""
         try:
-            with attempt_deadline(self.timeout_s) if self.timeout_s else contextlib.nullcontext():
-                resp = self.client.messages.create(
-                    model=self.model,
-                    max_tokens=self.max_tokens,
-                    messages=[{"role": "user", "content": content}],
-                    **kwargs,
-                )
-        except Exception as exc:  # noqa: BLE001 - classified, or re-raised untouched
-            err = _classify_sdk_error(exc, self._sdk)
-            if err is None:
-                raise
-            raise err from None
+            resp = self._sdk.types.Message.model_validate(body)
+        except Exception as exc:  # noqa: BLE001 - pydantic's ValidationError and friends
+            raise _bad_response(f"not a message ({type(exc).__name__})") from None
+        return self.reduce(resp, schema, schema_name)
+
+    def reduce(self, resp: Any, schema: dict[str, Any] | None, schema_name: str) -> RawResponse:
+        """:class:`RawResponse` of an SDK ``Message``; :class:`TransientError` if it is none."""
         # The SDK hands back whatever a 200 carried (a str for an HTML page, a list, a Message
         # built without validation from {"type": "error", ...}); only a real Message is an answer.
         if not isinstance(resp, self._sdk.types.Message):
