@@ -419,14 +419,15 @@ def mean_macro_f1(labels: np.ndarray, probs: dict[str, np.ndarray]) -> float:
     (tests/test_training.py checks it), computed from confusion counts so that every training
     process does not pay sklearn's ~1 s import: 30 trainings and evaluations per demo run.
     """
-    scores = []
-    for j, t in enumerate(TASKS):
-        cm = confusion_counts(labels[:, j], probs[t].argmax(1), NUM_CLASSES[t]).astype(np.float64)
-        tp = np.diag(cm)
-        den = cm.sum(axis=0) + cm.sum(axis=1)  # (tp + fp) + (tp + fn)
-        f1 = np.divide(2 * tp, den, out=np.zeros_like(tp), where=den > 0)
-        scores.append(f1.mean())
-    return float(np.mean(scores))
+    return float(np.mean([task_macro_f1(labels[:, j], probs[t], NUM_CLASSES[t]) for j, t in enumerate(TASKS)]))
+
+
+def task_macro_f1(y_true: np.ndarray, probs: np.ndarray, n_classes: int) -> float:
+    """Macro-F1 over all ``n_classes`` classes of the argmax of ``probs`` ``(n, n_classes)``."""
+    cm = confusion_counts(y_true, probs.argmax(1), n_classes).astype(np.float64)
+    tp = np.diag(cm)
+    den = cm.sum(axis=0) + cm.sum(axis=1)  # (tp + fp) + (tp + fn)
+    return float(np.divide(2 * tp, den, out=np.zeros_like(tp), where=den > 0).mean())
 
 
 def train_classifier(
@@ -569,9 +570,7 @@ def _dev_scores(model: nn.Module, dev_loader, dev_labels: np.ndarray, info: Dist
         probs = _gather_shards(probs, len(dev_labels), info, device)
     record = {"dev_mean_macro_f1": mean_macro_f1(dev_labels, probs)}
     for j, t in enumerate(TASKS):
-        record[f"dev_macro_f1/{t}"] = float(
-            f1_score(dev_labels[:, j], probs[t].argmax(1), labels=range(NUM_CLASSES[t]), average="macro", zero_division=0)
-        )
+        record[f"dev_macro_f1/{t}"] = task_macro_f1(dev_labels[:, j], probs[t], NUM_CLASSES[t])
     if loss_weights is not None:
         record["dev_loss"] = dev_loss(dev_labels, probs, loss_weights)
     return record
