@@ -112,6 +112,7 @@ SECTIONS: dict[str, dict[str, Any]] = {
         "timeout_s": 120.0,
         "max_retries": 5,
         "cache_dir": ".llm_cache",
+        "budget_usd": None,
     },
     "adapt.demo": {
         "vae_steps": 1000,

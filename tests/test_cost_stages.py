@@ -18,7 +18,7 @@ from medicsynth.relabel import vlm_votes
 from tests.api_server import FakeLLMServer
 from tests.batch_api_server import BatchLLMServer
 from tests.test_llm_client import make_images
-from tests.test_zeroshot import make_manifest, scripted_vlm
+from tests.test_zeroshot import llm_params, make_manifest, scripted_vlm, zs_params
 
 REPO = Path(__file__).resolve().parents[1]
 PROMPTS = REPO / "prompts"
@@ -83,21 +83,24 @@ def test_relabel_voter_metrics_hold_estimate_beside_actual_usage_sync_and_batch(
 def test_zeroshot_in_batch_mode_scores_like_sync(tmp_path, provider):
     manifest, df = make_manifest(tmp_path)
     responder, _ = scripted_vlm(df)
-    base = dict(provider=provider, model="vlm-test", max_images=None, concurrency=4, timeout_s=5, max_retries=1,
-                backoff_base_s=0.01, batch_poll_s=0.01)
+    base = zs_params(provider=provider, model="vlm-test", max_images=None, concurrency=4, timeout_s=5, max_retries=1,
+                     backoff_base_s=0.01, batch_poll_s=0.01)
     with FakeLLMServer(responder) as server:
-        sync, sync_preds = zeroshot.run_zeroshot(manifest, {**base, "base_url": server.base_url(provider)},
-                                                 {"cache_dir": str(tmp_path / "c1")}, prompt_dir=PROMPTS, progress=False)
+        sync, sync_preds, _ = zeroshot.run_zeroshot(manifest, {**base, "base_url": server.base_url(provider)},
+                                                    llm_params(tmp_path / "c1"), prompt_dir=PROMPTS, root=REPO,
+                                                    progress=False)
     with BatchLLMServer(responder) as server:
-        batch, batch_preds = zeroshot.run_zeroshot(
+        batch, batch_preds, _ = zeroshot.run_zeroshot(
             manifest, {**base, "base_url": server.base_url(provider), "mode": "batch"},
-            {"cache_dir": str(tmp_path / "c2")}, prompt_dir=PROMPTS, progress=False)
+            llm_params(tmp_path / "c2"), prompt_dir=PROMPTS, root=REPO, progress=False)
         # 10 images, then the one refusal's fallback prompt in a second batch.
         assert server.batch_creates == 2 and sum(server.answered.values()) == 11
     assert batch_preds.equals(sync_preds)
-    drop = ("usage",)
+    drop = ("usage", "cells")  # usage differs by mode; each cell carries its usage
     assert {k: v for k, v in batch.items() if k not in drop} == {k: v for k, v in sync.items() if k not in drop}
-    assert batch["usage"]["failures"] == sync["usage"]["failures"]
+    for cell_b, cell_s in zip(batch["cells"], sync["cells"]):  # the same answers, so the same failures and scores
+        assert cell_b["usage"]["failures"] == cell_s["usage"]["failures"]
+        assert {k: v for k, v in cell_b.items() if k != "usage"} == {k: v for k, v in cell_s.items() if k != "usage"}
 
 
 def test_caption_clients_name_their_budget_key_and_carry_prices(tmp_path):
