@@ -27,6 +27,14 @@ from medicsynth.sampling import round_robin
 #: Short task names for narrow tables and ``metrics/summary.json`` keys.
 SHORT_TASK = {"damage_severity": "damage", "informative": "inform", "humanitarian": "human", "disaster_types": "disaster"}
 VERDICTS = ("better", "no evidence", "worse")
+#: ``metrics/summary.json`` keys: short enough that ``dvc exp show --only-changed`` over a
+#: ``mix_ratio`` experiment (which changes two variants: augmented and the oversampled baseline
+#: that copies its composition) prints all twelve headline columns and the ratio within 200
+#: columns (with the full names, 17-character headers, DVC folded half of them into "…").
+#: Variants not listed keep their names.
+HEADLINE_VARIANT = {"original": "orig", "relabelled": "relab", "augmented": "aug", "oversampled": "over",
+                    "classic_aug": "classic"}
+HEADLINE_TASK = {"damage_severity": "dmg", "informative": "inf", "humanitarian": "hum", "disaster_types": "dis"}
 
 
 class ReportInputError(ValueError):
@@ -513,12 +521,16 @@ def headline_summary(compare: Mapping[str, Any] | None, merge: Mapping[str, Any]
                      digits: int = 4) -> dict[str, Any]:
     """The small headline ``dvc metrics show`` / ``dvc exp show`` print first.
 
-    ``{variant: {"mean": mean macro-F1, "damage"|"inform"|"human"|"disaster": task macro-F1,
-    "minority": mean F1 over the minority classes}, "synthetic_share": share of synthetic rows
-    in the augmented training set}``, values rounded to ``digits`` (full precision stays in
+    ``{"synth": share of synthetic rows in the augmented training set, <variant>: {"mean": mean
+    macro-F1, "dmg"|"inf"|"hum"|"dis": task macro-F1, "minor": mean F1 over the minority
+    classes}}`` with variants named by :data:`HEADLINE_VARIANT` (``aug.mean``, ``over.minor``...:
+    the README has the legend), values rounded to ``digits`` (full precision stays in
     ``metrics/compare.json``). With seed runs the values are the means over seeds.
     """
     out: dict[str, Any] = {}
+    share = _num((merge or {}).get("achieved_share"))
+    if share is not None:
+        out["synth"] = round(share, digits)  # first: the leftmost headline column
     v = verdict_data(compare)
     per_class = per_class_data(compare) or []
     if v:
@@ -526,12 +538,9 @@ def headline_summary(compare: Mapping[str, Any] | None, merge: Mapping[str, Any]
             row: dict[str, Any] = {}
             for s in v["scores"]:
                 if s["variant"] == variant and s["value"] is not None:
-                    row["mean" if s["task"] == "mean" else SHORT_TASK.get(s["task"], s["task"])] = round(s["value"], digits)
+                    row["mean" if s["task"] == "mean" else HEADLINE_TASK.get(s["task"], s["task"])] = round(s["value"], digits)
             minority = [r["value"] for r in per_class if r["variant"] == variant and r["minority"] and r["value"] is not None]
             if minority:
-                row["minority"] = round(float(np.mean(minority)), digits)
-            out[variant] = row
-    share = _num((merge or {}).get("achieved_share"))
-    if share is not None:
-        out["synthetic_share"] = round(share, digits)
+                row["minor"] = round(float(np.mean(minority)), digits)
+            out[HEADLINE_VARIANT.get(variant, variant)] = row
     return out

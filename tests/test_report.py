@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 
 from medicsynth.report import SECTIONS, Provenance, ReportConfig, ReportConfigError, ReportInputs, build_report
-from medicsynth.report_data import headline_summary, params_diff, verdict_of
+from medicsynth.report_data import HEADLINE_VARIANT, headline_summary, params_diff, verdict_of
 from medicsynth.vega import plots_template
 from tests.report_fixture import VARIANTS, build_project
 from tests.sections import section
@@ -121,12 +121,12 @@ def test_missing_inputs_give_a_note_naming_the_stage(tmp_path):
 def test_headline_summary_is_small_and_follows_compare(project):
     compare = json.loads((project / "metrics/compare.json").read_text())
     summary = headline_summary(compare, {"achieved_share": 0.10009})
-    assert set(summary) == {*VARIANTS, "synthetic_share"}
-    assert set(summary["original"]) == {"mean", "damage", "inform", "human", "disaster", "minority"}
-    assert summary["augmented"]["mean"] == round(compare["mean_macro_f1"]["augmented"]["mean"], 4)
+    assert list(summary) == ["synth", *(HEADLINE_VARIANT.get(v, v) for v in VARIANTS)]
+    assert set(summary["orig"]) == {"mean", "dmg", "inf", "hum", "dis", "minor"}
+    assert summary["aug"]["mean"] == round(compare["mean_macro_f1"]["augmented"]["mean"], 4)
     minority = [x["f1"]["relabelled"]["mean"] for t in compare["tasks"].values() for x in t["classes"].values() if x["minority"]]
-    assert summary["relabelled"]["minority"] == round(sum(minority) / len(minority), 4)
-    assert summary["synthetic_share"] == 0.1001
+    assert summary["relab"]["minor"] == round(sum(minority) / len(minority), 4)
+    assert summary["synth"] == 0.1001
     assert sum(len(v) if isinstance(v, dict) else 1 for v in summary.values()) <= 20
 
 
@@ -137,7 +137,7 @@ def test_seeded_compare_shape_is_read_with_sd_and_verdict():
                "mean_macro_f1_diff": {"augmented-original": {"diff": 0.02, "low": -0.01, "high": 0.05, "verdict": "no_evidence"}},
                "tasks": {"informative": {"macro_f1": {"original": {"mean": 0.9}, "augmented": {"mean": 0.91}}, "classes": {}}}}
     summary = headline_summary(compare, None)
-    assert summary == {"original": {"mean": 0.7, "inform": 0.9}, "augmented": {"mean": 0.72, "inform": 0.91}}
+    assert summary == {"orig": {"mean": 0.7, "inf": 0.9}, "aug": {"mean": 0.72, "inf": 0.91}}
     assert verdict_of(compare["mean_macro_f1_diff"]["augmented-original"]) == "no evidence"
 
 
