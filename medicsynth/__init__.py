@@ -6,8 +6,9 @@ Importing the package pins the CPU instruction set that PyTorch's CPU libraries 
 :mod:`medicsynth.numerics`), so that a stage computes the same bytes on any x86-64 machine.
 """
 
-from medicsynth.numerics import pin_cpu_isa
+from medicsynth.numerics import bound_openmp_spin, pin_cpu_isa
 
 pin_cpu_isa()
+bound_openmp_spin()  # speed only: 2 torch threads on a shared 2-core machine (numerics.OPENMP_SPIN)
 
 __version__ = "0.1.0"
