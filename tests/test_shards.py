@@ -83,7 +83,6 @@ def test_writer_skips_known_keys_and_reports_them(tmp_path):
 
 _KILLED_WRITER = """
 import os, signal, sys
-sys.path.insert(0, sys.argv[1])
 from tests.test_shards import _samples
 from medicsynth.shards import ShardWriter
 w = ShardWriter(sys.argv[2], "real", per_shard=4)
@@ -99,8 +98,9 @@ def test_killed_writer_resumes_byte_identical(tmp_path, kill_after):
     reference = tmp_path / "reference"
     shards.write_shards(_samples(14), reference, "real", per_shard=4)
     out = tmp_path / "killed"
+    # Run from the checkout so that `tests` imports (the package itself is installed editable).
     proc = subprocess.run([sys.executable, "-c", _KILLED_WRITER, str(REPO_ROOT), str(out), str(kill_after)],
-                          capture_output=True, text=True)
+                          capture_output=True, text=True, cwd=REPO_ROOT)
     assert proc.returncode == -9, proc.stderr
     finished = shards.shard_paths(out, "real")
     assert len(finished) == (kill_after + 1) // 4  # only full shards exist after the kill
@@ -200,7 +200,6 @@ def test_dali_webdataset_reader_on_cpu(tmp_path):
 
 @pytest.mark.slow
 def test_storage_bench_runs_at_tiny_size(tmp_path):
-    sys.path.insert(0, str(REPO_ROOT))
     from bench import storage_bench
 
     out = tmp_path / "storage.json"

@@ -244,3 +244,12 @@ def test_prompt_named_in_params_must_be_a_dep(tmp_path):
 def test_module_file(dotted, expected):
     f = module_file(dotted, REPO)
     assert (f.relative_to(REPO).as_posix() if f else None) == expected
+
+
+def test_no_sys_path_edits_anywhere():
+    """The package is found because it is installed (`pip install -e .`), never by editing sys.path."""
+    repo = Path(__file__).resolve().parents[1]
+    needle = "sys.path." + "insert", "sys.path." + "append"  # split so that this file does not match itself
+    offenders = [str(p.relative_to(repo)) for d in ("medicsynth", "stages", "bench", "tests")
+                 for p in (repo / d).rglob("*.py") if any(n in p.read_text() for n in needle)]
+    assert offenders == []
