@@ -22,19 +22,22 @@ The family is read from the base model's ``model_index.json`` (:mod:`medicsynth.
   into 2×2 patches with their position ids, and the guidance-distilled FLUX.1-dev gets its
   embedded guidance value (the scripts' default 3.5).
 
-Whatever the family, :func:`save_lora_weights` writes ``pytorch_lora_weights.safetensors`` with
-the family's own ``save_lora_weights``, into a directory swapped in atomically; generate loads it
-with ``load_lora_weights`` and fuses it into the denoiser.
+Whatever the family, the adapters' random initialisation is drawn under :func:`seeded_init`
+(``adapt.seed``), so the adapter is a function of data, code and params (on a given device);
+:func:`save_lora_weights` writes ``pytorch_lora_weights.safetensors`` with the family's own
+``save_lora_weights``, into a directory swapped in atomically; generate loads it with
+``load_lora_weights`` and fuses it into the denoiser.
 
 :func:`adapt_lora` is the whole ``lora`` mode of the adapt stage (load, caption, train, save).
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import pandas as pd
 import torch
@@ -79,6 +82,19 @@ def load_base_pipeline(model_dir: str | Path, family: Family):
     from diffusers import DiffusionPipeline
 
     return DiffusionPipeline.from_pretrained(model_dir, **kwargs)
+
+
+@contextlib.contextmanager
+def seeded_init(seed: int) -> Iterator[None]:
+    """A context in which torch's global CPU RNG starts at ``seed``; its state is restored after.
+
+    peft draws the LoRA ``A`` matrices (``init_lora_weights="gaussian"``) from the global RNG on
+    the CPU (before moving them to the base layer's device); seeding it here makes the adapters a
+    function of ``adapt.seed`` alone, whatever ran before in the process.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def _get_sigmas(scheduler, timesteps: torch.Tensor, n_dim: int, dtype: torch.dtype) -> torch.Tensor:
@@ -137,8 +153,9 @@ def train_flow_lora(
     for module in (transformer, vae, *encoders):
         module.requires_grad_(False)
         module.to(device, dtype=weight_dtype)
-    transformer.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, init_lora_weights="gaussian",
-                                       target_modules=list(cfg.target_modules)))
+    with seeded_init(cfg.seed):
+        transformer.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, init_lora_weights="gaussian",
+                                           target_modules=list(cfg.target_modules)))
     lora_params = [p for p in transformer.parameters() if p.requires_grad]
     for p in lora_params:
         p.data = p.data.float()
@@ -334,8 +351,9 @@ def train_sdxl_lora(
         module.to(device, dtype=weight_dtype)
     vae.requires_grad_(False)
     vae.to(device, dtype=torch.float32)
-    unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, init_lora_weights="gaussian",
-                                target_modules=list(cfg.target_modules)))
+    with seeded_init(cfg.seed):
+        unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, init_lora_weights="gaussian",
+                                    target_modules=list(cfg.target_modules)))
     lora_params = [p for p in unet.parameters() if p.requires_grad]
     for p in lora_params:
         p.data = p.data.float()
@@ -473,7 +491,8 @@ def adapt_lora(params: dict, train: pd.DataFrame, out_dir: str | Path, progress:
     if family.objective == "flow":
         log = train_flow_lora(pipe, family, files, prompts, labels, cfg, flow, device, progress=progress)
     elif family.name == "sd":
-        log = train_lora(pipe, files, prompts, labels, cfg, device, progress=progress)
+        with seeded_init(cfg.seed):  # train_lora's adapter init draws from the global RNG
+            log = train_lora(pipe, files, prompts, labels, cfg, device, progress=progress)
     elif family.name == "sdxl":
         log = train_sdxl_lora(pipe, files, prompts, labels, cfg, device, progress=progress)
     else:
