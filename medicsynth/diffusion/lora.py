@@ -34,7 +34,6 @@ Whatever the family, the adapters' random initialisation is drawn under :func:`s
 from __future__ import annotations
 
 import contextlib
-import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -186,14 +185,14 @@ def train_flow_lora(
             return embeds, pooled, None
 
     log = TrainLog(name=f"lora-{family.name}")
-    start = time.perf_counter()
+    # Past adapt.lora.max_seconds the stage fails: stopping early would silently save a
+    # shorter-trained adapter (steps alone decide the model).
+    deadline = _Deadline(cfg.max_seconds, f"adapt lora {family.name}", cfg.steps, "adapt.lora.max_seconds")
     transformer.train()
     bar = tqdm(total=cfg.steps, desc=f"adapt lora {family.name}", disable=not progress, leave=False)
-    step, reason = 0, "steps"
+    step = 0
     for pixels, batch_prompts in loader:
-        if cfg.max_seconds and time.perf_counter() - start >= cfg.max_seconds:
-            reason = "time"
-            break
+        deadline.check(step)
         # Step 2: learning rate: linear warm-up, then constant (the scripts' default schedule).
         for group in optimiser.param_groups:
             group["lr"] = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
@@ -245,7 +244,7 @@ def train_flow_lora(
             break
     bar.close()
     transformer.eval()
-    log.steps, log.seconds, log.stopped_by = step, time.perf_counter() - start, reason
+    log.steps, log.seconds, log.stopped_by = step, deadline.elapsed(), "steps"
     return log
 
 
