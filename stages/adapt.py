@@ -6,7 +6,7 @@
   with label prompts, offline on a CPU in about five minutes → ``models/diffusion/demo`` (a
   standard diffusers ``StableDiffusionPipeline`` directory, ``generate.model: demo``).
 - ``lora``: LoRA (peft) on a local base model's denoiser, any family read from its
-  ``model_index.json``: SD 1.x/2.x (UNet), SD 3/3.5 and FLUX.1 (transformer, flow matching, as
+  ``model_index.json``: SD 1.x/2.x and SDXL (UNet), SD 3/3.5 and FLUX.1 (transformer, flow matching, as
   diffusers' DreamBooth-LoRA scripts), GPU, bf16, gradient checkpointing, template captions →
   ``models/diffusion/lora`` (set ``generate.model`` to the base model and
   ``generate.lora: models/diffusion/lora``). See :mod:`medicsynth.diffusion.lora`.

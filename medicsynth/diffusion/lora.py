@@ -1,9 +1,17 @@
-"""``adapt.mode: lora`` for every generator family: SD 1.x/2.x, SD 3/3.5 and FLUX.1.
+"""``adapt.mode: lora`` for every generator family: SD 1.x/2.x, SDXL, SD 3/3.5 and FLUX.1.
 
 The family is read from the base model's ``model_index.json`` (:mod:`medicsynth.diffusion.families`).
 
 - **SD 1.x/2.x** (UNet, DDPM objective): :func:`medicsynth.diffusion.train.train_lora`
   (ε/v-prediction, min-SNR-γ weighting).
+- **SDXL** (UNet, DDPM objective, two CLIP text encoders): :func:`train_sdxl_lora`, the recipe of
+  diffusers' ``train_dreambooth_lora_sdxl.py``: frozen VAE (fp32) and text encoders, LoRA (peft)
+  on the UNet's attention projections; the prompt embedding is the penultimate hidden states of
+  both encoders concatenated, the UNet's added conditions are the pooled embedding of
+  ``text_encoder_2`` (``text_embeds``) and the micro-conditioning ``time_ids`` = original size
+  (h, w) + crop top-left (top, left) + target size (h, w) of each training image; the noise
+  schedule is a ``DDPMScheduler`` built from the base model's scheduler config (ε or
+  v-prediction, min-SNR-γ weighting as for SD 1.x/2.x).
 - **SD 3/3.5 and FLUX.1** (transformer, rectified flow): :func:`train_flow_lora`, the recipe of
   diffusers' ``train_dreambooth_lora_sd3.py`` / ``train_dreambooth_lora_flux.py``: frozen VAE and
   text encoders, LoRA (peft) on the transformer's attention projections; latents
@@ -14,22 +22,26 @@ The family is read from the base model's ``model_index.json`` (:mod:`medicsynth.
   into 2×2 patches with their position ids, and the guidance-distilled FLUX.1-dev gets its
   embedded guidance value (the scripts' default 3.5).
 
-Whatever the family, :func:`save_lora_weights` writes ``pytorch_lora_weights.safetensors`` with
-the family's own ``save_lora_weights``, into a directory swapped in atomically; generate loads it
-with ``load_lora_weights`` and fuses it into the denoiser.
+Whatever the family, the adapters' random initialisation is drawn under :func:`seeded_init`
+(``adapt.seed``), so the adapter is a function of data, code and params (on a given device);
+:func:`save_lora_weights` writes ``pytorch_lora_weights.safetensors`` with the family's own
+``save_lora_weights``, into a directory swapped in atomically; generate loads it with
+``load_lora_weights`` and fuses it into the denoiser.
 
 :func:`adapt_lora` is the whole ``lora`` mode of the adapt stage (load, caption, train, save).
 """
 
 from __future__ import annotations
 
-import time
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Sequence
+from typing import Iterator, Sequence
 
 import pandas as pd
 import torch
+import torch.nn.functional as F
+from PIL import Image
 
 from medicsynth.devices import choose_device
 from medicsynth.diffusion.families import Family, detect_family
@@ -37,9 +49,11 @@ from medicsynth.diffusion.train import (
     LoraTrainConfig,
     TrainLog,
     _autocast_dtype,
+    _Deadline,
     _ImageFiles,
     atomic_dir,
     balanced_weights,
+    min_snr_weights,
     train_lora,
 )
 from medicsynth.params import build_config, require
@@ -67,6 +81,19 @@ def load_base_pipeline(model_dir: str | Path, family: Family):
     from diffusers import DiffusionPipeline
 
     return DiffusionPipeline.from_pretrained(model_dir, **kwargs)
+
+
+@contextlib.contextmanager
+def seeded_init(seed: int) -> Iterator[None]:
+    """A context in which torch's global CPU RNG starts at ``seed``; its state is restored after.
+
+    peft draws the LoRA ``A`` matrices (``init_lora_weights="gaussian"``) from the global RNG on
+    the CPU (before moving them to the base layer's device); seeding it here makes the adapters a
+    function of ``adapt.seed`` alone, whatever ran before in the process.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
 
 
 def _get_sigmas(scheduler, timesteps: torch.Tensor, n_dim: int, dtype: torch.dtype) -> torch.Tensor:
@@ -125,8 +152,9 @@ def train_flow_lora(
     for module in (transformer, vae, *encoders):
         module.requires_grad_(False)
         module.to(device, dtype=weight_dtype)
-    transformer.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, init_lora_weights="gaussian",
-                                       target_modules=list(cfg.target_modules)))
+    with seeded_init(cfg.seed):
+        transformer.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, init_lora_weights="gaussian",
+                                           target_modules=list(cfg.target_modules)))
     lora_params = [p for p in transformer.parameters() if p.requires_grad]
     for p in lora_params:
         p.data = p.data.float()
@@ -157,14 +185,14 @@ def train_flow_lora(
             return embeds, pooled, None
 
     log = TrainLog(name=f"lora-{family.name}")
-    start = time.perf_counter()
+    # Past adapt.lora.max_seconds the stage fails: stopping early would silently save a
+    # shorter-trained adapter (steps alone decide the model).
+    deadline = _Deadline(cfg.max_seconds, f"adapt lora {family.name}", cfg.steps, "adapt.lora.max_seconds")
     transformer.train()
     bar = tqdm(total=cfg.steps, desc=f"adapt lora {family.name}", disable=not progress, leave=False)
-    step, reason = 0, "steps"
+    step = 0
     for pixels, batch_prompts in loader:
-        if cfg.max_seconds and time.perf_counter() - start >= cfg.max_seconds:
-            reason = "time"
-            break
+        deadline.check(step)
         # Step 2: learning rate: linear warm-up, then constant (the scripts' default schedule).
         for group in optimiser.param_groups:
             group["lr"] = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
@@ -216,15 +244,193 @@ def train_flow_lora(
             break
     bar.close()
     transformer.eval()
-    log.steps, log.seconds, log.stopped_by = step, time.perf_counter() - start, reason
+    log.steps, log.seconds, log.stopped_by = step, deadline.elapsed(), "steps"
+    return log
+
+
+# ---------------------------------------------------------------------------------------------
+# SDXL: a UNet conditioned on two text encoders, a pooled embedding and size/crop time ids
+
+
+def crop_geometry(width: int, height: int, resolution: int) -> tuple[int, int]:
+    """``(top, left)`` of the square crop the LoRA trainers take of a ``width``×``height`` image.
+
+    :class:`~medicsynth.diffusion.train._ImageFiles` resizes the shorter side to ``resolution``
+    (the longer one to ``max(resolution, round(side * scale))``) and takes the centred
+    ``resolution``² crop; this is its top-left corner in the resized image, as SDXL's
+    ``crops_coords_top_left`` expects (diffusers' script records the same after its resize).
+    """
+    scale = resolution / min(width, height)
+    resized_w = max(resolution, round(width * scale))
+    resized_h = max(resolution, round(height * scale))
+    return (resized_h - resolution) // 2, (resized_w - resolution) // 2
+
+
+class _SizedImageFiles(_ImageFiles):
+    """:class:`_ImageFiles` items plus each image's SDXL micro-conditioning.
+
+    Item ``i`` is ``(pixels, prompt, time_ids)``: ``pixels`` a ``(3, resolution, resolution)``
+    tensor in ``[-1, 1]``, ``time_ids`` an int64 tensor of 6 values: original ``(height,
+    width)``, crop ``(top, left)`` (:func:`crop_geometry`), target ``(resolution, resolution)``.
+    """
+
+    def __getitem__(self, i: int):
+        pixels, prompt = super().__getitem__(i)  # a broken file fails here, its path named
+        f = self.files[i]
+        path = Path(f) if Path(f).is_absolute() else self.root / f
+        with Image.open(path) as im:  # the header only: the size before any resize
+            width, height = im.size
+        top, left = crop_geometry(width, height, self.resolution)
+        time_ids = torch.tensor([height, width, top, left, self.resolution, self.resolution], dtype=torch.int64)
+        return pixels, prompt, time_ids
+
+
+def train_sdxl_lora(
+    pipe,
+    files: Sequence[str],
+    prompts: Sequence[str],
+    balance_labels: Sequence[str] | None,
+    cfg: LoraTrainConfig,
+    device: torch.device,
+    root: str | Path = ".",
+    progress: bool = True,
+) -> TrainLog:
+    """Add LoRA adapters to ``pipe.unet`` of an SDXL pipeline and train them.
+
+    Parameters
+    ----------
+    pipe
+        A loaded :class:`~diffusers.StableDiffusionXLPipeline` (``text_encoder`` optional,
+        ``text_encoder_2`` with projection required: it gives the pooled embedding). Text
+        encoders and UNet are kept in the autocast dtype on CUDA, the VAE in fp32 (SDXL's VAE
+        overflows in fp16; diffusers' script does the same); the LoRA weights train in fp32.
+    files, prompts
+        Training images (``root``-relative paths) and their captions, same length, > 0.
+    balance_labels
+        One label per image: images are drawn inversely to their class counts (``None``: uniform).
+    cfg
+        ``adapt.lora`` settings: steps, batch, lr (AdamW, weight decay 1e-4, linear warm-up over
+        ``warmup_steps`` then constant, gradients clipped at norm 1), rank/alpha/targets,
+        resolution (square crops), caption dropout (dropped captions encode ``""`` through both
+        encoders), ``snr_gamma`` (min-SNR-γ), gradient checkpointing, mixed precision,
+        ``max_seconds`` (past it the stage fails: it never trains less), seed.
+
+    Each step: latents ``z * scaling_factor`` (or ``(z - latents_mean) * scaling_factor /
+    latents_std`` when the VAE config has them, as the pipeline decodes), a uniform DDPM timestep,
+    ``noise_scheduler.add_noise``; the UNet gets the prompt embedding (penultimate hidden states
+    of both encoders, concatenated: the pipeline's own ``encode_prompt``) and
+    ``added_cond_kwargs`` ``text_embeds`` (pooled, ``(batch, projection_dim)``) and ``time_ids``
+    (``(batch, 6)``, per image, see :class:`_SizedImageFiles`); the target is the noise (or the
+    velocity for v-prediction). Returns the phase's :class:`TrainLog`; the adapters stay attached
+    to ``pipe.unet`` (save them with :func:`save_lora_weights`). Seeded: the same inputs give the
+    same adapters on the same device.
+    """
+    from diffusers import DDPMScheduler
+    from peft import LoraConfig
+    from tqdm import tqdm
+
+    if len(files) != len(prompts) or not files:
+        raise ValueError(f"adapt lora: {len(files)} images and {len(prompts)} prompts (need the same, > 0)")
+    if getattr(pipe, "text_encoder_2", None) is None:
+        raise ValueError("adapt lora sdxl: the pipeline has no text_encoder_2 (its pooled embedding conditions the UNet)")
+    deadline = _Deadline(cfg.max_seconds, "adapt lora sdxl", cfg.steps, "adapt.lora.max_seconds")
+    # The pipeline's own check that the UNet's added embedding takes 6 time ids + the pooled width.
+    pipe._get_add_time_ids((cfg.resolution, cfg.resolution), (0, 0), (cfg.resolution, cfg.resolution), torch.float32,
+                           text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
+    noise_scheduler = DDPMScheduler.from_config(pipe.scheduler.config)  # the scripts' training schedule
+    prediction = noise_scheduler.config.prediction_type
+    if prediction not in ("epsilon", "v_prediction"):
+        raise ValueError(f"adapt lora sdxl: scheduler prediction_type {prediction!r} (need epsilon or v_prediction)")
+    autocast_dtype = _autocast_dtype(cfg.mixed_precision, device)
+    weight_dtype = autocast_dtype or torch.float32
+    unet, vae = pipe.unet, pipe.vae
+    encoders = [m for m in (pipe.text_encoder, pipe.text_encoder_2) if m is not None]
+    for module in (unet, *encoders):
+        module.requires_grad_(False)
+        module.to(device, dtype=weight_dtype)
+    vae.requires_grad_(False)
+    vae.to(device, dtype=torch.float32)
+    with seeded_init(cfg.seed):
+        unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, init_lora_weights="gaussian",
+                                    target_modules=list(cfg.target_modules)))
+    lora_params = [p for p in unet.parameters() if p.requires_grad]
+    for p in lora_params:
+        p.data = p.data.float()
+    if cfg.gradient_checkpointing:
+        unet.enable_gradient_checkpointing()
+    optimiser = torch.optim.AdamW(lora_params, lr=cfg.lr, weight_decay=1e-4)
+
+    # Step 1: data (with each image's size and crop), sampled (class-balanced) by a seeded generator.
+    gen = torch.Generator("cpu").manual_seed(cfg.seed)
+    dataset = _SizedImageFiles(files, prompts, cfg.resolution, root)
+    weights = balanced_weights(balance_labels) if balance_labels is not None else torch.ones(len(dataset), dtype=torch.float64)
+    sampler = torch.utils.data.WeightedRandomSampler(weights, num_samples=cfg.steps * cfg.batch, generator=gen)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch, sampler=sampler, num_workers=cfg.num_workers,
+                                         pin_memory=device.type == "cuda", drop_last=True)
+    n_train = noise_scheduler.config.num_train_timesteps
+    scaling = vae.config.scaling_factor
+    mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
+    if mean is not None and std is not None:
+        mean = torch.tensor(mean, dtype=torch.float32).view(1, -1, 1, 1).to(device)
+        std = torch.tensor(std, dtype=torch.float32).view(1, -1, 1, 1).to(device)
+    else:
+        mean = std = None
+
+    log = TrainLog(name="lora-sdxl")
+    unet.train()
+    bar = tqdm(total=cfg.steps, desc="adapt lora sdxl", disable=not progress, leave=False)
+    step = 0
+    for pixels, batch_prompts, time_ids in loader:
+        deadline.check(step)
+        # Step 2: learning rate: linear warm-up, then constant (the script's constant_with_warmup).
+        for group in optimiser.param_groups:
+            group["lr"] = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
+        # Step 3: captions dropped for the unconditional prediction; both encoders; latents.
+        drop = torch.rand(len(batch_prompts), generator=gen) < cfg.caption_dropout
+        batch_prompts = ["" if d else p for p, d in zip(batch_prompts, drop.tolist())]
+        with torch.no_grad():
+            embeds, _, pooled, _ = pipe.encode_prompt(list(batch_prompts), None, device=device,
+                                                      do_classifier_free_guidance=False)
+            posterior = vae.encode(pixels.to(device, torch.float32)).latent_dist
+            z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen).to(device, posterior.mean.dtype)
+            x0 = ((z - mean) * scaling / std if mean is not None else z * scaling).to(weight_dtype)
+        # Step 4: a uniform DDPM timestep per image, the noisy latents, the target.
+        bsz = x0.shape[0]
+        noise = torch.randn(x0.shape, generator=gen).to(device, x0.dtype)
+        timesteps = torch.randint(0, n_train, (bsz,), generator=gen).to(device)
+        noisy = noise_scheduler.add_noise(x0, noise, timesteps)
+        target = noise_scheduler.get_velocity(x0, noise, timesteps) if prediction == "v_prediction" else noise
+        # Step 5: the UNet with SDXL's added conditions (pooled text embedding, size/crop time ids).
+        added = {"text_embeds": pooled.to(device, weight_dtype), "time_ids": time_ids.to(device, weight_dtype)}
+        with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
+            pred = unet(noisy, timesteps, encoder_hidden_states=embeds.to(weight_dtype), added_cond_kwargs=added,
+                        return_dict=False)[0]
+        per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
+        snr = min_snr_weights(noise_scheduler, timesteps, cfg.snr_gamma)
+        loss = (per_sample * snr).mean() if snr is not None else per_sample.mean()
+        # Step 6: update.
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(lora_params, 1.0)
+        optimiser.step()
+        step += 1
+        log.losses.append(float(loss.detach()))
+        bar.update(1)
+        if step >= cfg.steps:
+            break
+    bar.close()
+    unet.eval()
+    log.steps, log.seconds = step, deadline.elapsed()
     return log
 
 
 def save_lora_weights(pipe, family: Family, out_dir: str | Path) -> Path:
     """Write the denoiser's LoRA as ``pytorch_lora_weights.safetensors`` in ``out_dir``, atomically.
 
-    Uses the family's pipeline class (``StableDiffusionPipeline``/``StableDiffusion3Pipeline``/
-    ``FluxPipeline``) ``save_lora_weights``, so ``load_lora_weights`` of that class reads it.
+    Uses the family's pipeline class (``StableDiffusionPipeline``/``StableDiffusionXLPipeline``/
+    ``StableDiffusion3Pipeline``/``FluxPipeline``) ``save_lora_weights`` (``unet_lora_layers`` for
+    the UNet families, ``transformer_lora_layers`` for the others), so ``load_lora_weights`` of
+    that class reads it.
     """
     import diffusers
     from peft.utils import get_peft_model_state_dict
@@ -284,10 +490,13 @@ def adapt_lora(params: dict, train: pd.DataFrame, out_dir: str | Path, progress:
     if family.objective == "flow":
         log = train_flow_lora(pipe, family, files, prompts, labels, cfg, flow, device, progress=progress)
     elif family.name == "sd":
-        log = train_lora(pipe, files, prompts, labels, cfg, device, progress=progress)
+        with seeded_init(cfg.seed):  # train_lora's adapter init draws from the global RNG
+            log = train_lora(pipe, files, prompts, labels, cfg, device, progress=progress)
+    elif family.name == "sdxl":
+        log = train_sdxl_lora(pipe, files, prompts, labels, cfg, device, progress=progress)
     else:
         raise ValueError(f"adapt.mode lora: the {family.name} family ({cfg.base_model}) has no LoRA trainer here; "
-                         "supported: sd, sd3, flux")
+                         "supported: sd, sdxl, sd3, flux")
     # The whole output directory is swapped in at once: no stale demo model or old adapter survives.
     atomic_dir(Path(out_dir), lambda tmp: save_lora_weights(pipe, family, tmp / "lora"))
     metrics = {"mode": "lora", "family": family.name, "base_model": cfg.base_model, "base_fingerprint": ref.fingerprint,
