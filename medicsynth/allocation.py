@@ -312,19 +312,29 @@ def _load_f1_tsv(path: Path) -> dict[str, dict[str, float]]:
 def f1_source_paths(params: dict[str, Any]) -> list[str]:
     """The F1 sources named by the ``allocate`` section: ``dev_report`` then ``f1_reports``.
 
-    ``dev_report`` is one path (DVC tracks it as a dependency); ``f1_reports`` an optional list
-    of further paths (reports of other architectures, or an F1 table) whose lowest per-class F1
-    is taken together with it. A wrong type raises naming the key.
+    ``dev_report`` is one path that DVC tracks as a dependency: a report, or a directory whose
+    ``*.json`` reports (sorted by name) all count, such as ``metrics/dev/original-s0`` where
+    evaluate writes the dev report of every architecture of training seed 0 (so the study's
+    lowest-over-three-CNNs rule needs no list, and DVC runs every such evaluation before
+    allocate). ``f1_reports`` is an optional list of further paths (F1 tables, other reports)
+    whose lowest per-class F1 is taken together with it; they are params only, since dvc.yaml
+    cannot list them as deps. A wrong type, or a directory without reports, raises naming the key.
     """
     first = require(params, "allocate", "dev_report")
     if not isinstance(first, str) or not first:
         raise AllocationError(
             f"allocate.dev_report = {first!r}: expected one path (list further reports under allocate.f1_reports)"
         )
+    firsts = [first]
+    if Path(first).is_dir():
+        firsts = [str(p) for p in sorted(Path(first).glob("*.json"))]
+        if not firsts:
+            raise AllocationError(f"allocate.dev_report = {first!r}: a directory without *.json reports "
+                                  "(run the evaluate stages of the original variant first)")
     extra = require(params, "allocate", "f1_reports") or []
     if isinstance(extra, str) or not isinstance(extra, (list, tuple)) or not all(isinstance(x, str) and x for x in extra):
         raise AllocationError(f"allocate.f1_reports = {extra!r}: expected a list of paths ([] for none)")
-    return [first, *[x for x in extra if x != first]]
+    return [*firsts, *[x for x in extra if x not in firsts]]
 
 
 def lowest_f1(paths: Sequence[str | Path]) -> dict[str, dict[str, float]]:

@@ -1,7 +1,7 @@
 """evaluate: score one trained model on the test split (original labels) and on its dev split.
 
 Usage: python stages/evaluate.py --variant original --arch small_cnn --seed 0
-Outputs, with name = <variant>-<arch>-s<seed>: metrics/evaluate/<name>.json (test; headline macro-F1), metrics/dev/<name>.json (dev
+Outputs, with name = <variant>-<arch>-s<seed>: metrics/evaluate/<name>.json (test; headline macro-F1), metrics/dev/<variant>-s<seed>/<arch>.json (dev
 per-class F1, read by allocate), data/predictions/<name>/test.tsv (for compare),
 plots/evaluate/<name>/ (confusion matrices, per-class F1).
 Test labels are always the original ones from data/prepared/test.tsv (the headline, "test").
@@ -48,7 +48,10 @@ def main() -> None:
     write_json(metrics, Path("metrics/evaluate") / f"{name}.json")
 
     dev_df = read_manifest(Path("data/variants") / args.variant / "dev.tsv")
-    write_json(for_metrics(score(model, meta, dev_df, config)[0]), Path("metrics/dev") / f"{name}.json")
+    # metrics/dev/<variant>-s<seed>/<arch>.json: allocate depends on the original variant's seed-0
+    # directory, so DVC runs every architecture's evaluation before it (the study's rule).
+    write_json(for_metrics(score(model, meta, dev_df, config)[0]),
+               Path("metrics/dev") / f"{args.variant}-s{args.seed}" / f"{args.arch}.json")
     write_tsv(predictions_table(test_df, probs, relabelled_df), Path("data/predictions") / name / "test.tsv")
 
     plot_dir = Path("plots/evaluate") / name
