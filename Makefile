@@ -7,7 +7,7 @@ export HF_HUB_OFFLINE := 1
 export TRANSFORMERS_OFFLINE := 1
 export PATH := $(abspath $(BIN)):$(PATH)
 
-.PHONY: demo test test-fast repro venv clean-venv chromium
+.PHONY: demo test test-fast test-study repro venv clean-venv chromium
 
 venv: $(VENV)/.installed
 
@@ -37,7 +37,11 @@ chromium:
 
 ## Run the test suite (installs chromium for the browser tests when missing, see `chromium`).
 test: venv chromium
-	$(BIN)/python -m pytest -q tests
+	$(BIN)/python -m pytest -q -m "not study" tests
+
+## The study preset end to end on the tiny demo with loopback API servers (~10 min on 2 cores).
+test-study: venv
+	$(BIN)/python -m pytest -q -m study tests
 
 ## The quick tests only: skips the end-to-end DVC runs and other slow tests (markers in pyproject.toml).
 test-fast: venv

@@ -413,3 +413,17 @@ def test_f1_sources_errors_name_file_and_key(tmp_path):
     with pytest.raises(AllocationError, match="allocate.dev_report"):
         f1_source_paths({"dev_report": ["a.json", "b.json"]})
     assert f1_source_paths({"dev_report": "a.json", "f1_reports": ["b.json", "a.json"]}) == ["a.json", "b.json"]
+
+
+def test_dev_report_directory_counts_every_report_in_it(tmp_path):
+    from medicsynth.allocation import AllocationError, f1_source_paths
+
+    d = tmp_path / "metrics/dev/original-s0"
+    d.mkdir(parents=True)
+    with pytest.raises(AllocationError, match="without \\*.json reports"):
+        f1_source_paths({"dev_report": str(d), "f1_reports": []})
+    for arch in ("resnet50", "mobilenet_v2"):
+        (d / f"{arch}.json").write_text("{}")
+    extra = str(tmp_path / "study_class_f1.tsv")
+    assert f1_source_paths({"dev_report": str(d), "f1_reports": [extra]}) == [
+        str(d / "mobilenet_v2.json"), str(d / "resnet50.json"), extra]  # sorted by name, then the extras
