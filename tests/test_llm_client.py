@@ -574,7 +574,7 @@ CHILD = textwrap.dedent(
     """
     import json, logging, sys
     logging.basicConfig(level=logging.DEBUG)  # SDK debug logs too: they must not leak the key
-    from medicsynth.llm import LLMClient, LLMConfig, classify_request
+    from medicsynth.llm import LLMClient, classify_request, config_with_defaults
     repo, provider, base_url, cache_dir, *images = sys.argv[1:]
     config = config_with_defaults(provider=provider, model="m", base_url=base_url, concurrency=1, timeout_s=30,
                        max_retries=0)
