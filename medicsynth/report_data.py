@@ -522,8 +522,8 @@ def headline_summary(compare: Mapping[str, Any] | None, merge: Mapping[str, Any]
     """The small headline ``dvc metrics show`` / ``dvc exp show`` print first.
 
     ``{"synth": share of synthetic rows in the augmented training set, <variant>: {"mean": mean
-    macro-F1, "dmg"|"inf"|"hum"|"dis": task macro-F1, "minor": mean F1 over the minority
-    classes}}`` with variants named by :data:`HEADLINE_VARIANT` (``aug.mean``, ``over.minor``...:
+    macro-F1, "dmg"|"inf"|"hum"|"dis": task macro-F1, "min": mean F1 over the minority
+    classes}}`` with variants named by :data:`HEADLINE_VARIANT` (``aug.mean``, ``over.min``...:
     the README has the legend), values rounded to ``digits`` (full precision stays in
     ``metrics/compare.json``). With seed runs the values are the means over seeds.
     """
@@ -541,6 +541,6 @@ def headline_summary(compare: Mapping[str, Any] | None, merge: Mapping[str, Any]
                     row["mean" if s["task"] == "mean" else HEADLINE_TASK.get(s["task"], s["task"])] = round(s["value"], digits)
             minority = [r["value"] for r in per_class if r["variant"] == variant and r["minority"] and r["value"] is not None]
             if minority:
-                row["minor"] = round(float(np.mean(minority)), digits)
+                row["min"] = round(float(np.mean(minority)), digits)
             out[HEADLINE_VARIANT.get(variant, variant)] = row
     return out

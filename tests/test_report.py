@@ -122,10 +122,10 @@ def test_headline_summary_is_small_and_follows_compare(project):
     compare = json.loads((project / "metrics/compare.json").read_text())
     summary = headline_summary(compare, {"achieved_share": 0.10009})
     assert list(summary) == ["synth", *(HEADLINE_VARIANT.get(v, v) for v in VARIANTS)]
-    assert set(summary["orig"]) == {"mean", "dmg", "inf", "hum", "dis", "minor"}
+    assert set(summary["orig"]) == {"mean", "dmg", "inf", "hum", "dis", "min"}
     assert summary["aug"]["mean"] == round(compare["mean_macro_f1"]["augmented"]["mean"], 4)
     minority = [x["f1"]["relabelled"]["mean"] for t in compare["tasks"].values() for x in t["classes"].values() if x["minority"]]
-    assert summary["relab"]["minor"] == round(sum(minority) / len(minority), 4)
+    assert summary["relab"]["min"] == round(sum(minority) / len(minority), 4)
     assert summary["synth"] == 0.1001
     assert sum(len(v) if isinstance(v, dict) else 1 for v in summary.values()) <= 20
 

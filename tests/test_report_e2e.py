@@ -75,7 +75,7 @@ def test_headline_tables_fit_one_screen(demo_repo):
     # Both variants that mix_ratio changes (augmented, and the oversampled baseline that copies its
     # composition) show every headline column, with the share and the parameter; only the changed
     # dependencies' hashes may fold into DVC's trailing "…" column.
-    headline = ["synth", *(f"{v}.{k}" for v in ("aug", "over") for k in ("mean", "dmg", "inf", "hum", "dis", "minor")),
+    headline = ["synth", *(f"{v}.{k}" for v in ("aug", "over") for k in ("mean", "dmg", "inf", "hum", "dis", "min")),
                 "mix_ratio"]
     assert all(name in header.split() for name in headline), shown
     assert header.split().index("mix_ratio") < (header.split() + ["…"]).index("…"), shown
