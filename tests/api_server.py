@@ -307,7 +307,7 @@ def _render(reply: Reply, req: RecordedRequest) -> tuple[int, dict[str, str], by
         return reply.status, dict(reply.headers), reply.payload
     if reply.kind == "error":
         if req.provider == "anthropic":
-            kind = {429: "rate_limit_error", 529: "overloaded_error"}.get(reply.status, "api_error")
+            kind = {400: "invalid_request_error", 429: "rate_limit_error", 529: "overloaded_error"}.get(reply.status, "api_error")
             body = {"type": "error", "error": {"type": kind, "message": reply.payload}}
         else:
             body = {"error": {"message": reply.payload, "type": "server_error", "code": None}}
@@ -373,6 +373,30 @@ def _render(reply: Reply, req: RecordedRequest) -> tuple[int, dict[str, str], by
             },
         }
     return 200, {"Content-Type": "application/json"}, json.dumps(body).encode()
+
+
+#: Body fields Anthropic's API version 2026-10-21 answers 400 to (older versions take them).
+SAMPLING_FIELDS = ("temperature", "top_p", "top_k")
+
+
+def anthropic_version_rejects(version: str | None, params: Any) -> str | None:
+    """The 400 message Anthropic's API gives to ``params`` under ``version``, or ``None``.
+
+    As the real API does: version 2026-10-21 (the anthropic 2.x SDK's) refuses any sampling
+    parameter, even at its default value; 2023-06-01 takes them.
+    """
+    if version == "2023-06-01" or not isinstance(params, dict):
+        return None
+    bad = [f for f in SAMPLING_FIELDS if f in params]
+    return f"{bad[0]}: Extra inputs are not permitted" if bad else None
+
+
+def _version_rejects(req: RecordedRequest) -> Reply | None:
+    if req.provider != "anthropic":
+        return None
+    version = next((v for k, v in req.headers.items() if k.lower() == "anthropic-version"), None)
+    message = anthropic_version_rejects(version, req.body)
+    return None if message is None else error(400, message=message)
 
 
 # ------------------------------------------------------------------------------------------
@@ -527,6 +551,9 @@ class FakeLLMServer(LoopbackServer):
                 time=time.monotonic(),
             )
             self._requests.append(req)
+            rejected = _version_rejects(req)
+            if rejected is not None:
+                return req, rejected
             queued = self._queue.pop(0) if self._queue else None
         if queued is not None:
             return req, queued

@@ -38,7 +38,9 @@ from typing import Any
 
 import pytest
 
-from tests.api_server import ANTHROPIC_PATH, OPENAI_PATH, FakeLLMServer, RecordedRequest, _Handler, _render, auto
+from tests.api_server import (
+    ANTHROPIC_PATH, OPENAI_PATH, FakeLLMServer, RecordedRequest, _Handler, _render, _version_rejects, auto,
+)
 
 
 _ANTHROPIC_ERROR_TYPES = {400: "invalid_request_error", 401: "authentication_error", 403: "permission_error",
@@ -86,14 +88,15 @@ class BatchLLMServer(FakeLLMServer):
     def _new_id(self, prefix: str) -> str:
         return f"{prefix}_{next(self._ids):06d}"
 
-    def create_batch(self, provider: str, lines: list[tuple[str, dict]]) -> dict[str, Any]:
+    def create_batch(self, provider: str, lines: list[tuple[str, dict]],
+                     headers: dict[str, str] | None = None) -> dict[str, Any]:
         with self._blk:
             self.batch_creates += 1
             bid = self._new_id("batch" if provider == "openai" else "msgbatch")
             for cid, _ in lines:
                 self.batch_lines[cid] += 1
             batch = {"id": bid, "provider": provider, "lines": lines, "polls": 0, "status": "in_progress",
-                     "created": time.time(), "results": None}
+                     "created": time.time(), "results": None, "headers": dict(headers or {})}
             self.batches[bid] = batch
             return batch
 
@@ -118,9 +121,12 @@ class BatchLLMServer(FakeLLMServer):
                 continue
             path = OPENAI_PATH if batch["provider"] == "openai" else ANTHROPIC_PATH
             raw = json.dumps(body).encode()
-            req = RecordedRequest(index=len(self.answered), path=path, provider=batch["provider"], headers={},
-                                  body=body, raw=raw, content_hash=cid, time=time.monotonic())
-            reply = self.responder(req) if callable(self.responder) else (self.responder or auto())
+            req = RecordedRequest(index=len(self.answered), path=path, provider=batch["provider"],
+                                  headers=batch["headers"], body=body, raw=raw, content_hash=cid,
+                                  time=time.monotonic())
+            # The API version of the submission decides, per entry, what the params may hold.
+            reply = (_version_rejects(req)
+                     or (self.responder(req) if callable(self.responder) else (self.responder or auto())))
             status, _, out = _render(reply, req)
             self.answered[cid] += 1
             results.append((cid, (status, json.loads(out))))
@@ -239,7 +245,9 @@ class _BatchHandler(_Handler):
 
     def _anthropic_create(self) -> None:
         req = json.loads(self._body())
-        batch = self.fake.create_batch("anthropic", [(r["custom_id"], r["params"]) for r in req["requests"]])
+        version = {k.lower(): v for k, v in self.headers.items()}.get("anthropic-version")
+        batch = self.fake.create_batch("anthropic", [(r["custom_id"], r["params"]) for r in req["requests"]],
+                                       headers={"anthropic-version": version} if version else None)
         self._json(self._anthropic_batch(batch))
 
     def _anthropic_batch(self, batch: dict[str, Any]) -> dict[str, Any]:

@@ -483,8 +483,8 @@ STUDY_SETTINGS = {
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("provider", ["openai", "anthropic"])
-def test_study_modes_reach_the_server_with_model_temperature_and_keywords(tmp_path, monkeypatch, provider):
+@pytest.mark.parametrize("provider,version", [("openai", None), ("anthropic", None), ("anthropic", "2023-06-01")])
+def test_study_modes_reach_the_server_with_model_temperature_and_keywords(tmp_path, monkeypatch, provider, version):
     """Both modes through the real SDK: grounded requests describe their photo, hypothetical ones
     carry the row's keyword seeds; the provider's own model id is sent, and each mode's
     temperature wherever the provider's API takes one; analysis-then-caption keeps only the
@@ -496,7 +496,7 @@ def test_study_modes_reach_the_server_with_model_temperature_and_keywords(tmp_pa
     with FakeLLMServer(_responder(refuse_always=set())) as server:
         llm = {"openai": {"model": "gpt-test-2024-08-06", "base_url": server.openai_base_url},
                "anthropic": {"model": "claude-test-20250219", "base_url": server.anthropic_base_url},
-               "concurrency": 2, "max_retries": 0}
+               "concurrency": 2, "max_retries": 0, "anthropic_version": version}
         config = CaptionConfig.from_params(section("caption", backend=provider, llm=llm, **STUDY_SETTINGS))
         result = caption_plan(plan, config, train=train, clients=make_clients(config, tmp_path / "c"), progress=False)
         requests = list(server.requests)
@@ -512,7 +512,7 @@ def test_study_modes_reach_the_server_with_model_temperature_and_keywords(tmp_pa
     assert {r.provider for r in requests} == {provider}
     for r in requests:
         asked = r.body.get("temperature")
-        if provider == "openai":
+        if provider == "openai" or version == "2023-06-01":
             assert asked == (0.4 if r.images else 0.8)
         else:
             # anthropic 2.x sends API version 2026-10-21, which rejects any temperature: none is
@@ -520,7 +520,7 @@ def test_study_modes_reach_the_server_with_model_temperature_and_keywords(tmp_pa
             assert asked is None and r.headers.get("anthropic-version") == "2026-10-21"
         assert "40 to 60 words" in r.prompt and '"analysis"' in r.prompt
     settings = result.metrics["llm_settings"]
-    sent = {"openai": (0.4, 0.8), "anthropic": (None, None)}[provider]
+    sent = (None, None) if provider == "anthropic" and version is None else (0.4, 0.8)
     assert (settings["grounded"]["temperature_sent"], settings["hypothetical"]["temperature_sent"]) == sent
     assert settings["grounded"]["temperature_requested"] == 0.4 and settings["hypothetical"]["temperature_requested"] == 0.8
     assert settings["grounded"]["model"] == settings["hypothetical"]["model"] == model

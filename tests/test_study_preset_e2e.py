@@ -185,7 +185,10 @@ def test_relabel_asked_both_pinned_voters_and_relabelled_test(study):
         "openai": {"gpt-4o-2024-08-06"}, "anthropic": {"claude-3-7-sonnet-20250219"}}
     # every flagged image asked once of each voter (auto answers: no refusal, no retry)
     assert len(by_provider["openai"]) == len(by_provider["anthropic"]) == m["flagged_images"]
-    assert all(r.body["temperature"] == 0.0 for r in by_provider["openai"])
+    # temperature 0 reaches both voters (Anthropic through API version 2023-06-01, as the preset sets)
+    assert all(r.body["temperature"] == 0.0 for rs in by_provider.values() for r in rs)
+    assert {r.headers.get("anthropic-version") for r in by_provider["anthropic"]} == {"2023-06-01"}
+    assert m["voter_settings"]["anthropic"]["temperature_sent"] == 0.0
     assert m["voter_settings"]["openai"]["image_max_side"] == "full"
     assert m["voter_settings"]["anthropic"]["image_max_side"] == "full"
     changes = pd.read_csv(repo / "data/relabel/changes.tsv", sep="\t", dtype=str)

@@ -195,7 +195,8 @@ class AnthropicBatches:
 
     def submit(self, calls: list[BatchCall]) -> str:
         batch = self.client.messages.batches.create(
-            requests=[{"custom_id": c.key, "params": c.params} for c in calls]
+            requests=[{"custom_id": c.key, "params": c.params} for c in calls],
+            extra_headers=self.provider.extra_headers or None,
         )
         return batch.id
 

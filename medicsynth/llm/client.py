@@ -61,6 +61,7 @@ from medicsynth.llm.providers import (
     ImageError,
     PermanentError,
     TransientError,
+    check_anthropic_version,
     encode_image,
     make_provider,
 )
@@ -115,7 +116,11 @@ class LLMConfig:
         provider: ``"openai"`` or ``"anthropic"``.
         model: model id as the provider names it.
         base_url: API base URL; ``None`` for the SDK default (or ``ANTHROPIC_BASE_URL``).
-        temperature: sampling temperature (OpenAI; Anthropic's current API takes none).
+        temperature: sampling temperature (OpenAI; Anthropic only with ``anthropic_version``
+            ``"2023-06-01"``: its current API version takes none).
+        anthropic_version: the ``anthropic-version`` header of Anthropic requests; ``None`` = the
+            SDK's (2026-10-21, no temperature), ``"2023-06-01"`` = the older version that takes a
+            temperature. Ignored for OpenAI.
         max_tokens: cap on output tokens per call.
         concurrency: parallel calls in :meth:`LLMClient.run`.
         timeout_s: total deadline of one HTTP attempt (connect, send, the whole response).
@@ -140,6 +145,7 @@ class LLMConfig:
     model: str
     base_url: str | None
     temperature: float
+    anthropic_version: str | None
     max_tokens: int
     concurrency: int
     timeout_s: float
@@ -181,6 +187,8 @@ class LLMConfig:
             raise ValueError(
                 "invalid llm setting(s): " + ", ".join(f"{n}={getattr(self, n)!r}" for n in bad)
             )
+        if self.provider == "anthropic":
+            check_anthropic_version(self.anthropic_version)
 
 
 @dataclass

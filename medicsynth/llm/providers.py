@@ -29,8 +29,11 @@ Notes on the installed SDK versions:
   a refusal arrives in ``message.refusal``.
 - anthropic 2.x sends ``anthropic-version: 2026-10-21``, which rejects ``temperature`` (and
   ``top_p``/``top_k``) with HTTP 400 even at default values, and the SDK removed the argument. So
-  the Anthropic adapter sends no temperature, and reports ``None`` as the temperature sent (which
-  is what the cache key records). Structured output uses a forced tool call (``tools`` with
+  by default the Anthropic adapter sends no temperature, and reports ``None`` as the temperature
+  sent (which is what the cache key records). With ``anthropic_version: "2023-06-01"`` (the API
+  version every request carried until October 2026, still served, and the one the study's runs
+  used) the adapter sends that header and the temperature (through the SDK's ``extra_headers`` /
+  ``extra_body``, since its signature lacks the argument), in sync and in batch mode. Structured output uses a forced tool call (``tools`` with
   ``input_schema`` and ``tool_choice={"type": "tool", ...}``); a refusal is ``stop_reason ==
   "refusal"``.
 """
@@ -371,19 +374,49 @@ class OpenAIProvider:
             raise _bad_response(f"malformed chat completion ({type(exc).__name__}: {exc})") from None
 
 
+#: Anthropic API versions that take ``temperature``; the SDK's own (2026-10-21) rejects it.
+ANTHROPIC_SAMPLING_VERSIONS: tuple[str, ...] = ("2023-06-01",)
+
+
+def check_anthropic_version(version: str | None) -> None:
+    """Raise ``ValueError`` naming the setting unless ``version`` is ``None`` (the SDK's) or known."""
+    if version is None:
+        return
+    import anthropic
+
+    known = (*ANTHROPIC_SAMPLING_VERSIONS, anthropic._constants.ANTHROPIC_API_VERSION)
+    if version not in known:
+        raise ValueError(
+            f"llm setting anthropic_version={version!r} is not an Anthropic API version this adapter knows; "
+            f"use null (the SDK's {anthropic._constants.ANTHROPIC_API_VERSION}, no temperature) or "
+            f"{', '.join(repr(v) for v in ANTHROPIC_SAMPLING_VERSIONS)} (takes a temperature)"
+        )
+
+
 class AnthropicProvider:
-    """Messages API with an optional base64 image and a forced tool call for structured output."""
+    """Messages API with an optional base64 image and a forced tool call for structured output.
+
+    ``api_version`` ``None`` keeps the SDK's ``anthropic-version`` (no temperature is sent);
+    a version in :data:`ANTHROPIC_SAMPLING_VERSIONS` is sent as the header of every request and
+    ``temperature`` goes with it (module docstring).
+    """
 
     name = "anthropic"
 
-    def __init__(self, model: str, *, max_tokens: int, sdk_client: Any, timeout_s: float | None = None) -> None:
+    def __init__(
+        self, model: str, *, max_tokens: int, sdk_client: Any, timeout_s: float | None = None,
+        temperature: float | None = None, api_version: str | None = None,
+    ) -> None:
         import anthropic
 
+        check_anthropic_version(api_version)
         self._sdk = anthropic
         self.model = model
         self.max_tokens = max_tokens
         self.client = sdk_client
         self.timeout_s = timeout_s
+        self.temperature = temperature
+        self.api_version = api_version
 
     @property
     def api_key(self) -> str:
@@ -401,12 +434,18 @@ class AnthropicProvider:
             max_retries=0,
             http_client=_http_client(anthropic),
         )
-        return cls(config.model, max_tokens=config.max_tokens, sdk_client=client, timeout_s=config.timeout_s)
+        return cls(config.model, max_tokens=config.max_tokens, sdk_client=client, timeout_s=config.timeout_s,
+                   temperature=config.temperature, api_version=config.anthropic_version)
 
     @property
     def temperature_sent(self) -> float | None:
-        # API version 2026-10-21 rejects sampling parameters; none is sent (module docstring).
-        return None
+        # API version 2026-10-21 rejects sampling parameters; only an older version takes one.
+        return self.temperature if self.api_version in ANTHROPIC_SAMPLING_VERSIONS else None
+
+    @property
+    def extra_headers(self) -> dict[str, str]:
+        """Headers every request of this adapter adds (sync calls and batch submissions)."""
+        return {"anthropic-version": self.api_version} if self.api_version else {}
 
     def call(
         self,
@@ -418,9 +457,12 @@ class AnthropicProvider:
         schema_name: str,
     ) -> RawResponse:
         params = self.request_params(system=system, prompt=prompt, image=image, schema=schema, schema_name=schema_name)
+        # The SDK's signature has no temperature: it travels as an extra body field.
+        extra_body = {"temperature": params.pop("temperature")} if "temperature" in params else None
         try:
             with attempt_deadline(self.timeout_s) if self.timeout_s else contextlib.nullcontext():
-                resp = self.client.messages.create(**params)
+                resp = self.client.messages.create(**params, extra_headers=self.extra_headers or None,
+                                                   extra_body=extra_body)
         except Exception as exc:  # noqa: BLE001 - classified, or re-raised untouched
             err = _classify_sdk_error(exc, self._sdk)
             if err is None:
@@ -450,6 +492,8 @@ class AnthropicProvider:
                 }
             ]
             kwargs["tool_choice"] = {"type": "tool", "name": schema_name}
+        if self.temperature_sent is not None:
+            kwargs["temperature"] = self.temperature_sent
         return {
             "model": self.model,
             "max_tokens": self.max_tokens,
@@ -519,6 +563,7 @@ def make_provider(config: Any, sdk_client: Any | None = None) -> OpenAIProvider 
         if sdk_client is None:
             return AnthropicProvider.from_config(config)
         return AnthropicProvider(
-            config.model, max_tokens=config.max_tokens, sdk_client=sdk_client, timeout_s=config.timeout_s
+            config.model, max_tokens=config.max_tokens, sdk_client=sdk_client, timeout_s=config.timeout_s,
+            temperature=config.temperature, api_version=config.anthropic_version,
         )
     raise ValueError(f"unknown provider {config.provider!r}; expected one of {', '.join(PROVIDERS)}")
