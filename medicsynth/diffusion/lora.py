@@ -22,8 +22,10 @@ The family is read from the base model's ``model_index.json`` (:mod:`medicsynth.
   into 2×2 patches with their position ids, and the guidance-distilled FLUX.1-dev gets its
   embedded guidance value (the scripts' default 3.5).
 
-Whatever the family, the adapters' random initialisation is drawn under :func:`seeded_init`
-(``adapt.seed``), so the adapter is a function of data, code and params (on a given device);
+Whatever the family, the set-up is :func:`~medicsynth.diffusion.train.prepare_lora`: the
+adapters' random initialisation is drawn under :func:`~medicsynth.diffusion.train.seeded_init`
+(``adapt.seed``), the LoRA weights train in fp32 and the class-balanced sampler draws from a
+generator seeded alike, so the adapter is a function of data, code and params (on a given device);
 :func:`save_lora_weights` writes ``pytorch_lora_weights.safetensors`` with the family's own
 ``save_lora_weights``, into a directory swapped in atomically; generate loads it with
 ``load_lora_weights`` and fuses it into the denoiser.
@@ -33,10 +35,9 @@ Whatever the family, the adapters' random initialisation is drawn under :func:`s
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import pandas as pd
 import torch
@@ -52,8 +53,8 @@ from medicsynth.diffusion.train import (
     _Deadline,
     _ImageFiles,
     atomic_dir,
-    balanced_weights,
     min_snr_weights,
+    prepare_lora,
     train_lora,
 )
 from medicsynth.params import build_config, require
@@ -81,19 +82,6 @@ def load_base_pipeline(model_dir: str | Path, family: Family):
     from diffusers import DiffusionPipeline
 
     return DiffusionPipeline.from_pretrained(model_dir, **kwargs)
-
-
-@contextlib.contextmanager
-def seeded_init(seed: int) -> Iterator[None]:
-    """A context in which torch's global CPU RNG starts at ``seed``; its state is restored after.
-
-    peft draws the LoRA ``A`` matrices (``init_lora_weights="gaussian"``) from the global RNG on
-    the CPU (before moving them to the base layer's device); seeding it here makes the adapters a
-    function of ``adapt.seed`` alone, whatever ran before in the process.
-    """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
 
 
 def _get_sigmas(scheduler, timesteps: torch.Tensor, n_dim: int, dtype: torch.dtype) -> torch.Tensor:
@@ -140,7 +128,6 @@ def train_flow_lora(
     on the same device.
     """
     from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
-    from peft import LoraConfig
     from tqdm import tqdm
 
     if len(files) != len(prompts) or not files:
@@ -152,23 +139,10 @@ def train_flow_lora(
     for module in (transformer, vae, *encoders):
         module.requires_grad_(False)
         module.to(device, dtype=weight_dtype)
-    with seeded_init(cfg.seed):
-        transformer.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, init_lora_weights="gaussian",
-                                           target_modules=list(cfg.target_modules)))
-    lora_params = [p for p in transformer.parameters() if p.requires_grad]
-    for p in lora_params:
-        p.data = p.data.float()
-    if cfg.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
+    # Step 1: seeded adapters (fp32), data sampled (class-balanced) by a seeded generator.
+    setup = prepare_lora(transformer, _ImageFiles(files, prompts, cfg.resolution, root), balance_labels, cfg, device)
+    lora_params, gen = setup.params, setup.generator
     optimiser = torch.optim.AdamW(lora_params, lr=cfg.lr, weight_decay=1e-4)
-
-    # Step 1: data, sampled (class-balanced) by a seeded generator.
-    gen = torch.Generator("cpu").manual_seed(cfg.seed)
-    dataset = _ImageFiles(files, prompts, cfg.resolution, root)
-    weights = balanced_weights(balance_labels) if balance_labels is not None else torch.ones(len(dataset), dtype=torch.float64)
-    sampler = torch.utils.data.WeightedRandomSampler(weights, num_samples=cfg.steps * cfg.batch, generator=gen)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch, sampler=sampler, num_workers=cfg.num_workers,
-                                         pin_memory=device.type == "cuda", drop_last=True)
     scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)  # a copy: the pipeline's stays untouched
     n_train = scheduler.config.num_train_timesteps
     scaling, shift = vae.config.scaling_factor, getattr(vae.config, "shift_factor", None) or 0.0
@@ -191,7 +165,7 @@ def train_flow_lora(
     transformer.train()
     bar = tqdm(total=cfg.steps, desc=f"adapt lora {family.name}", disable=not progress, leave=False)
     step = 0
-    for pixels, batch_prompts in loader:
+    for pixels, batch_prompts in setup.loader:
         deadline.check(step)
         # Step 2: learning rate: linear warm-up, then constant (the scripts' default schedule).
         for group in optimiser.param_groups:
@@ -326,7 +300,6 @@ def train_sdxl_lora(
     same adapters on the same device.
     """
     from diffusers import DDPMScheduler
-    from peft import LoraConfig
     from tqdm import tqdm
 
     if len(files) != len(prompts) or not files:
@@ -350,23 +323,11 @@ def train_sdxl_lora(
         module.to(device, dtype=weight_dtype)
     vae.requires_grad_(False)
     vae.to(device, dtype=torch.float32)
-    with seeded_init(cfg.seed):
-        unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, init_lora_weights="gaussian",
-                                    target_modules=list(cfg.target_modules)))
-    lora_params = [p for p in unet.parameters() if p.requires_grad]
-    for p in lora_params:
-        p.data = p.data.float()
-    if cfg.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
+    # Step 1: seeded adapters (fp32), data (with each image's size and crop) sampled
+    # (class-balanced) by a seeded generator.
+    setup = prepare_lora(unet, _SizedImageFiles(files, prompts, cfg.resolution, root), balance_labels, cfg, device)
+    lora_params, gen = setup.params, setup.generator
     optimiser = torch.optim.AdamW(lora_params, lr=cfg.lr, weight_decay=1e-4)
-
-    # Step 1: data (with each image's size and crop), sampled (class-balanced) by a seeded generator.
-    gen = torch.Generator("cpu").manual_seed(cfg.seed)
-    dataset = _SizedImageFiles(files, prompts, cfg.resolution, root)
-    weights = balanced_weights(balance_labels) if balance_labels is not None else torch.ones(len(dataset), dtype=torch.float64)
-    sampler = torch.utils.data.WeightedRandomSampler(weights, num_samples=cfg.steps * cfg.batch, generator=gen)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch, sampler=sampler, num_workers=cfg.num_workers,
-                                         pin_memory=device.type == "cuda", drop_last=True)
     n_train = noise_scheduler.config.num_train_timesteps
     scaling = vae.config.scaling_factor
     mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
@@ -380,7 +341,7 @@ def train_sdxl_lora(
     unet.train()
     bar = tqdm(total=cfg.steps, desc="adapt lora sdxl", disable=not progress, leave=False)
     step = 0
-    for pixels, batch_prompts, time_ids in loader:
+    for pixels, batch_prompts, time_ids in setup.loader:
         deadline.check(step)
         # Step 2: learning rate: linear warm-up, then constant (the script's constant_with_warmup).
         for group in optimiser.param_groups:
@@ -490,8 +451,7 @@ def adapt_lora(params: dict, train: pd.DataFrame, out_dir: str | Path, progress:
     if family.objective == "flow":
         log = train_flow_lora(pipe, family, files, prompts, labels, cfg, flow, device, progress=progress)
     elif family.name == "sd":
-        with seeded_init(cfg.seed):  # train_lora's adapter init draws from the global RNG
-            log = train_lora(pipe, files, prompts, labels, cfg, device, progress=progress)
+        log = train_lora(pipe, files, prompts, labels, cfg, device, progress=progress)
     elif family.name == "sdxl":
         log = train_sdxl_lora(pipe, files, prompts, labels, cfg, device, progress=progress)
     else:
