@@ -605,6 +605,10 @@ def prepare_lora(
     """
     from peft import LoraConfig
 
+    if cfg.steps < 1 or cfg.batch < 1:
+        # Checked here, before the sampler would fail with its own message naming no key.
+        raise ValueError(f"adapt.lora: steps and batch must be >= 1, got steps={cfg.steps}, batch={cfg.batch}; "
+                         "fix adapt.lora in params.yaml")
     with seeded_init(cfg.seed):
         denoiser.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, init_lora_weights="gaussian",
                                         target_modules=list(cfg.target_modules)))
