@@ -580,7 +580,7 @@ def prepare_lora(
     denoiser: torch.nn.Module,
     dataset: torch.utils.data.Dataset,
     balance_labels: Sequence[str] | None,
-    cfg: "LoraTrainConfig",
+    cfg: LoraTrainConfig,
     device: torch.device,
 ) -> LoraSetup:
     """Add LoRA adapters to ``denoiser`` and build the seeded data loader: the set-up of every family.
