@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import argparse
 import io
-import logging
 import os
 import platform
 import shutil
@@ -45,11 +44,11 @@ from tqdm import tqdm
 
 from medicsynth import shards
 from medicsynth.io import write_json
+from medicsynth.loopback_s3 import MOTO_KEY, isolated_dvc_env, moto_client, moto_s3_server
 
 REPO = Path(__file__).resolve().parents[1]
 _VENV_DVC = Path(sys.executable).parent / "dvc"
 DVC = [str(_VENV_DVC)] if _VENV_DVC.exists() else [sys.executable, "-m", "dvc"]
-REGION = "us-east-1"
 OPS = ("add", "status", "push", "pull")
 LAYOUTS = ("files", "shards")
 
@@ -94,31 +93,6 @@ def tree_stats(root: Path) -> dict[str, int]:
     return {"files": len(files), "bytes": sum(p.stat().st_size for p in files)}
 
 
-def isolated_env(home: Path, endpoint: str) -> dict[str, str]:
-    """Environment for DVC subprocesses: no inherited AWS/DVC/git settings, moto's fake keys."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "DVC_", "GIT_"))}
-    for name in ("home", "dvc_global", "dvc_system", "dvc_site"):
-        (home / name).mkdir(parents=True, exist_ok=True)
-    (home / "dvc_global" / "config").write_text("[core]\n    analytics = false\n    check_update = false\n")
-    env.update(
-        HOME=str(home / "home"),
-        AWS_CONFIG_FILE=str(home / "home" / "aws_config"),
-        AWS_SHARED_CREDENTIALS_FILE=str(home / "home" / "aws_credentials"),
-        AWS_EC2_METADATA_DISABLED="true",
-        AWS_DEFAULT_REGION=REGION,
-        # moto's documented test credentials; they open nothing outside this loopback server.
-        AWS_ACCESS_KEY_ID="testing",
-        AWS_SECRET_ACCESS_KEY="testing",
-        DVC_GLOBAL_CONFIG_DIR=str(home / "dvc_global"),
-        DVC_SYSTEM_CONFIG_DIR=str(home / "dvc_system"),
-        DVC_SITE_CACHE_DIR=str(home / "dvc_site"),
-        DVC_NO_ANALYTICS="1",
-        DVC_STUDIO_OFFLINE="1",
-        GIT_CONFIG_NOSYSTEM="1",
-    )
-    return env
-
-
 def run(cmd: list[str], cwd: Path, env: dict[str, str], log: Path) -> float:
     """Run ``cmd`` with output appended to ``log``; return wall seconds; raise on failure."""
     with open(log, "a", encoding="utf-8") as fh:
@@ -138,7 +112,7 @@ def bench_layout(layout: str, source: Path, work: Path, endpoint: str, bucket: s
     repo = work / layout
     shutil.rmtree(repo, ignore_errors=True)
     repo.mkdir(parents=True)
-    env = isolated_env(work / f"{layout}-home", endpoint)
+    env = isolated_dvc_env(work / f"{layout}-home", AWS_ACCESS_KEY_ID=MOTO_KEY, AWS_SECRET_ACCESS_KEY=MOTO_KEY)
     log = work / f"{layout}.log"
     log.unlink(missing_ok=True)
     run(["git", "init", "-q"], repo, env, log)
@@ -210,33 +184,24 @@ def main(argv: list[str] | None = None) -> dict:
     if unknown:
         ap.error(f"--layouts: unknown {unknown}; choose from {list(LAYOUTS)}")
 
-    import boto3
-    from moto.server import ThreadedMotoServer
-
     work = Path(args.work)
     work.mkdir(parents=True, exist_ok=True)
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
     try:
-        host, port = server.get_host_and_port()
-        endpoint = f"http://{host}:{port}"
-        s3 = boto3.client("s3", endpoint_url=endpoint, region_name=REGION,
-                          aws_access_key_id="testing", aws_secret_access_key="testing")
-        bucket = f"storage-bench-{uuid.uuid4().hex[:8]}"
-        s3.create_bucket(Bucket=bucket)
-        source = work / "source"
-        shutil.rmtree(source, ignore_errors=True)
-        start = time.perf_counter()
-        images = make_images(source, {"real": args.count, "synthetic": args.synthetic}, args.size, args.seed)
-        generate_s = time.perf_counter() - start
-        results = {}
-        for layout in layouts:
-            print(f"--- {layout}", flush=True)
-            results[layout] = bench_layout(layout, source, work, endpoint, bucket, args.per_shard, s3)
-            print(f"{layout}: {results[layout]['seconds']}", flush=True)
+        with moto_s3_server() as endpoint:
+            s3 = moto_client(endpoint)
+            bucket = f"storage-bench-{uuid.uuid4().hex[:8]}"
+            s3.create_bucket(Bucket=bucket)
+            source = work / "source"
+            shutil.rmtree(source, ignore_errors=True)
+            start = time.perf_counter()
+            images = make_images(source, {"real": args.count, "synthetic": args.synthetic}, args.size, args.seed)
+            generate_s = time.perf_counter() - start
+            results = {}
+            for layout in layouts:
+                print(f"--- {layout}", flush=True)
+                results[layout] = bench_layout(layout, source, work, endpoint, bucket, args.per_shard, s3)
+                print(f"{layout}: {results[layout]['seconds']}", flush=True)
     finally:
-        server.stop()
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
 

@@ -58,7 +58,6 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-import string
 from collections import Counter
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -302,33 +301,18 @@ def parse_answer(strategy: str, obj: Any, tasks: Sequence[str]) -> Answer:
     raise ValueError(f"unknown strategy {strategy!r}")
 
 
-def _user_prompt(strategy: str, tasks: Sequence[str], prompt_dir: str | Path) -> str:
-    from medicsynth.llm import load_prompt
-
-    name = f"zeroshot_{strategy}.txt"
-    template = string.Template(load_prompt(name, prompt_dir))
-    try:
-        return template.substitute(
-            tasks=", ".join(tasks),
-            keys=", ".join(f'"{t}"' for t in tasks),
-            label_options="\n".join(f"- {t}: {' | '.join(CLASSES[t])}" for t in tasks),
-        )
-    except (KeyError, ValueError) as exc:
-        raise ValueError(f"{Path(prompt_dir) / name}: bad placeholder {exc}") from None
-
-
 def strategy_request(strategy: str, image_path: str | Path, tasks: Sequence[str], prompt_dir: str | Path,
                      *, key: str) -> Any:
     """The :class:`medicsynth.llm.LLMRequest` of one image under ``strategy``; its validated
     value is an :class:`Answer`. ``direct_classification`` is
     :func:`medicsynth.llm.classify_request` unchanged (same prompt, schema and cache key)."""
     from medicsynth.llm import LLMRequest, classify_request, load_prompt, with_refusal_preface
-    from medicsynth.llm.labels_answer import CLASSIFY_SYSTEM
+    from medicsynth.llm.labels_answer import CLASSIFY_SYSTEM, fill_labels_prompt
 
     if strategy == "direct_classification":
         req = classify_request(image_path, tasks, prompt_dir, key=key)
     else:
-        user = _user_prompt(strategy, tasks, prompt_dir)
+        user = fill_labels_prompt(f"zeroshot_{strategy}.txt", tasks, prompt_dir)
         req = LLMRequest(
             prompt=user,
             system=load_prompt(CLASSIFY_SYSTEM, prompt_dir),

@@ -153,17 +153,27 @@ class RecordedRequest:
         return [hashlib.sha256(data).hexdigest() for _, data in self.images]
 
     @property
-    def schema(self) -> dict | None:
-        """The JSON schema the client asked for (OpenAI response_format or Anthropic tool)."""
+    def _schema_spec(self) -> dict | None:
+        """What carries the asked JSON schema: OpenAI ``response_format.json_schema`` (``name``,
+        ``schema``) or the Anthropic tool (``name``, ``input_schema``); ``None`` without one."""
         if not isinstance(self.body, dict):
             return None
         if self.provider == "openai":
             fmt = self.body.get("response_format") or {}
-            if fmt.get("type") == "json_schema":
-                return fmt["json_schema"].get("schema")
-            return None
-        tool = self.tool
-        return tool.get("input_schema") if tool else None
+            return fmt["json_schema"] if fmt.get("type") == "json_schema" else None
+        return self.tool
+
+    @property
+    def schema(self) -> dict | None:
+        """The JSON schema the client asked for (OpenAI response_format or Anthropic tool)."""
+        spec = self._schema_spec
+        return spec.get("schema" if self.provider == "openai" else "input_schema") if spec else None
+
+    @property
+    def schema_name(self) -> str | None:
+        """The name of that schema (``medic_labels``, ``medic_<strategy>``, ...)."""
+        spec = self._schema_spec
+        return spec.get("name") if spec else None
 
     @property
     def tool(self) -> dict | None:

@@ -36,8 +36,6 @@ from datetime import datetime, timezone
 from http.server import ThreadingHTTPServer
 from typing import Any
 
-import pytest
-
 from tests.api_server import (
     ANTHROPIC_PATH, OPENAI_PATH, FakeLLMServer, RecordedRequest, _Handler, _render, _version_rejects, auto,
 )
@@ -281,10 +279,3 @@ class _BatchHandler(_Handler):
                 result = {"type": "errored", "error": err}
             lines.append(json.dumps({"custom_id": cid, "result": result}) + "\n")
         return "".join(lines).encode()
-
-
-@pytest.fixture
-def batch_server():
-    """A started :class:`BatchLLMServer` (auto answers, batches end at the first status poll)."""
-    with BatchLLMServer() as server:
-        yield server

@@ -22,18 +22,13 @@ from medicsynth.llm.cost import LLMBudgetError, price_table_from_params
 from medicsynth.labels import TASKS
 from tests.api_server import FakeLLMServer, auto, error, refusal
 from tests.batch_api_server import BatchLLMServer
-from tests.test_llm_client import make_images
-
-REPO = Path(__file__).resolve().parents[1]
-PROMPTS = REPO / "prompts"
-PROVIDERS = ("openai", "anthropic")
-
-
-@pytest.fixture(autouse=True)
-def api_keys(monkeypatch):
-    monkeypatch.setenv("OPENAI_API_KEY", "sk-test-batch")
-    monkeypatch.setenv("ANTHROPIC_API_KEY", "sk-test-batch")
-    monkeypatch.delenv("ANTHROPIC_BASE_URL", raising=False)
+from tests.test_llm_client import (  # noqa: F401  (api_keys: the autouse fixture of fake API keys)
+    PROMPTS,
+    PROVIDERS,
+    REPO,
+    api_keys,
+    make_images,
+)
 
 
 def settings(server: FakeLLMServer, provider: str, **overrides) -> dict:
@@ -157,26 +152,36 @@ print("OK", sum(r.ok for r in results))
 """
 
 
-@pytest.mark.parametrize("provider", PROVIDERS)
-def test_kill_between_submit_and_collect_resumes_polling_never_resubmits(tmp_path, provider):
-    paths = make_images(tmp_path / "img", 5)
-    cache = tmp_path / "cache"
+def kill_worker_after_submit(server: BatchLLMServer, provider: str, cache: Path, paths: list[str],
+                             tmp_path: Path) -> tuple[list[str], dict[str, str]]:
+    """Run :data:`WORKER` (a batch-mode classify run of ``paths``) in a subprocess against
+    ``server`` while its batches stay in progress, and SIGKILL it once its batch record is in
+    ``cache/batches``: submitted, nothing collected. The server's hold is released before
+    returning. Returns the worker's ``(argv, env)``, to run it again."""
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
     env = {**os.environ, "PYTHONPATH": str(REPO)}
+    args = [sys.executable, str(script), provider, server.base_url(provider), str(cache), str(PROMPTS), *paths]
+    server.hold.set()  # batches stay in progress
+    proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 60
+    while not list((cache / "batches").glob("*.json")) and time.monotonic() < deadline:
+        assert proc.poll() is None, proc.communicate()
+        time.sleep(0.05)
+    assert list((cache / "batches").glob("*.json")), f"no batch record in {cache / 'batches'} after 60 s"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    server.hold.clear()
+    return args, env
+
+
+@pytest.mark.parametrize("provider", PROVIDERS)
+def test_kill_between_submit_and_collect_resumes_polling_never_resubmits(tmp_path, provider):
+    paths = make_images(tmp_path / "img", 5)
     with BatchLLMServer() as server:
-        server.hold.set()  # batches stay in progress
-        args = [sys.executable, str(script), provider, server.base_url(provider), str(cache), str(PROMPTS), *paths]
-        proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 60
-        while not list((cache / "batches").glob("*.json")) and time.monotonic() < deadline:
-            assert proc.poll() is None, proc.communicate()
-            time.sleep(0.05)
+        args, env = kill_worker_after_submit(server, provider, tmp_path / "cache", paths, tmp_path)
         assert server.batch_creates == 1
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
         assert not server.answered  # killed before anything was collected
-        server.hold.clear()
         done = subprocess.run(args, env=env, capture_output=True, text=True, timeout=120)
         assert done.returncode == 0, done.stderr[-2000:]
         assert "OK 5" in done.stdout
@@ -239,20 +244,8 @@ def test_resumed_batch_caches_answers_a_later_run_did_not_ask_for(tmp_path, prov
     batch is still cached, so the full request set later sends nothing."""
     paths = make_images(tmp_path / "img", 4)
     cache = tmp_path / "cache"
-    script = tmp_path / "worker.py"
-    script.write_text(WORKER)
-    env = {**os.environ, "PYTHONPATH": str(REPO)}
     with BatchLLMServer() as server:
-        server.hold.set()
-        args = [sys.executable, str(script), provider, server.base_url(provider), str(cache), str(PROMPTS), *paths]
-        proc = subprocess.Popen(args, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-        deadline = time.monotonic() + 60
-        while not list((cache / "batches").glob("*.json")) and time.monotonic() < deadline:
-            assert proc.poll() is None, proc.communicate()
-            time.sleep(0.05)
-        proc.send_signal(signal.SIGKILL)
-        proc.wait()
-        server.hold.clear()
+        kill_worker_after_submit(server, provider, cache, paths, tmp_path)
         some = client_for(server, provider, cache).run(classify(paths[:2]), progress=False)
         assert all(r.ok for r in some) and server.batch_creates == 1
         everything = client_for(server, provider, cache)

@@ -193,3 +193,26 @@ def test_adapt_lora_is_a_function_of_data_code_and_params(sdxl_model, tmp_path_f
     a = (root / "a/lora/pytorch_lora_weights.safetensors").read_bytes()
     b = (root / "b/lora/pytorch_lora_weights.safetensors").read_bytes()
     assert a == b
+
+
+@pytest.mark.parametrize("family", ["sdxl", "sd", "flux"])
+def test_lora_trainers_refuse_zero_steps_naming_the_key(sdxl_model, tmp_path, family):
+    """Every trainer's set-up (prepare_lora) names adapt.lora before any sampler or step runs."""
+    from medicsynth.diffusion.lora import FlowOptions, load_base_pipeline, train_flow_lora
+    from medicsynth.diffusion.train import train_lora
+
+    model = sdxl_model if family == "sdxl" else tiny_pipelines.save(tiny_pipelines.BUILDERS[family](), tmp_path / "m")
+    fam = detect_family(model)
+    pipe = load_base_pipeline(model, fam)
+    Image.fromarray(np.zeros((32, 32, 3), dtype=np.uint8)).save(tmp_path / "0.png")
+    trainer = {k: v for k, v in lora_section(model).items() if k not in ("captions", *FLOW_KEYS)}
+    cfg = LoraTrainConfig.from_params({**trainer, "steps": 0, "balance": "", "seed": 0})
+    args = (["0.png"], ["a photo of flood"], None, cfg)
+    with pytest.raises(ValueError, match=r"adapt\.lora: steps and batch must be >= 1, got steps=0"):
+        if family == "sdxl":
+            train_sdxl_lora(pipe, *args, torch.device("cpu"), tmp_path, progress=False)
+        elif family == "sd":
+            train_lora(pipe, *args, torch.device("cpu"), tmp_path, progress=False)
+        else:
+            flow = FlowOptions(guidance=3.5, weighting_scheme="logit_normal", max_sequence_length=0)
+            train_flow_lora(pipe, fam, *args, flow, torch.device("cpu"), tmp_path, progress=False)

@@ -21,15 +21,14 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import boto3
 import pytest
 
 from medicsynth import agreement, private_remote
+from medicsynth.loopback_s3 import MOTO_KEY, isolated_dvc_env, moto_client, moto_s3_server
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 _VENV_DVC = Path(sys.executable).parent / "dvc"
 DVC = [str(_VENV_DVC)] if _VENV_DVC.exists() else [sys.executable, "-m", "dvc"]
-REGION = "us-east-1"
 
 
 # --------------------------------------------------------------------------- fixtures
@@ -39,14 +38,8 @@ REGION = "us-east-1"
 class S3:
     endpoint: str
 
-    def client(self, key: str = "testing", secret: str = "testing"):
-        return boto3.client(
-            "s3",
-            endpoint_url=self.endpoint,
-            region_name=REGION,
-            aws_access_key_id=key,
-            aws_secret_access_key=secret,
-        )
+    def client(self, key: str = MOTO_KEY, secret: str = MOTO_KEY):
+        return moto_client(self.endpoint, "s3", key, secret)
 
     def make_bucket(self, prefix: str) -> str:
         name = f"{prefix}-{uuid.uuid4().hex[:10]}"
@@ -84,11 +77,7 @@ class S3:
 
 @pytest.fixture(scope="module")
 def s3(tmp_path_factory) -> Iterator[S3]:
-    from moto.server import ThreadedMotoServer
-
     aws_dir = tmp_path_factory.mktemp("aws")
-    # One log line per S3 request drowns the useful part of a failure report.
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
     with pytest.MonkeyPatch.context() as mp:
         # boto3 in this process must not read real AWS config either.
         mp.setenv("AWS_CONFIG_FILE", str(aws_dir / "config"))
@@ -96,41 +85,15 @@ def s3(tmp_path_factory) -> Iterator[S3]:
         mp.setenv("AWS_EC2_METADATA_DISABLED", "true")
         for var in ("AWS_PROFILE", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY", "AWS_SESSION_TOKEN"):
             mp.delenv(var, raising=False)
-        # Port 0: the OS picks a free port, no race between choosing and binding.
-        server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-        server.start()
-        host, port = server.get_host_and_port()
-        try:
-            yield S3(f"http://{host}:{port}")
-        finally:
-            server.stop()
+        with moto_s3_server() as endpoint:
+            yield S3(endpoint)
 
 
 def _env(tmp: Path, **extra: str) -> dict[str, str]:
-    """Environment for DVC subprocesses: no inherited AWS/DVC settings, user config in ``tmp``."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("AWS_", "DVC_", "GIT_"))}
-    for name in ("home", "dvc_global", "dvc_system", "dvc_site"):
-        (tmp / name).mkdir(exist_ok=True)
-    (tmp / "dvc_global" / "config").write_text(
-        "[core]\n    analytics = false\n    check_update = false\n"
-    )
-    env.update(
-        HOME=str(tmp / "home"),
-        AWS_CONFIG_FILE=str(tmp / "home" / "aws_config"),
-        AWS_SHARED_CREDENTIALS_FILE=str(tmp / "home" / "aws_credentials"),
-        AWS_EC2_METADATA_DISABLED="true",
-        AWS_DEFAULT_REGION=REGION,
-        DVC_GLOBAL_CONFIG_DIR=str(tmp / "dvc_global"),
-        DVC_SYSTEM_CONFIG_DIR=str(tmp / "dvc_system"),
-        DVC_SITE_CACHE_DIR=str(tmp / "dvc_site"),
-        DVC_NO_ANALYTICS="1",
-        DVC_STUDIO_OFFLINE="1",
-        GIT_CONFIG_NOSYSTEM="1",
-        HF_HUB_OFFLINE="1",
-        PYTHONPATH=os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")])),
-    )
-    env.update(extra)
-    return env
+    """Environment for DVC subprocesses (:func:`isolated_dvc_env`, user config in ``tmp``) that
+    also imports this checkout's ``medicsynth`` and never reaches the Hugging Face hub."""
+    pythonpath = os.pathsep.join(filter(None, [str(REPO_ROOT), os.environ.get("PYTHONPATH")]))
+    return isolated_dvc_env(tmp, HF_HUB_OFFLINE="1", PYTHONPATH=pythonpath, **extra)
 
 
 @dataclass
@@ -480,13 +443,7 @@ def test_ask_fields_asks_only_for_missing_fields_until_valid():
 def test_wrong_credentials_refused_when_auth_is_enforced(routed, s3):
     repo, _, private = routed
     _accept(repo.root)
-    iam = boto3.client(
-        "iam",
-        endpoint_url=s3.endpoint,
-        region_name=REGION,
-        aws_access_key_id="testing",
-        aws_secret_access_key="testing",
-    )
+    iam = moto_client(s3.endpoint, "iam")
     user = f"collaborator-{uuid.uuid4().hex[:6]}"
     iam.create_user(UserName=user)
     iam.put_user_policy(

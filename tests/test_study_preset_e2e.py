@@ -106,12 +106,6 @@ def caption_answer(req):
     return answer(out)
 
 
-def schema_name(req) -> str:
-    if req.provider == "anthropic":
-        return req.tool["name"]
-    return req.body["response_format"]["json_schema"]["name"]
-
-
 def ran_stages(output: str) -> list[str]:
     return re.findall(r"Running stage '([^']+)'", output)
 
@@ -217,7 +211,7 @@ def test_zeroshot_matrix_asked_every_cell(study):
                      for s in STRATEGIES]
     seen: dict[tuple[str, str], int] = {}
     for r in requests:
-        seen[(r.provider, schema_name(r))] = seen.get((r.provider, schema_name(r)), 0) + 1
+        seen[(r.provider, r.schema_name)] = seen.get((r.provider, r.schema_name), 0) + 1
     names = ["medic_labels"] + [f"medic_{s}" for s in STRATEGIES[1:]]
     assert seen == {(p, n): ZEROSHOT_IMAGES for p in ("openai", "anthropic") for n in names}
     assert all(not c["failures"] for c in m["cells"])

@@ -24,13 +24,6 @@ PRICES = {"date": "2025-01-01", "source": "test", "models": {
     "claude-test": {"input_per_mtok": 3.0, "output_per_mtok": 15.0}}}
 
 
-def schema_name(req) -> str:
-    """The name of the JSON schema a request asks for (OpenAI response_format / Anthropic tool)."""
-    if req.provider == "anthropic":
-        return req.tool["name"]
-    return req.body["response_format"]["json_schema"]["name"]
-
-
 def wrong(task: str, label: str) -> str:
     return CLASSES[task][(CLASSES[task].index(label) + 1) % len(CLASSES[task])]
 
@@ -46,7 +39,7 @@ def strategy_vlm(df: pd.DataFrame):
     def responder(req):
         i = by_sha[req.image_sha256s[0]]
         labels = final(i)
-        name = schema_name(req)
+        name = req.schema_name
         if name == "medic_labels":
             return answer(labels)
         strategy = name.removeprefix("medic_")
@@ -81,6 +74,13 @@ def fast(**over) -> dict:
                      backoff_max_s=0.05, **over)
 
 
+def two_models(server) -> dict:
+    """``zeroshot`` keys of a matrix over two models on ``server``: OpenAI ``gpt-test`` first,
+    Anthropic ``claude-test`` as the extra model (both priced in :data:`PRICES`)."""
+    return dict(provider="openai", model="gpt-test", base_url=server.openai_base_url,
+                extra_models=[{"provider": "anthropic", "model": "claude-test", "base_url": server.anthropic_base_url}])
+
+
 def run(manifest, params, tmp_path, **llm_over):
     return zeroshot.run_zeroshot(manifest, params, llm_params(tmp_path, **llm_over), prompt_dir=PROMPTS,
                                  root=REPO, progress=False)
@@ -102,7 +102,7 @@ def test_each_strategy_sends_its_prompt_and_schema_and_scores_the_final_answer(t
     by_strategy: dict[str, list] = {}
     for req in sent:
         assert len(req.images) == 1 and req.system == system
-        by_strategy.setdefault(schema_name(req), []).append(req)
+        by_strategy.setdefault(req.schema_name, []).append(req)
     assert sorted(by_strategy) == sorted(["medic_labels"] + [f"medic_{s}" for s in ALL[1:]])
     first_fields = {name: list(reqs[0].schema["properties"]) for name, reqs in by_strategy.items()}
     assert first_fields == {
@@ -120,7 +120,7 @@ def test_each_strategy_sends_its_prompt_and_schema_and_scores_the_final_answer(t
     # The direct strategy is the classify request of earlier runs, byte for byte (same cache).
     assert by_strategy["medic_labels"][0].prompt == classify_user_prompt(TASKS, PROMPTS)
     # max_tokens: the reasoning strategies get reasoning_max_tokens.
-    caps = {schema_name(r): r.body.get("max_completion_tokens", r.body.get("max_tokens")) for r in sent}
+    caps = {r.schema_name: r.body.get("max_completion_tokens", r.body.get("max_tokens")) for r in sent}
     assert caps["medic_labels"] == caps["medic_direct_uncertainty"] == params["max_tokens"]
     assert caps["medic_two_phase_analysis"] == caps["medic_weighted_option_analysis"] == params["reasoning_max_tokens"]
 
@@ -172,15 +172,14 @@ def test_answers_are_cached_per_model_and_strategy(tmp_path):
     manifest, df = make_manifest(tmp_path, n=4)
     responder, _ = strategy_vlm(df)
     with FakeLLMServer(responder) as server:
-        both = dict(provider="openai", model="gpt-test", base_url=server.openai_base_url,
-                    extra_models=[{"provider": "anthropic", "model": "claude-test", "base_url": server.anthropic_base_url}])
+        both = two_models(server)
         run(manifest, fast(**both, strategies=["direct_classification"]), tmp_path)
         assert server.count() == 2 * 4
         # A strategy added: only its calls go out, for each model; the direct cells come from the cache.
         server.reset()
         metrics, _, _ = run(manifest, fast(**both, strategies=["direct_classification", "two_phase_analysis"]), tmp_path)
         assert server.count() == 2 * 4
-        assert {schema_name(r) for r in server.requests} == {"medic_two_phase_analysis"}
+        assert {r.schema_name for r in server.requests} == {"medic_two_phase_analysis"}
         assert {r.provider for r in server.requests} == {"openai", "anthropic"}
         calls = {c["name"]: c["usage"]["api_calls"] for c in metrics["cells"]}
         assert calls == {"openai/gpt-test/direct_classification": 0, "openai/gpt-test/two_phase_analysis": 4,
@@ -199,8 +198,7 @@ def test_cost_estimate_counts_the_matrix_and_the_budget_caps_its_total(tmp_path)
     manifest, df = make_manifest(tmp_path, n=5)
     responder, _ = strategy_vlm(df)
     with FakeLLMServer(responder) as server:
-        both = dict(provider="openai", model="gpt-test", base_url=server.openai_base_url,
-                    extra_models=[{"provider": "anthropic", "model": "claude-test", "base_url": server.anthropic_base_url}])
+        both = two_models(server)
         metrics, _, _ = run(manifest, fast(**both, strategies=["direct_classification"]), tmp_path, prices=PRICES)
         one_cell = metrics["usage"]["openai/gpt-test/direct_classification"]["estimate"]["usd"]
         assert metrics["estimate"]["requests"] == 2 * 5 and metrics["estimate"]["to_send"] == 2 * 5

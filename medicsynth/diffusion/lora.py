@@ -22,8 +22,10 @@ The family is read from the base model's ``model_index.json`` (:mod:`medicsynth.
   into 2×2 patches with their position ids, and the guidance-distilled FLUX.1-dev gets its
   embedded guidance value (the scripts' default 3.5).
 
-Whatever the family, the adapters' random initialisation is drawn under :func:`seeded_init`
-(``adapt.seed``), so the adapter is a function of data, code and params (on a given device);
+Whatever the family, the set-up is :func:`~medicsynth.diffusion.train.prepare_lora`: the
+adapters' random initialisation is drawn under :func:`~medicsynth.diffusion.train.seeded_init`
+(``adapt.seed``), the LoRA weights train in fp32 and the class-balanced sampler draws from a
+generator seeded alike, so the adapter is a function of data, code and params (on a given device);
 :func:`save_lora_weights` writes ``pytorch_lora_weights.safetensors`` with the family's own
 ``save_lora_weights``, into a directory swapped in atomically; generate loads it with
 ``load_lora_weights`` and fuses it into the denoiser.
@@ -33,10 +35,9 @@ Whatever the family, the adapters' random initialisation is drawn under :func:`s
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Sequence
 
 import pandas as pd
 import torch
@@ -46,14 +47,15 @@ from PIL import Image
 from medicsynth.devices import choose_device
 from medicsynth.diffusion.families import Family, detect_family
 from medicsynth.diffusion.train import (
+    LoraSetup,
     LoraTrainConfig,
     TrainLog,
     _autocast_dtype,
     _Deadline,
     _ImageFiles,
     atomic_dir,
-    balanced_weights,
     min_snr_weights,
+    prepare_lora,
     train_lora,
 )
 from medicsynth.params import build_config, require
@@ -83,19 +85,6 @@ def load_base_pipeline(model_dir: str | Path, family: Family):
     return DiffusionPipeline.from_pretrained(model_dir, **kwargs)
 
 
-@contextlib.contextmanager
-def seeded_init(seed: int) -> Iterator[None]:
-    """A context in which torch's global CPU RNG starts at ``seed``; its state is restored after.
-
-    peft draws the LoRA ``A`` matrices (``init_lora_weights="gaussian"``) from the global RNG on
-    the CPU (before moving them to the base layer's device); seeding it here makes the adapters a
-    function of ``adapt.seed`` alone, whatever ran before in the process.
-    """
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        yield
-
-
 def _get_sigmas(scheduler, timesteps: torch.Tensor, n_dim: int, dtype: torch.dtype) -> torch.Tensor:
     """σ of each timestep from the flow-matching scheduler's table, shaped to broadcast over latents."""
     schedule = scheduler.timesteps.to(timesteps.device)
@@ -105,6 +94,64 @@ def _get_sigmas(scheduler, timesteps: torch.Tensor, n_dim: int, dtype: torch.dty
     while sigma.ndim < n_dim:
         sigma = sigma.unsqueeze(-1)
     return sigma
+
+
+def _train_steps(
+    denoiser: torch.nn.Module,
+    setup: LoraSetup,
+    cfg: LoraTrainConfig,
+    name: str,
+    loss_of: Callable[[tuple], torch.Tensor],
+    progress: bool = True,
+) -> TrainLog:
+    """The optimisation loop of the SDXL and flow LoRA trainers (diffusers' DreamBooth-LoRA scripts).
+
+    Parameters
+    ----------
+    denoiser
+        The UNet or transformer carrying the adapters (train mode during the loop, eval after).
+    setup
+        From :func:`~medicsynth.diffusion.train.prepare_lora`: the LoRA parameters and the loader.
+    cfg
+        ``steps``, ``lr``, ``warmup_steps`` and ``max_seconds`` of ``adapt.lora``.
+    name
+        The family, for the log (``lora-<name>``), the progress bar and the time-limit error.
+    loss_of
+        ``loss_of(batch)``: the scalar loss of one batch of ``setup.loader``; its randomness comes
+        from ``setup.generator``, so the adapters are a function of data, code and params.
+
+    Per batch: learning rate ``cfg.lr`` with a linear warm-up over ``warmup_steps`` then constant
+    (the scripts' ``constant_with_warmup``), the loss, AdamW (weight decay 1e-4) with gradients
+    clipped at norm 1; ``cfg.steps`` steps. Past ``max_seconds`` it raises
+    :class:`~medicsynth.diffusion.train.PhaseTimeout`: stopping early would silently save a
+    shorter-trained adapter (steps alone decide the model). Returns the phase's :class:`TrainLog`.
+    """
+    from tqdm import tqdm
+
+    optimiser = torch.optim.AdamW(setup.params, lr=cfg.lr, weight_decay=1e-4)
+    deadline = _Deadline(cfg.max_seconds, f"adapt lora {name}", cfg.steps, "adapt.lora.max_seconds")
+    log = TrainLog(name=f"lora-{name}")
+    denoiser.train()
+    bar = tqdm(total=cfg.steps, desc=f"adapt lora {name}", disable=not progress, leave=False)
+    step = 0
+    for batch in setup.loader:
+        deadline.check(step)
+        for group in optimiser.param_groups:
+            group["lr"] = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
+        loss = loss_of(batch)
+        optimiser.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(setup.params, 1.0)
+        optimiser.step()
+        step += 1
+        log.losses.append(float(loss.detach()))
+        bar.update(1)
+        if step >= cfg.steps:
+            break
+    bar.close()
+    denoiser.eval()
+    log.steps, log.seconds = step, deadline.elapsed()
+    return log
 
 
 def train_flow_lora(
@@ -140,8 +187,6 @@ def train_flow_lora(
     on the same device.
     """
     from diffusers.training_utils import compute_density_for_timestep_sampling, compute_loss_weighting_for_sd3
-    from peft import LoraConfig
-    from tqdm import tqdm
 
     if len(files) != len(prompts) or not files:
         raise ValueError(f"adapt lora: {len(files)} images and {len(prompts)} prompts (need the same, > 0)")
@@ -152,23 +197,9 @@ def train_flow_lora(
     for module in (transformer, vae, *encoders):
         module.requires_grad_(False)
         module.to(device, dtype=weight_dtype)
-    with seeded_init(cfg.seed):
-        transformer.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, init_lora_weights="gaussian",
-                                           target_modules=list(cfg.target_modules)))
-    lora_params = [p for p in transformer.parameters() if p.requires_grad]
-    for p in lora_params:
-        p.data = p.data.float()
-    if cfg.gradient_checkpointing:
-        transformer.enable_gradient_checkpointing()
-    optimiser = torch.optim.AdamW(lora_params, lr=cfg.lr, weight_decay=1e-4)
-
-    # Step 1: data, sampled (class-balanced) by a seeded generator.
-    gen = torch.Generator("cpu").manual_seed(cfg.seed)
-    dataset = _ImageFiles(files, prompts, cfg.resolution, root)
-    weights = balanced_weights(balance_labels) if balance_labels is not None else torch.ones(len(dataset), dtype=torch.float64)
-    sampler = torch.utils.data.WeightedRandomSampler(weights, num_samples=cfg.steps * cfg.batch, generator=gen)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch, sampler=sampler, num_workers=cfg.num_workers,
-                                         pin_memory=device.type == "cuda", drop_last=True)
+    # Step 1: seeded adapters (fp32), data sampled (class-balanced) by a seeded generator.
+    setup = prepare_lora(transformer, _ImageFiles(files, prompts, cfg.resolution, root), balance_labels, cfg, device)
+    gen = setup.generator
     scheduler = type(pipe.scheduler).from_config(pipe.scheduler.config)  # a copy: the pipeline's stays untouched
     n_train = scheduler.config.num_train_timesteps
     scaling, shift = vae.config.scaling_factor, getattr(vae.config, "shift_factor", None) or 0.0
@@ -184,19 +215,9 @@ def train_flow_lora(
                                                       do_classifier_free_guidance=False, **seq_kwargs)
             return embeds, pooled, None
 
-    log = TrainLog(name=f"lora-{family.name}")
-    # Past adapt.lora.max_seconds the stage fails: stopping early would silently save a
-    # shorter-trained adapter (steps alone decide the model).
-    deadline = _Deadline(cfg.max_seconds, f"adapt lora {family.name}", cfg.steps, "adapt.lora.max_seconds")
-    transformer.train()
-    bar = tqdm(total=cfg.steps, desc=f"adapt lora {family.name}", disable=not progress, leave=False)
-    step = 0
-    for pixels, batch_prompts in loader:
-        deadline.check(step)
-        # Step 2: learning rate: linear warm-up, then constant (the scripts' default schedule).
-        for group in optimiser.param_groups:
-            group["lr"] = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
-        # Step 3: captions dropped for the unconditional prediction; latents of the batch.
+    def loss_of(batch) -> torch.Tensor:
+        pixels, batch_prompts = batch
+        # Step 2: captions dropped for the unconditional prediction; latents of the batch.
         drop = torch.rand(len(batch_prompts), generator=gen) < cfg.caption_dropout
         batch_prompts = ["" if d else p for p, d in zip(batch_prompts, drop.tolist())]
         embeds, pooled, text_ids = encode(batch_prompts)
@@ -204,7 +225,7 @@ def train_flow_lora(
             posterior = vae.encode(pixels.to(device, weight_dtype)).latent_dist
             x0 = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen).to(device, posterior.mean.dtype)
             x0 = ((x0 - shift) * scaling).to(weight_dtype)
-        # Step 4: timesteps from the density, σ from the scheduler, the noisy latents.
+        # Step 3: timesteps from the density, σ from the scheduler, the noisy latents.
         bsz = x0.shape[0]
         u = compute_density_for_timestep_sampling(weighting_scheme=flow.weighting_scheme, batch_size=bsz,
                                                   logit_mean=0.0, logit_std=1.0, mode_scale=1.29, generator=gen)
@@ -213,7 +234,7 @@ def train_flow_lora(
         sigmas = _get_sigmas(scheduler, timesteps, x0.ndim, x0.dtype)
         noise = torch.randn(x0.shape, generator=gen).to(device, x0.dtype)
         noisy = (1.0 - sigmas) * x0 + sigmas * noise
-        # Step 5: the velocity prediction.
+        # Step 4: the velocity prediction.
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
             if is_flux:
                 b, c, h, w = noisy.shape
@@ -231,21 +252,10 @@ def train_flow_lora(
                                    pooled_projections=pooled, return_dict=False)[0]
         target = noise - x0
         weighting = compute_loss_weighting_for_sd3(weighting_scheme=flow.weighting_scheme, sigmas=sigmas)
-        loss = (weighting.float() * (pred.float() - target.float()) ** 2).reshape(bsz, -1).mean(1).mean()
-        # Step 6: update.
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(lora_params, 1.0)
-        optimiser.step()
-        step += 1
-        log.losses.append(float(loss.detach()))
-        bar.update(1)
-        if step >= cfg.steps:
-            break
-    bar.close()
-    transformer.eval()
-    log.steps, log.seconds, log.stopped_by = step, deadline.elapsed(), "steps"
-    return log
+        return (weighting.float() * (pred.float() - target.float()) ** 2).reshape(bsz, -1).mean(1).mean()
+
+    # Step 5: the loop (learning-rate warm-up, update, time limit) shared with SDXL.
+    return _train_steps(transformer, setup, cfg, family.name, loss_of, progress)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -326,14 +336,11 @@ def train_sdxl_lora(
     same adapters on the same device.
     """
     from diffusers import DDPMScheduler
-    from peft import LoraConfig
-    from tqdm import tqdm
 
     if len(files) != len(prompts) or not files:
         raise ValueError(f"adapt lora: {len(files)} images and {len(prompts)} prompts (need the same, > 0)")
     if getattr(pipe, "text_encoder_2", None) is None:
         raise ValueError("adapt lora sdxl: the pipeline has no text_encoder_2 (its pooled embedding conditions the UNet)")
-    deadline = _Deadline(cfg.max_seconds, "adapt lora sdxl", cfg.steps, "adapt.lora.max_seconds")
     # The pipeline's own check that the UNet's added embedding takes 6 time ids + the pooled width.
     pipe._get_add_time_ids((cfg.resolution, cfg.resolution), (0, 0), (cfg.resolution, cfg.resolution), torch.float32,
                            text_encoder_projection_dim=pipe.text_encoder_2.config.projection_dim)
@@ -350,23 +357,10 @@ def train_sdxl_lora(
         module.to(device, dtype=weight_dtype)
     vae.requires_grad_(False)
     vae.to(device, dtype=torch.float32)
-    with seeded_init(cfg.seed):
-        unet.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, init_lora_weights="gaussian",
-                                    target_modules=list(cfg.target_modules)))
-    lora_params = [p for p in unet.parameters() if p.requires_grad]
-    for p in lora_params:
-        p.data = p.data.float()
-    if cfg.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-    optimiser = torch.optim.AdamW(lora_params, lr=cfg.lr, weight_decay=1e-4)
-
-    # Step 1: data (with each image's size and crop), sampled (class-balanced) by a seeded generator.
-    gen = torch.Generator("cpu").manual_seed(cfg.seed)
-    dataset = _SizedImageFiles(files, prompts, cfg.resolution, root)
-    weights = balanced_weights(balance_labels) if balance_labels is not None else torch.ones(len(dataset), dtype=torch.float64)
-    sampler = torch.utils.data.WeightedRandomSampler(weights, num_samples=cfg.steps * cfg.batch, generator=gen)
-    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch, sampler=sampler, num_workers=cfg.num_workers,
-                                         pin_memory=device.type == "cuda", drop_last=True)
+    # Step 1: seeded adapters (fp32), data (with each image's size and crop) sampled
+    # (class-balanced) by a seeded generator.
+    setup = prepare_lora(unet, _SizedImageFiles(files, prompts, cfg.resolution, root), balance_labels, cfg, device)
+    gen = setup.generator
     n_train = noise_scheduler.config.num_train_timesteps
     scaling = vae.config.scaling_factor
     mean, std = getattr(vae.config, "latents_mean", None), getattr(vae.config, "latents_std", None)
@@ -376,16 +370,9 @@ def train_sdxl_lora(
     else:
         mean = std = None
 
-    log = TrainLog(name="lora-sdxl")
-    unet.train()
-    bar = tqdm(total=cfg.steps, desc="adapt lora sdxl", disable=not progress, leave=False)
-    step = 0
-    for pixels, batch_prompts, time_ids in loader:
-        deadline.check(step)
-        # Step 2: learning rate: linear warm-up, then constant (the script's constant_with_warmup).
-        for group in optimiser.param_groups:
-            group["lr"] = cfg.lr * min(1.0, (step + 1) / max(cfg.warmup_steps, 1))
-        # Step 3: captions dropped for the unconditional prediction; both encoders; latents.
+    def loss_of(batch) -> torch.Tensor:
+        pixels, batch_prompts, time_ids = batch
+        # Step 2: captions dropped for the unconditional prediction; both encoders; latents.
         drop = torch.rand(len(batch_prompts), generator=gen) < cfg.caption_dropout
         batch_prompts = ["" if d else p for p, d in zip(batch_prompts, drop.tolist())]
         with torch.no_grad():
@@ -394,34 +381,23 @@ def train_sdxl_lora(
             posterior = vae.encode(pixels.to(device, torch.float32)).latent_dist
             z = posterior.mean + posterior.std * torch.randn(posterior.mean.shape, generator=gen).to(device, posterior.mean.dtype)
             x0 = ((z - mean) * scaling / std if mean is not None else z * scaling).to(weight_dtype)
-        # Step 4: a uniform DDPM timestep per image, the noisy latents, the target.
+        # Step 3: a uniform DDPM timestep per image, the noisy latents, the target.
         bsz = x0.shape[0]
         noise = torch.randn(x0.shape, generator=gen).to(device, x0.dtype)
         timesteps = torch.randint(0, n_train, (bsz,), generator=gen).to(device)
         noisy = noise_scheduler.add_noise(x0, noise, timesteps)
         target = noise_scheduler.get_velocity(x0, noise, timesteps) if prediction == "v_prediction" else noise
-        # Step 5: the UNet with SDXL's added conditions (pooled text embedding, size/crop time ids).
+        # Step 4: the UNet with SDXL's added conditions (pooled text embedding, size/crop time ids).
         added = {"text_embeds": pooled.to(device, weight_dtype), "time_ids": time_ids.to(device, weight_dtype)}
         with torch.autocast(device.type, dtype=autocast_dtype or torch.float32, enabled=autocast_dtype is not None):
             pred = unet(noisy, timesteps, encoder_hidden_states=embeds.to(weight_dtype), added_cond_kwargs=added,
                         return_dict=False)[0]
         per_sample = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=(1, 2, 3))
         snr = min_snr_weights(noise_scheduler, timesteps, cfg.snr_gamma)
-        loss = (per_sample * snr).mean() if snr is not None else per_sample.mean()
-        # Step 6: update.
-        optimiser.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(lora_params, 1.0)
-        optimiser.step()
-        step += 1
-        log.losses.append(float(loss.detach()))
-        bar.update(1)
-        if step >= cfg.steps:
-            break
-    bar.close()
-    unet.eval()
-    log.steps, log.seconds = step, deadline.elapsed()
-    return log
+        return (per_sample * snr).mean() if snr is not None else per_sample.mean()
+
+    # Step 5: the loop (learning-rate warm-up, update, time limit) shared with the flow families.
+    return _train_steps(unet, setup, cfg, "sdxl", loss_of, progress)
 
 
 def save_lora_weights(pipe, family: Family, out_dir: str | Path) -> Path:
@@ -490,8 +466,7 @@ def adapt_lora(params: dict, train: pd.DataFrame, out_dir: str | Path, progress:
     if family.objective == "flow":
         log = train_flow_lora(pipe, family, files, prompts, labels, cfg, flow, device, progress=progress)
     elif family.name == "sd":
-        with seeded_init(cfg.seed):  # train_lora's adapter init draws from the global RNG
-            log = train_lora(pipe, files, prompts, labels, cfg, device, progress=progress)
+        log = train_lora(pipe, files, prompts, labels, cfg, device, progress=progress)
     elif family.name == "sdxl":
         log = train_sdxl_lora(pipe, files, prompts, labels, cfg, device, progress=progress)
     else:

@@ -22,11 +22,14 @@ classifier-free guidance needs, AdamW with linear warm-up and cosine decay to ze
 - **lora** (:func:`train_lora`): loads a local Stable Diffusion checkpoint, freezes it, adds LoRA
   adapters to the UNet's attention projections (``unet.add_adapter(LoraConfig(...))``), trains
   them in bf16 autocast with gradient checkpointing, and saves them with
-  ``StableDiffusionPipeline.save_lora_weights`` for generate to load.
+  ``StableDiffusionPipeline.save_lora_weights`` for generate to load. Its set-up (adapters under
+  :func:`seeded_init`, fp32 LoRA weights, the seeded class-balanced loader) is
+  :func:`prepare_lora`, shared with the SDXL and flow trainers of :mod:`medicsynth.diffusion.lora`.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import shutil
@@ -34,7 +37,7 @@ import tempfile
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Callable, Sequence
+from typing import Callable, Iterator, Sequence
 
 import numpy as np
 import torch
@@ -545,6 +548,83 @@ def _autocast_dtype(mixed_precision: str, device: torch.device) -> torch.dtype |
     return torch.bfloat16 if mixed_precision == "bf16" else torch.float16
 
 
+@contextlib.contextmanager
+def seeded_init(seed: int) -> Iterator[None]:
+    """A context in which torch's global CPU RNG starts at ``seed``; its state is restored after.
+
+    peft draws the LoRA ``A`` matrices (``init_lora_weights="gaussian"``) from the global RNG on
+    the CPU (before moving them to the base layer's device); seeding it here makes the adapters a
+    function of ``adapt.seed`` alone, whatever ran before in the process.
+    """
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        yield
+
+
+@dataclass
+class LoraSetup:
+    """What :func:`prepare_lora` hands a LoRA trainer.
+
+    ``params``: the LoRA weights (fp32, ``requires_grad``), the only ones to optimise;
+    ``generator``: the CPU generator seeded with ``adapt.seed`` that the sampler draws from (the
+    trainers draw their caption dropout, noise and timesteps from it too); ``loader``: batches of
+    ``dataset`` items, ``steps * batch`` draws in all, whole batches only.
+    """
+
+    params: list[torch.nn.Parameter]
+    generator: torch.Generator
+    loader: torch.utils.data.DataLoader
+
+
+def prepare_lora(
+    denoiser: torch.nn.Module,
+    dataset: torch.utils.data.Dataset,
+    balance_labels: Sequence[str] | None,
+    cfg: LoraTrainConfig,
+    device: torch.device,
+) -> LoraSetup:
+    """Add LoRA adapters to ``denoiser`` and build the seeded data loader: the set-up of every family.
+
+    Parameters
+    ----------
+    denoiser
+        The frozen UNet or transformer, already on ``device`` in its weight dtype.
+    dataset
+        The training items (:class:`_ImageFiles` or a subclass), one per image.
+    balance_labels
+        One label per item: items are drawn inversely to their class counts (``None``: uniform).
+    cfg
+        ``rank``, ``alpha``, ``target_modules`` (peft ``LoraConfig``, gaussian init),
+        ``gradient_checkpointing``, ``steps``, ``batch``, ``num_workers`` and ``seed``.
+
+    The adapters' initialisation is drawn under :func:`seeded_init` (``cfg.seed``) and the global
+    RNG is restored after, so the adapters do not depend on what ran before in the process; the
+    LoRA weights are cast to fp32 (optimiser state and updates in fp32 whatever the frozen
+    weights' dtype). The sampler draws from its own generator, so the batches are a function of
+    ``cfg.seed`` and the labels alone (worker processes only decode files: no randomness).
+    """
+    from peft import LoraConfig
+
+    if cfg.steps < 1 or cfg.batch < 1:
+        # Checked here, before the sampler would fail with its own message naming no key.
+        raise ValueError(f"adapt.lora: steps and batch must be >= 1, got steps={cfg.steps}, batch={cfg.batch}; "
+                         "fix adapt.lora in params.yaml")
+    with seeded_init(cfg.seed):
+        denoiser.add_adapter(LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, init_lora_weights="gaussian",
+                                        target_modules=list(cfg.target_modules)))
+    params = [p for p in denoiser.parameters() if p.requires_grad]
+    for p in params:
+        p.data = p.data.float()
+    if cfg.gradient_checkpointing:
+        denoiser.enable_gradient_checkpointing()
+    gen = torch.Generator("cpu").manual_seed(cfg.seed)
+    weights = balanced_weights(balance_labels) if balance_labels is not None else torch.ones(len(dataset), dtype=torch.float64)
+    sampler = torch.utils.data.WeightedRandomSampler(weights, num_samples=cfg.steps * cfg.batch, generator=gen)
+    loader = torch.utils.data.DataLoader(dataset, batch_size=cfg.batch, sampler=sampler, num_workers=cfg.num_workers,
+                                         pin_memory=device.type == "cuda", drop_last=True)
+    return LoraSetup(params, gen, loader)
+
+
 def train_lora(
     pipe,
     files: Sequence[str],
@@ -559,11 +639,11 @@ def train_lora(
 
     ``pipe`` is a loaded :class:`~diffusers.StableDiffusionPipeline`; its VAE and text encoder stay
     frozen. Frozen weights are kept in the autocast dtype on CUDA to halve memory; LoRA weights
-    are trained in fp32. Returns the UNet phase's :class:`TrainLog`; the adapters stay attached
-    to ``pipe.unet`` (save them with :func:`save_lora`).
+    are trained in fp32. Adapters and loader come from :func:`prepare_lora` (adapters seeded by
+    ``cfg.seed``); the optimiser (AdamW, weight decay 1e-2) and the noise/timestep generator are
+    :func:`train_denoiser`'s, as for the demo. Returns the UNet phase's :class:`TrainLog`; the
+    adapters stay attached to ``pipe.unet`` (save them with :func:`save_lora`).
     """
-    from peft import LoraConfig
-
     autocast_dtype = _autocast_dtype(cfg.mixed_precision, device)
     weight_dtype = autocast_dtype or torch.float32
     unet, vae, text_encoder = pipe.unet, pipe.vae, pipe.text_encoder
@@ -572,25 +652,8 @@ def train_lora(
     vae.to(device, dtype=weight_dtype)
     text_encoder.to(device, dtype=weight_dtype)
     unet.to(device, dtype=weight_dtype)
-    unet.add_adapter(
-        LoraConfig(r=cfg.rank, lora_alpha=cfg.alpha, init_lora_weights="gaussian",
-                   target_modules=list(cfg.target_modules))
-    )
-    lora_params = [p for p in unet.parameters() if p.requires_grad]
-    for p in lora_params:
-        p.data = p.data.float()  # optimiser state and updates in fp32
-    if cfg.gradient_checkpointing:
-        unet.enable_gradient_checkpointing()
-
-    dataset = _ImageFiles(files, prompts, cfg.resolution, root)
-    gen = torch.Generator("cpu").manual_seed(cfg.seed)
-    weights = balanced_weights(balance_labels) if balance_labels is not None else torch.ones(len(dataset), dtype=torch.float64)
-    sampler = torch.utils.data.WeightedRandomSampler(weights, num_samples=cfg.steps * cfg.batch, generator=gen)
-    loader = torch.utils.data.DataLoader(
-        dataset, batch_size=cfg.batch, sampler=sampler, num_workers=cfg.num_workers,
-        pin_memory=device.type == "cuda", drop_last=True, persistent_workers=False,
-    )
-    batches = iter(loader)
+    setup = prepare_lora(unet, _ImageFiles(files, prompts, cfg.resolution, root), balance_labels, cfg, device)
+    batches = iter(setup.loader)
     scaling = vae.config.scaling_factor
     shift = getattr(vae.config, "shift_factor", None) or 0.0
 
@@ -602,7 +665,7 @@ def train_lora(
         return ((z - shift) * scaling).to(weight_dtype), list(batch_prompts)
 
     return train_denoiser(
-        unet, text_encoder, pipe.tokenizer, pipe.scheduler, sample_batch, lora_params,
+        unet, text_encoder, pipe.tokenizer, pipe.scheduler, sample_batch, setup.params,
         steps=cfg.steps, lr=cfg.lr, warmup_steps=cfg.warmup_steps, snr_gamma=cfg.snr_gamma,
         caption_dropout=cfg.caption_dropout, max_seconds=cfg.max_seconds, limit_key="adapt.lora.max_seconds",
         autocast_dtype=autocast_dtype, seed=cfg.seed, progress=progress, name="lora",

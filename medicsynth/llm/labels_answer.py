@@ -120,10 +120,15 @@ def with_refusal_preface(prompt: str, prompt_dir: str | Path = "prompts") -> str
     return f"{load_prompt(REFUSAL_FALLBACK, prompt_dir)}\n\n{prompt}"
 
 
-def classify_user_prompt(tasks: Sequence[str] = TASKS, prompt_dir: str | Path = "prompts") -> str:
-    """The user prompt asking for ``tasks``, with their allowed labels listed."""
-    tasks = canonical_tasks(tasks)
-    template = string.Template(load_prompt(CLASSIFY_USER, prompt_dir))
+def fill_labels_prompt(name: str, tasks: Sequence[str], prompt_dir: str | Path = "prompts") -> str:
+    """The prompt file ``name`` of ``prompt_dir`` filled in for ``tasks``, in the order given.
+
+    The file is a :class:`string.Template` with ``$tasks`` (the task names, comma-separated),
+    ``$keys`` (the same, quoted: the answer's JSON keys) and ``$label_options`` (one line per task
+    listing its allowed labels). Raises :class:`ValueError` naming the file and the placeholder
+    when the template uses an unknown or malformed one (fix the prompt file).
+    """
+    template = string.Template(load_prompt(name, prompt_dir))
     try:
         return template.substitute(
             tasks=", ".join(tasks),
@@ -131,7 +136,12 @@ def classify_user_prompt(tasks: Sequence[str] = TASKS, prompt_dir: str | Path = 
             label_options="\n".join(f"- {t}: {' | '.join(CLASSES[t])}" for t in tasks),
         )
     except (KeyError, ValueError) as exc:
-        raise ValueError(f"{Path(prompt_dir) / CLASSIFY_USER}: bad placeholder {exc}") from None
+        raise ValueError(f"{Path(prompt_dir) / name}: bad placeholder {exc}") from None
+
+
+def classify_user_prompt(tasks: Sequence[str] = TASKS, prompt_dir: str | Path = "prompts") -> str:
+    """The user prompt asking for ``tasks``, with their allowed labels listed."""
+    return fill_labels_prompt(CLASSIFY_USER, canonical_tasks(tasks), prompt_dir)
 
 
 def classify_request(
