@@ -56,7 +56,9 @@ from medicsynth.diffusion.train import (
     min_snr_weights,
     train_lora,
 )
+from medicsynth.manifest import resolve_file
 from medicsynth.params import build_config, require
+from medicsynth.shards import open_image
 
 #: adapt.lora keys used only by the flow families (the rest are LoraTrainConfig fields).
 FLOW_KEYS = ("guidance", "weighting_scheme", "max_sequence_length")
@@ -277,8 +279,7 @@ class _SizedImageFiles(_ImageFiles):
     def __getitem__(self, i: int):
         pixels, prompt = super().__getitem__(i)  # a broken file fails here, its path named
         f = self.files[i]
-        path = Path(f) if Path(f).is_absolute() else self.root / f
-        with Image.open(path) as im:  # the header only: the size before any resize
+        with open_image(resolve_file(f, self.root)) as im:  # the header only: the size before any resize
             width, height = im.size
         top, left = crop_geometry(width, height, self.resolution)
         time_ids = torch.tensor([height, width, top, left, self.resolution, self.resolution], dtype=torch.int64)
