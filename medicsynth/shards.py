@@ -315,13 +315,16 @@ def resolve_layout(layout: str, source: str) -> str:
 def per_shard_from_params(params: Mapping[str, Any]) -> int | None:
     """Images per shard when ``params.yaml`` asks for shards, ``None`` for one file per image.
 
-    Reads ``storage.layout`` (:func:`resolve_layout` against ``data.source``) and
-    ``storage.per_shard``; a missing key raises ``KeyError`` naming it.
+    Reads ``storage.layout`` (:func:`resolve_layout`; ``data.source`` only for ``auto``) and
+    ``storage.per_shard`` (only for shards); a missing key raises ``KeyError`` naming it.
     """
     from medicsynth.params import require, section
 
     storage = section(params, "storage")
-    layout = resolve_layout(require(storage, "storage", "layout"), require(section(params, "data"), "data", "source"))
+    layout = require(storage, "storage", "layout")
+    if layout == "auto":  # only auto depends on the data source
+        layout = resolve_layout(layout, require(section(params, "data"), "data", "source"))
+    layout = resolve_layout(layout, "")
     if layout == "files":
         return None
     per_shard = require(storage, "storage", "per_shard")
