@@ -359,3 +359,36 @@ def test_generate_stage_writes_shards_and_resumes_byte_identically(tmp_path, mod
     after = _set(killed)
     assert list(after) == list(before) and all(after[k] != before[k] for k in before)
     assert not (killed / "images/.render").exists() and sorted(os.listdir(killed / "images")) == list(after)
+
+
+def test_hosted_backend_writes_shards_and_resumes(tmp_path, monkeypatch):
+    """``backend: openai`` with layout shards: a budget-capped run packs what it got, the resume
+    appends the rest, and a rerun from the answer cache rebuilds the same bytes."""
+    import shutil
+
+    from tests.images_api_server import FakeImagesServer
+    from tests.test_generators import _generate_report, hosted_params, run_stage, stage_args, write_plan
+
+    monkeypatch.setenv("OPENAI_API_KEY", "test-key")
+    write_plan(tmp_path / "captions.tsv", 5)
+    storage = {"layout": "shards", "per_shard": 2}
+    with FakeImagesServer() as server:
+        try:
+            for max_calls, present in ((3, 3), (100, 5)):
+                (tmp_path / "params.yaml").write_text(yaml.safe_dump(
+                    {"storage": storage, "generate": hosted_params(server, tmp_path, max_calls=max_calls)}))
+                run_stage("stages/generate.py", tmp_path, *stage_args(), monkeypatch=monkeypatch)
+                manifest = read_manifest(tmp_path / "manifest.tsv")
+                assert len(manifest) == present and _generate_report(tmp_path)["missing"] == 5 - present
+                assert len(shards.shard_paths(tmp_path / "images", "synthetic")) == (present + 1) // 2
+            assert server.count() == 5
+            first = _set(tmp_path)
+            assert list(first) == ["synthetic-000000.tar", "synthetic-000001.tar", "synthetic-000002.tar"]
+            for row in manifest.to_dict("records"):
+                assert split_ref(row["file"])[1] == f"{row['plan_id']}.jpg"
+                assert gen.read_stamp(tmp_path / row["file"])["key"] == row["provenance_key"]
+            shutil.rmtree(tmp_path / "images")  # DVC removed the output: all 5 come from the cache
+            run_stage("stages/generate.py", tmp_path, *stage_args(), monkeypatch=monkeypatch)
+            assert server.count() == 5 and _set(tmp_path) == first
+        finally:
+            server.release.set()
