@@ -413,6 +413,24 @@ def image_ref_exists(file: str | Path) -> bool:
         return False
 
 
+def check_images(files: Sequence[str], manifest: str | Path, root: str | Path = ".") -> None:
+    """Raise :class:`ImageRefError` at the first of ``files`` (a manifest's ``file`` column, in
+    row order) that cannot be read: the message names ``manifest``, the row (header = line 1),
+    the reference, and the missing file, shard or member. Reads tar headers, not images."""
+    from medicsynth.manifest import resolve_file
+
+    for i, file in enumerate(files):
+        path = resolve_file(file, root)
+        if image_ref_exists(path):
+            continue
+        shard, member = split_ref(path)
+        what = (f"image file {shard} does not exist" if member is None else
+                f"shard {shard} does not exist" if not os.path.isfile(shard) else
+                f"shard {shard} has no member {member!r}")
+        raise ImageRefError(f"{manifest}: row {i + 2}: file {file!r}: {what}; rerun the stage that wrote it "
+                            "(dvc repro) or pull it (make pull-private)")
+
+
 def open_image(file: str | Path, where: str = ""):
     """``file`` (a path or a shard reference, resolved) opened with PIL, lazily like ``Image.open``.
 

@@ -392,3 +392,15 @@ def test_hosted_backend_writes_shards_and_resumes(tmp_path, monkeypatch):
             assert server.count() == 5 and _set(tmp_path) == first
         finally:
             server.release.set()
+
+
+def test_check_images_names_manifest_row_and_member(tmp_path):
+    paths = shards.write_shards([("a", {"jpg": b"1"}), ("b", {"jpg": b"2"})], tmp_path / "s", "real", per_shard=5)
+    good = member_ref(paths[0], "a.jpg")
+    shards.check_images([good, member_ref(paths[0], "b.jpg")], "m.tsv")
+    with pytest.raises(shards.ImageRefError, match=r"m\.tsv: row 3: file .*: shard .*real-000000\.tar has no member 'c\.jpg'"):
+        shards.check_images([good, member_ref(paths[0], "c.jpg")], "m.tsv")
+    with pytest.raises(shards.ImageRefError, match=r"m\.tsv: row 2: file 'x/real-000009\.tar#a\.jpg': shard .* does not exist"):
+        shards.check_images(["x/real-000009.tar#a.jpg"], "m.tsv", root=tmp_path)
+    with pytest.raises(shards.ImageRefError, match=r"row 2: file 'gone\.jpg': image file .*gone\.jpg does not exist"):
+        shards.check_images(["gone.jpg"], "m.tsv", root=tmp_path)
