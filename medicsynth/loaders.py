@@ -69,7 +69,7 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import ImageOps
 
 from medicsynth.labels import NUM_CLASSES, TASKS
 from medicsynth.manifest import split_ref

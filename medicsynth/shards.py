@@ -46,7 +46,7 @@ from pathlib import Path
 from typing import Any
 
 from medicsynth.io import atomic_path
-from medicsynth.manifest import split_ref
+from medicsynth.manifest import member_ref, resolve_file, split_ref
 
 #: Storage layouts of ``params.yaml`` ``storage.layout``; ``auto`` = shards for MEDIC, files for the demo.
 LAYOUTS: tuple[str, ...] = ("auto", "files", "shards")
@@ -322,10 +322,8 @@ def per_shard_from_params(params: Mapping[str, Any]) -> int | None:
 
     storage = section(params, "storage")
     layout = require(storage, "storage", "layout")
-    if layout == "auto":  # only auto depends on the data source
-        layout = resolve_layout(layout, require(section(params, "data"), "data", "source"))
-    layout = resolve_layout(layout, "")
-    if layout == "files":
+    source = require(section(params, "data"), "data", "source") if layout == "auto" else ""
+    if resolve_layout(layout, source) == "files":
         return None
     per_shard = require(storage, "storage", "per_shard")
     if not isinstance(per_shard, int) or isinstance(per_shard, bool) or per_shard < 1:
@@ -417,8 +415,6 @@ def check_images(files: Sequence[str], manifest: str | Path, root: str | Path = 
     """Raise :class:`ImageRefError` at the first of ``files`` (a manifest's ``file`` column, in
     row order) that cannot be read: the message names ``manifest``, the row (header = line 1),
     the reference, and the missing file, shard or member. Reads tar headers, not images."""
-    from medicsynth.manifest import resolve_file
-
     for i, file in enumerate(files):
         path = resolve_file(file, root)
         if image_ref_exists(path):
@@ -469,8 +465,6 @@ def pack_files(items: Sequence[tuple[str, str | Path]], out_dir: str | Path, pre
     Returns ``{key: file reference}`` (:func:`medicsynth.manifest.member_ref`, shard paths as
     ``out_dir`` is given). Raises ``ValueError`` naming both items of a repeated key.
     """
-    from medicsynth.manifest import member_ref
-
     out_dir = Path(out_dir)
     keys = [k for k, _p in items]
     if len(set(keys)) != len(keys):

@@ -214,22 +214,34 @@ def test_filter_and_merge_on_shard_references(tmp_path):
     refs = shards.pack_files([(Path(f).stem, root / f) for f in files_df["file"]], root / "shards", "synthetic", 2)
     shard_df = files_df.assign(file=[refs[Path(f).stem] for f in files_df["file"]])
     assert shard_df["file"].str.contains(".tar#").all()
+    # Real training images (for the duplicate_real rule): one is the very image s3 shows.
+    (root / "real").mkdir()
+    _render(filter_labels("fire", "mild"), 100).save(root / "real" / "r0.jpg", quality=92)
+    (root / "real" / "r1.jpg").write_bytes((root / "syn" / "s3.jpg").read_bytes())
+    real_files = pd.DataFrame([{**rows[0], "image_path": f"real/r{i}.jpg", "file": f"real/r{i}.jpg", "source": "real"}
+                               for i in range(2)])[list(COLUMNS)]
+    real_refs = shards.pack_files([(f"r{i}", root / "real" / f"r{i}.jpg") for i in range(2)], root / "shards", "real", 5)
+    real_shards = real_files.assign(file=[real_refs["r0"], real_refs["r1"]])
 
     class ByMember(FakePredictor):  # the fake predictor knows images by stem: the member's, for a reference
         def __call__(self, model_dir, files, **kw):
             return super().__call__(model_dir, [split_ref(f)[1] or f for f in files], **kw)
 
-    config = FilterConfig.from_params(section("filter", method="classifier", check_real_duplicates=False))
-    a = filter_synthetic(files_df, config, root=root, predictor=ByMember(intended))
-    b = filter_synthetic(shard_df, config, root=root, predictor=ByMember(intended))
-    assert a.decisions["reason"].tolist() == ["kept", "kept", "kept", "kept", "duplicate_synthetic", "blank"]
+    config = FilterConfig.from_params(section("filter", cache_dir=str(root / "hash_cache")))
+    a = filter_synthetic(files_df, config, real=real_files, root=root, predictor=ByMember(intended))
+    b = filter_synthetic(shard_df, config, real=real_shards, root=root, predictor=ByMember(intended))
+    assert a.decisions["reason"].tolist() == ["kept", "kept", "kept", "duplicate_real", "duplicate_synthetic",
+                                              "blank"]
+    assert b.decisions.at[3, "dup_real_of"] == "real/r1.jpg"
+    c = filter_synthetic(shard_df, config, real=real_shards, root=root, predictor=ByMember(intended))
+    pd.testing.assert_frame_equal(b.decisions, c.decisions)  # the real hashes, cached per shard member
     pd.testing.assert_frame_equal(a.decisions.drop(columns=["file"]), b.decisions.drop(columns=["file"]))
-    assert b.kept["file"].tolist() == shard_df["file"].tolist()[:4]
+    assert b.kept["file"].tolist() == shard_df["file"].tolist()[:3]
     assert a.metrics == b.metrics
 
     # Merge carries the references through; the merged set loads like any manifest.
     real = shard_df.iloc[:2][list(COLUMNS)].assign(source="real", image_path=["r0", "r1"])
-    alloc = pd.DataFrame([{**intended[f"s{i}"], "count": 1} for i in range(4)])
+    alloc = pd.DataFrame([{**intended[f"s{i}"], "count": 1} for i in range(3)])
     merged = merge_training_set(real, b.kept.astype(str), alloc, 0.5).train  # as read from the TSV
     assert merged["file"].tolist()[2:] == b.kept["file"].tolist()[:2]
     files = [resolve_file(f, root) for f in merged["file"]]
@@ -404,3 +416,31 @@ def test_check_images_names_manifest_row_and_member(tmp_path):
         shards.check_images(["x/real-000009.tar#a.jpg"], "m.tsv", root=tmp_path)
     with pytest.raises(shards.ImageRefError, match=r"row 2: file 'gone\.jpg': image file .*gone\.jpg does not exist"):
         shards.check_images(["gone.jpg"], "m.tsv", root=tmp_path)
+
+
+@pytest.mark.e2e
+def test_tiny_pipeline_on_shards_gives_the_results_of_files(tiny_pipeline, tmp_path):
+    """The whole tiny pipeline under real ``dvc repro`` with ``storage.layout: shards``: the real
+    and synthetic images live in shards, every manifest names members, and since every stage reads
+    the same bytes, every model and metric equals the files layout's (the session's tiny run)."""
+    from tests.e2e_helpers import make_repo_copy, run
+
+    repo = make_repo_copy(tmp_path / "repo", {"storage": {"layout": "shards", "per_shard": 100}})
+    run(["dvc", "repro"], repo, timeout=3600)  # the limit only stops a hung run
+    assert not (repo / "data/prepared/images").exists()
+    assert len(shards.shard_paths(repo / "data/prepared/shards", "real")) == 4  # 400 tiny demo images
+    assert shards.shard_paths(repo / "data/synthetic/images", "synthetic")
+    assert not list((repo / "data/synthetic/images").glob("*.jpg"))
+    manifests = sorted((repo / "data").glob("variants/*/*.tsv")) + [repo / "data/prepared/test.tsv",
+                                                                     repo / "data/synthetic/manifest.tsv"]
+    for path in manifests:
+        df = read_manifest(path)
+        assert df["file"].str.contains(r"\.tar#").all(), path
+        shards.check_images(df["file"], path, root=repo)
+    assert (read_manifest(repo / "data/variants/augmented/train.tsv")["source"] == "synthetic").any()
+    for rel in ["metrics/summary.json", "metrics/compare.json", "metrics/filter.json", "metrics/relabel.json",
+                *sorted(p.relative_to(tiny_pipeline).as_posix()
+                        for p in (tiny_pipeline / "metrics/evaluate").glob("*.json"))]:
+        assert json.loads((repo / rel).read_text()) == json.loads((tiny_pipeline / rel).read_text()), rel
+    for model in sorted((tiny_pipeline / "models").glob("*/model.pt")):
+        assert (repo / model.relative_to(tiny_pipeline)).read_bytes() == model.read_bytes(), model

@@ -41,7 +41,6 @@ from typing import Iterator, Sequence
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from medicsynth.devices import choose_device
 from medicsynth.diffusion.families import Family, detect_family

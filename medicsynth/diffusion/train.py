@@ -28,7 +28,6 @@ classifier-free guidance needs, AdamW with linear warm-up and cosine decay to ze
 from __future__ import annotations
 
 import math
-import os
 import shutil
 import tempfile
 import time
