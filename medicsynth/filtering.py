@@ -50,7 +50,9 @@ from tqdm import tqdm
 from medicsynth.timing import write_metrics
 from medicsynth.io import atomic_path, write_json
 from medicsynth.labels import CLASSES, NUM_CLASSES, TASKS, label_index, validate_label
-from medicsynth.manifest import COLUMNS, canonical_labels, read_manifest, resolve_file, write_manifest, write_tsv
+from medicsynth.manifest import (COLUMNS, canonical_labels, read_manifest, resolve_file, split_ref, write_manifest,
+                                 write_tsv)
+from medicsynth.shards import open_image
 from medicsynth.params import from_section
 from medicsynth.phash import HASH_KINDS, greedy_duplicates, hash_size_for_bits, image_hash, nearest, words_for_bits
 
@@ -159,7 +161,7 @@ class ImageStats:
 def image_stats(path: str | Path, hash_kind: str = "phash", hash_bits: int = 256) -> ImageStats:
     """Decode ``path`` completely and measure it; never raises for a bad file (returns ``error``)."""
     try:
-        with Image.open(path) as im:
+        with open_image(path) as im:
             # JPEG can decode at 1/2–1/8 scale for almost nothing; the statistics and hashes are
             # taken from small thumbnails anyway. The whole stream is still read, so truncation
             # is still caught.
@@ -213,13 +215,14 @@ def real_image_hashes(
     Files that fail to decode are left out (``ok`` False) — real-image problems belong to the
     prepare stage, and one bad photo must not stop the filter. With ``cache_dir`` the hashes are
     kept in a file keyed by path, size and modification time, so re-running the filter after a
-    new generation round does not hash 50k MEDIC photos again.
+    new generation round does not hash 50k MEDIC photos again (a shard member is keyed by its
+    reference and its shard's size and time).
     """
     words = words_for_bits(hash_bits)
     keys = []
     for f in files:
         try:
-            st = os.stat(f)
+            st = os.stat(split_ref(f)[0])  # a shard member: its shard's size and time
             keys.append(f"{f}|{st.st_size}|{st.st_mtime_ns}")
         except OSError:
             keys.append("")  # missing: never cached, reported as not ok below

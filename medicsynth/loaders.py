@@ -45,6 +45,17 @@ permutation per ``(seed, epoch)``, a partial last batch without padding or wrap-
 labels per sample carried next to the image (no packed integers). ``fn.readers.file`` shuffles
 with a buffer seeded once per pipeline, so jumping to epoch *k* would need a rebuild per epoch,
 and its partial-batch handling pads or reads into the next epoch.
+
+Shards. A ``file`` may name a member of a WebDataset tar shard (``<shard>.tar#<member>``,
+``storage.layout: shards``). The torch path reads it by offset (:func:`medicsynth.shards.open_image`).
+The DALI path keeps the same ``external_source`` with its exact per-epoch plan, but for a
+member it hands the pipeline the member's encoded bytes, read in the callback by offset (one
+``pread`` of a few tens of KB from an index cached per shard), instead of a path for
+``fn.io.file.read``. ``fn.readers.webdataset`` is not used for training: like
+``fn.readers.file`` it streams each shard in stored order through a seeded shuffle buffer, so it
+cannot give the exact permutation of :func:`epoch_plan` (a random order over all samples, the
+same on every backend and after a resume) nor the four labels carried from the manifest. A
+batch mixing files and members is read uniformly as bytes.
 """
 
 from __future__ import annotations
@@ -58,9 +69,11 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import ImageOps
 
 from medicsynth.labels import NUM_CLASSES, TASKS
+from medicsynth.manifest import split_ref
+from medicsynth.shards import image_ref_exists, open_image, read_image_bytes
 
 IMAGENET_MEAN: tuple[float, float, float] = (0.485, 0.456, 0.406)
 IMAGENET_STD: tuple[float, float, float] = (0.229, 0.224, 0.225)
@@ -183,8 +196,10 @@ def _check_inputs(
         raise ValueError(f"need 1 <= crop <= resize, got crop={crop}, resize={resize}")
     paths = [os.fspath(f) for f in files]
     for i, path in enumerate(paths):
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"sample {i}: image file {path!r} does not exist")
+        if not image_ref_exists(path):
+            shard, member = split_ref(path)
+            what = f"image file {path!r}" if member is None else f"shard member {member!r} of {shard!r}"
+            raise FileNotFoundError(f"sample {i}: {what} does not exist")
     return paths, labels.astype(np.int64, copy=False)
 
 
@@ -277,9 +292,12 @@ class _DaliSource:
     """
 
     def __init__(self, files: list[str], labels: np.ndarray, batch_size: int, span: int) -> None:
-        # Encoded once: io.file.read wants each path as a 1-D uint8 array.
-        self.paths = [np.frombuffer(os.path.abspath(f).encode("utf-8"), dtype=np.uint8)
-                      for f in files]
+        # Shard members are read here, by offset, as encoded bytes (see the module doc); files
+        # stay paths for io.file.read, encoded once as the 1-D uint8 arrays it wants.
+        self.bytes_mode = any(split_ref(f)[1] is not None for f in files)
+        self.files = list(files)
+        self.paths = None if self.bytes_mode else [
+            np.frombuffer(os.path.abspath(f).encode("utf-8"), dtype=np.uint8) for f in files]
         self.labels = labels
         self.batch_size = batch_size
         self.span = float(max(span, 1))
@@ -293,8 +311,12 @@ class _DaliSource:
         idx = self.plan.order[pos]
         # crop_mirror_normalize puts the window at round(pos * (resize - crop)); passing
         # offset / (resize - crop) reproduces the plan's integer offset exactly.
+        if self.bytes_mode:
+            first = [np.frombuffer(read_image_bytes(self.files[i], f"sample {i}"), dtype=np.uint8) for i in idx]
+        else:
+            first = [self.paths[i] for i in idx]
         return (
-            [self.paths[i] for i in idx],
+            first,
             self.labels[idx],
             (self.plan.left[pos] / self.span).astype(np.float32),
             (self.plan.top[pos] / self.span).astype(np.float32),
@@ -311,7 +333,7 @@ def _undecodable(paths: Sequence[str]) -> list[tuple[str, str]]:
     bad = []
     for path in paths:
         try:
-            with Image.open(path) as img:
+            with open_image(path) as img:
                 if img.format not in _DALI_FORMATS:
                     bad.append((path, f"{img.format} data, which DALI does not decode"))
                     continue
@@ -363,7 +385,7 @@ class DaliImageLoader(ImageLoader):
                 dtype=[types.UINT8, types.INT64, types.FLOAT, types.FLOAT, types.INT32],
                 ndim=[1, 1, 0, 0, 0],
             )
-            encoded = fn.io.file.read(paths)
+            encoded = paths if self._source.bytes_mode else fn.io.file.read(paths)
             images = fn.decoders.image(
                 encoded, device="mixed" if gpu else "cpu", output_type=types.RGB
             )
@@ -508,7 +530,7 @@ class ImageDataset(torch.utils.data.Dataset):
         aug_seed = key[4] if len(key) > 4 else 0
         path = self.files[index]
         try:
-            with Image.open(path) as img:
+            with open_image(path) as img:
                 img = ImageOps.exif_transpose(img).convert("RGB")
         except Exception as exc:  # PIL raises several types for bad files
             raise LoaderError(f"sample {index}: cannot decode image {path!r}: {exc}") from exc

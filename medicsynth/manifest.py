@@ -9,12 +9,15 @@ Extras that every manifest written by this project carries:
 - ``split``: ``train``, ``dev`` or ``test``.
 - ``source``: ``real`` or ``synthetic``.
 - ``provenance``: where the row comes from (``medic``, ``demo``, ``relabel``, a generator id...).
-- ``file``: the image file to read, relative to the repository root or absolute. For real MEDIC
-  rows this is the release file or its re-encoded copy; ``image_path`` stays MEDIC's key.
+- ``file``: the image to read, relative to the repository root or absolute: a file, or a member
+  of a WebDataset tar shard written ``<shard>.tar#<member>`` (``storage.layout: shards``, see
+  :mod:`medicsynth.shards`, which reads both kinds). For real MEDIC rows this is the release file,
+  its re-encoded copy or its shard member; ``image_path`` stays MEDIC's key.
 """
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
 
 import pandas as pd
@@ -27,6 +30,10 @@ EXTRA_COLUMNS: tuple[str, ...] = ("split", "source", "provenance", "file")
 COLUMNS: tuple[str, ...] = MEDIC_COLUMNS + EXTRA_COLUMNS
 SPLITS: tuple[str, ...] = ("train", "dev", "test")
 SOURCES: tuple[str, ...] = ("real", "synthetic")
+#: Separates a shard from a member name in a ``file`` reference (``x/real-000003.tar#k.jpg``).
+REF_SEP = "#"
+# A shard reference: a path ending in ".tar", then "#", then a member name without "/" or "#".
+_REF_RE = re.compile(r"^(.+\.tar)#([^/#]+)$")
 
 
 class ManifestError(ValueError):
@@ -127,7 +134,28 @@ def class_counts(df: pd.DataFrame) -> dict[str, dict[str, int]]:
     }
 
 
+def split_ref(file: str) -> tuple[str, str | None]:
+    """``(shard, member)`` of a shard reference ``<shard>.tar#<member>``; ``(file, None)`` otherwise."""
+    m = _REF_RE.match(str(file))
+    return (m.group(1), m.group(2)) if m else (str(file), None)
+
+
+def member_ref(shard: str | Path, member: str) -> str:
+    """The ``file`` reference of ``member`` of ``shard`` (``"d/real-000003.tar", "k.jpg"`` →
+    ``"d/real-000003.tar#k.jpg"``); ``shard`` in POSIX form so manifests read the same anywhere."""
+    ref = f"{Path(shard).as_posix()}{REF_SEP}{member}"
+    if split_ref(ref) != (Path(shard).as_posix(), member):
+        raise ValueError(f"cannot reference member {member!r} of {shard}: the shard must end in .tar and the "
+                         "member name must not contain '/' or '#'")
+    return ref
+
+
 def resolve_file(file: str, root: str | Path) -> str:
-    """A manifest ``file`` as a path to open: absolute paths as they are, others under ``root``."""
-    p = Path(file)
-    return str(p if p.is_absolute() else Path(root) / p)
+    """A manifest ``file`` as a path to open: absolute paths as they are, others under ``root``.
+
+    A shard reference ``<shard>#<member>`` keeps its member: only the shard part is resolved.
+    """
+    path, member = split_ref(file)
+    p = Path(path)
+    resolved = str(p if p.is_absolute() else Path(root) / p)
+    return resolved if member is None else f"{resolved}{REF_SEP}{member}"

@@ -23,6 +23,7 @@ from PIL import Image
 from medicsynth.io import atomic_path
 from medicsynth.labels import CLASSES, TASKS
 from medicsynth.manifest import resolve_file
+from medicsynth.shards import open_image
 from medicsynth.sampling import round_robin
 
 MINORITY_COLOUR = "#e67e22"
@@ -306,7 +307,7 @@ def _spread_reasons(rows: pd.DataFrame, k: int) -> pd.DataFrame:
 
 def _thumbnail(path: str, cell: int) -> np.ndarray:
     try:
-        with Image.open(path) as im:
+        with open_image(path) as im:  # a file or a shard member
             im.draft("RGB", (cell, cell))
             rgb = im.convert("RGB")
     except Exception:

@@ -42,6 +42,7 @@ from medicsynth.io import atomic_path
 from medicsynth.labels import CLASSES, TASKS
 from medicsynth.params import require
 from medicsynth.manifest import label_matrix
+from medicsynth.shards import read_image_bytes
 from medicsynth.training import TrainConfig, predict_files, train_classifier
 
 
@@ -50,7 +51,7 @@ def _fold_key(files: np.ndarray, labels: np.ndarray, hold_idx: np.ndarray, confi
     digest.update(json.dumps(asdict(config), sort_keys=True).encode())
     digest.update("\0".join(files.tolist()).encode())
     for f in files.tolist():  # the images' bytes too: a re-rendered image under the same path must miss
-        digest.update(hashlib.sha256(Path(f).read_bytes()).digest())
+        digest.update(hashlib.sha256(read_image_bytes(f)).digest())
     digest.update(labels.tobytes())
     digest.update(hold_idx.tobytes())
     return digest.hexdigest()[:32]

@@ -229,11 +229,14 @@ def class_name(cls: str, minority: bool) -> str:
 
 def thumbnail_data_uri(path: str | Path, max_px: int, quality: int = 85) -> str | None:
     """A JPEG ``data:`` URI of the image at ``path`` shrunk to at most ``max_px`` on its longer
-    side, or ``None`` if the file is missing or does not decode."""
-    from PIL import Image, UnidentifiedImageError
+    side, or ``None`` if the file is missing or does not decode. ``path`` may name a shard member
+    (``<shard>.tar#<member>``)."""
+    from PIL import UnidentifiedImageError
+
+    from medicsynth.shards import open_image
 
     try:
-        with Image.open(path) as im:
+        with open_image(path) as im:
             im = im.convert("RGB")
             im.thumbnail((max_px, max_px))
             buf = io.BytesIO()
@@ -245,8 +248,9 @@ def thumbnail_data_uri(path: str | Path, max_px: int, quality: int = 85) -> str 
 
 def image_encoder(root: str | Path, max_px: int) -> ImageEncoder:
     """An encoder for the private edition: path relative to ``root`` → thumbnail data URI."""
-    root = Path(root)
-    return lambda rel: thumbnail_data_uri(root / rel, max_px)
+    from medicsynth.manifest import resolve_file
+
+    return lambda rel: thumbnail_data_uri(resolve_file(rel, root), max_px)
 
 
 def image_cell(encode: ImageEncoder | None, path: str, alt: str) -> str:

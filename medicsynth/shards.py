@@ -18,6 +18,14 @@ shard. :meth:`ShardWriter.close` writes the last, partial shard; reopening the s
 and the shard is rewritten, full, when the next samples arrive, so shard membership depends only
 on the order of the samples, never on how many runs wrote them.
 
+References. A manifest's ``file`` column names an image in a shard as ``<shard>#<member>``, e.g.
+``data/prepared/shards/real-000003.tar#m0a1b2c3.jpg`` (:func:`member_ref`, parsed by
+:func:`split_ref`; the shard part resolves like any ``file``, see
+:func:`medicsynth.manifest.resolve_file`). :func:`read_image_bytes` and :func:`open_image` read
+either kind of reference: a plain file, or a member by random access (a per-shard index of
+member offsets, built once per process from the tar headers and cached, so a read is one
+``seek`` and one ``read``, never a scan of the tar).
+
 Readers. :func:`iter_samples` walks shards with :mod:`tarfile` (no extra dependency);
 :class:`ShardDataset` wraps it as a torch ``IterableDataset`` that splits shards among
 ``DataLoader`` workers; :func:`dali_webdataset_pipeline` builds a DALI pipeline around
@@ -26,16 +34,22 @@ Readers. :func:`iter_samples` walks shards with :mod:`tarfile` (no extra depende
 
 from __future__ import annotations
 
+import hashlib
 import io
 import os
 import re
 import tarfile
+import threading
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 from medicsynth.io import atomic_path
+from medicsynth.manifest import member_ref, resolve_file, split_ref
+
+#: Storage layouts of ``params.yaml`` ``storage.layout``; ``auto`` = shards for MEDIC, files for the demo.
+LAYOUTS: tuple[str, ...] = ("auto", "files", "shards")
 
 _KEY_RE = re.compile(r"^[A-Za-z0-9_\-]+$")
 _FIELD_RE = re.compile(r"^[A-Za-z0-9_\-]+(\.[A-Za-z0-9_\-]+)*$")
@@ -283,6 +297,201 @@ def write_shards(samples: Iterable[tuple[str, Mapping[str, bytes]]], out_dir: st
     return shard_paths(out_dir, prefix)
 
 
+def resolve_layout(layout: str, source: str) -> str:
+    """``storage.layout`` made concrete: ``files`` or ``shards``.
+
+    ``auto`` is ``shards`` for ``data.source: medic`` (81k images: one DVC object and one S3
+    request per shard rather than per image, see docs/PERFORMANCE.md) and ``files`` for the demo
+    (3,200 small images, whose committed outputs stay as they are). Raises ``ValueError`` naming
+    the parameter on an unknown value.
+    """
+    if layout not in LAYOUTS:
+        raise ValueError(f"params.yaml storage.layout must be one of {LAYOUTS}, not {layout!r}")
+    if layout == "auto":
+        return "shards" if source == "medic" else "files"
+    return layout
+
+
+def per_shard_from_params(params: Mapping[str, Any]) -> int | None:
+    """Images per shard when ``params.yaml`` asks for shards, ``None`` for one file per image.
+
+    Reads ``storage.layout`` (:func:`resolve_layout`; ``data.source`` only for ``auto``) and
+    ``storage.per_shard`` (only for shards); a missing key raises ``KeyError`` naming it.
+    """
+    from medicsynth.params import require, section
+
+    storage = section(params, "storage")
+    layout = require(storage, "storage", "layout")
+    source = require(section(params, "data"), "data", "source") if layout == "auto" else ""
+    if resolve_layout(layout, source) == "files":
+        return None
+    per_shard = require(storage, "storage", "per_shard")
+    if not isinstance(per_shard, int) or isinstance(per_shard, bool) or per_shard < 1:
+        raise ValueError(f"params.yaml storage.per_shard must be an integer >= 1, not {per_shard!r}")
+    return per_shard
+
+
+class ImageRefError(FileNotFoundError):
+    """A ``file`` reference that cannot be read: names the shard or file and the member."""
+
+
+# Per-process cache of shard indexes: path -> ((mtime_ns, size), {member: (offset, size)}). Keyed
+# by the file's identity too, so a shard rewritten in place (generate appending) is re-indexed.
+_INDEX: dict[str, tuple[tuple[int, int], dict[str, tuple[int, int]]]] = {}
+_INDEX_LOCK = threading.Lock()
+
+
+def shard_index(path: str | Path) -> dict[str, tuple[int, int]]:
+    """``{member name: (data offset, size)}`` of shard ``path``, read from the tar headers once.
+
+    Cached per process while the file's mtime and size stay the same. Raises
+    :class:`ImageRefError` when the shard does not exist, ``tarfile.ReadError`` on a corrupt one.
+    """
+    path = os.fspath(path)
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise ImageRefError(f"shard {path} does not exist") from None
+    stamp = (st.st_mtime_ns, st.st_size)
+    cached = _INDEX.get(path)
+    if cached is not None and cached[0] == stamp:
+        return cached[1]
+    index: dict[str, tuple[int, int]] = {}
+    with tarfile.open(path, mode="r:") as tar:
+        for member in tar:  # headers only: tarfile seeks over the data of a file it is not asked for
+            if member.isfile():
+                index[member.name] = (member.offset_data, member.size)
+    with _INDEX_LOCK:
+        _INDEX[path] = (stamp, index)
+    return index
+
+
+def read_image_bytes(file: str | Path, where: str = "") -> bytes:
+    """The encoded bytes of ``file``: a path, or a shard reference ``<shard>.tar#<member>``.
+
+    ``file`` is already resolved (:func:`medicsynth.manifest.resolve_file`). A member is read by
+    random access (:func:`shard_index`): one seek and one read. ``where`` (e.g. ``"x.tsv row 5"``)
+    prefixes error messages. Raises :class:`ImageRefError` naming the file, or the shard and the
+    member, when it is missing.
+    """
+    prefix = f"{where}: " if where else ""
+    shard, member = split_ref(os.fspath(file))
+    if member is None:
+        try:
+            with open(shard, "rb") as fh:
+                return fh.read()
+        except FileNotFoundError:
+            raise ImageRefError(f"{prefix}image file {shard} does not exist") from None
+    try:
+        index = shard_index(shard)
+    except ImageRefError as exc:
+        raise ImageRefError(f"{prefix}{exc} (referenced as {file})") from None
+    if member not in index:
+        raise ImageRefError(f"{prefix}shard {shard} has no member {member!r} (referenced as {file}); "
+                            "rerun the stage that wrote the shard")
+    offset, size = index[member]
+    fd = os.open(shard, os.O_RDONLY)
+    try:
+        data = os.pread(fd, size, offset)
+    finally:
+        os.close(fd)
+    if len(data) != size:
+        raise ImageRefError(f"{prefix}shard {shard} is truncated at member {member!r}")
+    return data
+
+
+def image_ref_exists(file: str | Path) -> bool:
+    """True when :func:`read_image_bytes` would find ``file`` (the file, or the shard and member)."""
+    shard, member = split_ref(os.fspath(file))
+    if member is None:
+        return os.path.isfile(shard)
+    try:
+        return member in shard_index(shard)
+    except ImageRefError:
+        return False
+
+
+def check_images(files: Sequence[str], manifest: str | Path, root: str | Path = ".") -> None:
+    """Raise :class:`ImageRefError` at the first of ``files`` (a manifest's ``file`` column, in
+    row order) that cannot be read: the message names ``manifest``, the row (header = line 1),
+    the reference, and the missing file, shard or member. Reads tar headers, not images."""
+    for i, file in enumerate(files):
+        path = resolve_file(file, root)
+        if image_ref_exists(path):
+            continue
+        shard, member = split_ref(path)
+        what = (f"image file {shard} does not exist" if member is None else
+                f"shard {shard} does not exist" if not os.path.isfile(shard) else
+                f"shard {shard} has no member {member!r}")
+        raise ImageRefError(f"{manifest}: row {i + 2}: file {file!r}: {what}; rerun the stage that wrote it "
+                            "(dvc repro) or pull it (make pull-private)")
+
+
+def open_image(file: str | Path, where: str = ""):
+    """``file`` (a path or a shard reference, resolved) opened with PIL, lazily like ``Image.open``.
+
+    A plain path is opened directly (PIL reads only what it needs); a member is read into memory
+    first. Use as a context manager. Errors as :func:`read_image_bytes`.
+    """
+    from PIL import Image
+
+    path, member = split_ref(os.fspath(file))
+    if member is None:
+        if not os.path.isfile(path):
+            prefix = f"{where}: " if where else ""
+            raise ImageRefError(f"{prefix}image file {path} does not exist")
+        return Image.open(path)
+    return Image.open(io.BytesIO(read_image_bytes(file, where)))
+
+
+def sample_key(name: str) -> str:
+    """A WebDataset sample key for an image named ``name`` (e.g. MEDIC's ``image_path``).
+
+    The file stem with every character outside ``[A-Za-z0-9_-]`` replaced by ``_`` (at most 60),
+    then ``-`` and 12 hex digits of the SHA-256 of the whole name: readable, and unique for
+    distinct names (two MEDIC paths may share a stem), a pure function of ``name``.
+    """
+    stem = re.sub(r"[^A-Za-z0-9_\-]", "_", Path(name).stem)[:60] or "img"
+    return f"{stem}-{hashlib.sha256(name.encode('utf-8')).hexdigest()[:12]}"
+
+
+def pack_files(items: Sequence[tuple[str, str | Path]], out_dir: str | Path, prefix: str, per_shard: int,
+               field: str = "jpg") -> dict[str, str]:
+    """Copy files into shard set ``prefix`` of ``out_dir``, in the order of ``items``; resumable.
+
+    ``items``: ``(key, path)``; each file becomes the ``field`` member of sample ``key``. A set
+    left by a killed run that holds a prefix of ``items`` is appended to; any other set of that
+    name (another run's images) is removed first, so the result depends only on ``items``.
+    Returns ``{key: file reference}`` (:func:`medicsynth.manifest.member_ref`, shard paths as
+    ``out_dir`` is given). Raises ``ValueError`` naming both items of a repeated key.
+    """
+    out_dir = Path(out_dir)
+    keys = [k for k, _p in items]
+    if len(set(keys)) != len(keys):
+        seen: dict[str, str | Path] = {}
+        for key, path in items:
+            if key in seen:
+                raise ValueError(f"shard set {prefix!r}: {path} and {seen[key]} both have sample key {key!r}")
+            seen[key] = path
+    finished = shard_paths(out_dir, prefix)
+    held = [k for p in finished for k in shard_keys(p)]
+    staging = out_dir / f".staging-{prefix}"
+    # Staged samples (named <seq>-<key>.tar) must continue the prefix in order, as shards do.
+    staged = [p.stem.split("-", 1)[-1] for p in sorted(staging.iterdir())
+              if p.suffix == ".tar" and not p.name.startswith(".")] if staging.is_dir() else []
+    if held + staged != keys[: len(held) + len(staged)]:
+        for path in reversed(finished):  # last to first: a kill never leaves a gap
+            path.unlink()
+        if staging.is_dir():
+            for path in staging.iterdir():
+                path.unlink()
+    with ShardWriter(out_dir, prefix, per_shard) as writer:
+        for key, path in items:
+            if key not in writer:
+                writer.add(key, {field: Path(path).read_bytes()})
+    return {k: member_ref(p, f"{k}.{field}") for p in shard_paths(out_dir, prefix) for k in shard_keys(p)}
+
+
 def decode_rgb(fields: Mapping[str, bytes], field: str = "jpg"):
     """The ``field`` image of a sample as a PIL RGB image."""
     from PIL import Image
@@ -291,39 +500,53 @@ def decode_rgb(fields: Mapping[str, bytes], field: str = "jpg"):
         return img.convert("RGB")
 
 
-def _torch_dataset_base():
+def _make_shard_dataset():
+    # Built on first use (module __getattr__), so that the stages that only read references
+    # (filter, report, zeroshot...) do not import torch for it.
     from torch.utils.data import IterableDataset
 
-    return IterableDataset
+    class ShardDataset(IterableDataset):
+        """torch ``IterableDataset`` over shards: yields ``transform(key, fields)`` per sample.
+
+        Parameters
+        ----------
+        paths : shard files, read in this order.
+        transform : ``(key, {field: bytes}) -> item``; default returns ``(key, PIL RGB image)`` from
+            the ``jpg`` field.
+
+        With ``DataLoader(num_workers=w)`` worker ``i`` reads shards ``i, i+w, ...``, so each sample
+        is yielded once per epoch; the order is shard order within a worker (interleaved across
+        workers by the ``DataLoader``). Shuffle by shuffling ``paths`` (seeded) per epoch.
+        """
+
+        def __init__(self, paths: Sequence[str | Path],
+                     transform: Callable[[str, dict[str, bytes]], Any] | None = None) -> None:
+            super().__init__()
+            self.paths = [Path(p) for p in paths]
+            self.transform = transform or (lambda key, fields: (key, decode_rgb(fields)))
+
+        def __iter__(self) -> Iterator[Any]:
+            from torch.utils.data import get_worker_info
+
+            info = get_worker_info()
+            mine = self.paths if info is None else self.paths[info.id :: info.num_workers]
+            for key, fields in iter_samples(mine):
+                yield self.transform(key, fields)
+
+    ShardDataset.__qualname__ = "ShardDataset"  # pickled by name (spawned DataLoader workers)
+    ShardDataset.__module__ = __name__
+    return ShardDataset
 
 
-class ShardDataset(_torch_dataset_base()):  # type: ignore[misc]
-    """torch ``IterableDataset`` over shards: yields ``transform(key, fields)`` per sample.
+_LAZY: dict[str, Any] = {}
 
-    Parameters
-    ----------
-    paths : shard files, read in this order.
-    transform : ``(key, {field: bytes}) -> item``; default returns ``(key, PIL RGB image)`` from
-        the ``jpg`` field.
 
-    With ``DataLoader(num_workers=w)`` worker ``i`` reads shards ``i, i+w, ...``, so each sample
-    is yielded once per epoch; the order is shard order within a worker (interleaved across
-    workers by the ``DataLoader``). Shuffle by shuffling ``paths`` (seeded) per epoch.
-    """
-
-    def __init__(self, paths: Sequence[str | Path],
-                 transform: Callable[[str, dict[str, bytes]], Any] | None = None) -> None:
-        super().__init__()
-        self.paths = [Path(p) for p in paths]
-        self.transform = transform or (lambda key, fields: (key, decode_rgb(fields)))
-
-    def __iter__(self) -> Iterator[Any]:
-        from torch.utils.data import get_worker_info
-
-        info = get_worker_info()
-        mine = self.paths if info is None else self.paths[info.id :: info.num_workers]
-        for key, fields in iter_samples(mine):
-            yield self.transform(key, fields)
+def __getattr__(name: str) -> Any:
+    if name == "ShardDataset":
+        if name not in _LAZY:
+            _LAZY[name] = _make_shard_dataset()
+        return _LAZY[name]
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 def dali_webdataset_pipeline(paths: Sequence[str | Path], ext: Sequence[str] = ("jpg",), *,

@@ -67,7 +67,7 @@ from typing import Any
 import pandas as pd
 
 from medicsynth.labels import CLASSES, TASKS
-from medicsynth.manifest import read_manifest
+from medicsynth.manifest import read_manifest, resolve_file
 from medicsynth.params import require
 
 SECTION = "zeroshot"
@@ -125,12 +125,6 @@ def select_rows(df: pd.DataFrame, max_images: int | None, seed: int) -> pd.DataF
     rank = df["image_path"].map(lambda p: hashlib.sha256(f"{seed}:{p}".encode()).hexdigest())
     keep = rank.sort_values(kind="stable").index[:max_images]
     return df.loc[sorted(keep)].reset_index(drop=True)
-
-
-def resolve_file(file: str, root: str | Path) -> str:
-    """A manifest ``file``: absolute as it is, relative to the repository root otherwise."""
-    path = Path(file)
-    return str(path if path.is_absolute() else Path(root) / path)
 
 
 # ------------------------------------------------------------------------------------------

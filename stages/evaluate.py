@@ -23,6 +23,7 @@ from medicsynth.manifest import read_manifest, write_tsv
 from medicsynth.models import load_classifier
 from medicsynth.params import from_section, load_params
 from medicsynth.plots import plot_confusion, plot_per_class_f1
+from medicsynth.shards import check_images
 
 RELABELLED_TEST = Path("data/relabelled_test.tsv")  # from relabel: header only unless it relabelled test
 
@@ -38,6 +39,7 @@ def main() -> None:
     model, meta = load_classifier(Path("models") / name / "model.pt")
 
     test_df = read_manifest("data/prepared/test.tsv")
+    check_images(test_df["file"], "data/prepared/test.tsv")  # fail before predicting, naming the row
     report, probs = score(model, meta, test_df, config)
     metrics = {"test": for_metrics(report)}
     relabelled_df = None

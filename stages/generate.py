@@ -2,7 +2,8 @@
 
 Reads ``data/captions/captions.tsv`` and the ``generate`` section of params.yaml; writes
 ``data/synthetic/images/{id}.jpg`` (kept between runs: only missing or stale images are
-rendered), ``data/synthetic/manifest.tsv`` and ``metrics/generate.json``.
+rendered), or with ``storage.layout`` resolving to shards ``data/synthetic/images/synthetic-NNNNNN.tar``
+(same resume guarantees), ``data/synthetic/manifest.tsv`` and ``metrics/generate.json``.
 
 One process: ``python stages/generate.py``. Several GPUs (or CPU processes), same outputs:
 ``accelerate launch --num_processes 8 stages/generate.py`` (add ``--cpu`` without GPUs); each
@@ -27,6 +28,7 @@ from medicsynth.timing import write_metrics, write_timing
 # to timing/generate.json with the wall-clock figures, never into the cached metrics.
 RUN_KEYS = ("skipped", "stale_rerendered", "rendered", "processes", "per_process")
 from medicsynth.params import load_params, section
+from medicsynth.shards import per_shard_from_params
 
 
 def main() -> None:
@@ -42,7 +44,8 @@ def main() -> None:
     params = load_params(args.params)
     opts = GenerateOptions.from_params(section(params, "generate"))
     prices = (params.get("llm") or {}).get("prices") if opts.backend == "openai" else None
-    metrics = generate_plan(args.captions, args.images, args.manifest, opts, demo_dir=args.demo_dir, prices=prices)
+    metrics = generate_plan(args.captions, args.images, args.manifest, opts, demo_dir=args.demo_dir, prices=prices,
+                            per_shard=per_shard_from_params(params))
     state = PartialState()
     if state.is_main_process:  # only the main process has the complete picture
         run = {k: metrics.pop(k) for k in RUN_KEYS if k in metrics}

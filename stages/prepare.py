@@ -1,6 +1,6 @@
 """prepare: build the canonical manifests from the demo generator or a MEDIC release.
 
-Outputs: data/prepared/ (images for the demo, test.tsv, clean_labels.tsv for the demo,
+Outputs: data/prepared/ (images for the demo, or shards/ with storage.layout shards, test.tsv, clean_labels.tsv for the demo,
 quarantine.tsv), data/variants/original/{train,dev}.tsv, metrics/prepare.json.
 """
 
@@ -12,13 +12,15 @@ from medicsynth.io import write_json
 from medicsynth.manifest import write_manifest, write_tsv
 from medicsynth.params import load_params, section
 from medicsynth.prepare import prepare_dataset
+from medicsynth.shards import per_shard_from_params
 
 PREPARED = Path("data/prepared")
 ORIGINAL = Path("data/variants/original")
 
 
 def main() -> None:
-    prepared = prepare_dataset(section(load_params(), "data"), PREPARED)
+    params = load_params()
+    prepared = prepare_dataset(section(params, "data"), PREPARED, per_shard_from_params(params))
     if prepared.clean is not None:
         write_tsv(prepared.clean, PREPARED / "clean_labels.tsv")
     write_tsv(prepared.quarantine, PREPARED / "quarantine.tsv")

@@ -22,6 +22,7 @@ from medicsynth.timing import write_metrics
 from medicsynth.manifest import label_matrix, read_manifest
 from medicsynth.models import save_classifier
 from medicsynth.params import load_params, section
+from medicsynth.shards import check_images
 from medicsynth.training import TrainConfig, config_dict, dist_info, train_classifier
 
 # train keys that are not TrainConfig fields: the matrix axes and the per-variant policy map.
@@ -58,6 +59,8 @@ def main() -> None:
     variant_dir = Path("data/variants") / args.variant
     train_df = read_manifest(variant_dir / "train.tsv")
     dev_df = read_manifest(variant_dir / "dev.tsv")
+    for split, df in (("train", train_df), ("dev", dev_df)):  # fail before training, naming the row
+        check_images(df["file"], variant_dir / f"{split}.tsv")
     name = f"{args.variant}-{args.arch}-s{args.seed}"
     main_process = dist_info().is_main
 

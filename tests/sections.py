@@ -12,6 +12,8 @@ import copy
 from typing import Any
 
 SECTIONS: dict[str, dict[str, Any]] = {
+    # One file per image, as the unit tests were written; the shard tests ask for layout shards.
+    "storage": {"layout": "files", "per_shard": 1000},
     "allocate": {
         "mode": "weakness",
         "total": 280,

@@ -280,7 +280,7 @@ def test_hub_id_not_in_local_cache_is_a_clear_error(tmp_path, monkeypatch):
 @pytest.mark.e2e
 def test_two_processes_render_every_id_exactly_once(tmp_path, model_dir):
     write_plan(tmp_path / "captions.tsv", 9)
-    (tmp_path / "params.yaml").write_text(json.dumps({"generate": section(
+    (tmp_path / "params.yaml").write_text(json.dumps({"storage": section("storage"), "generate": section(
         "generate", model="demo", steps=2, guidance=4.0, batch_size=2, device="cpu", threads=1)}))
     env = {**os.environ, "PYTHONPATH": str(REPO), "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",

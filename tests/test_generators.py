@@ -83,7 +83,7 @@ def test_family_read_from_model_index(models, tmp_path):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_generate_stage_renders_every_family(models, tmp_path, family, monkeypatch):
     plan = write_plan(tmp_path / "captions.tsv", 3)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"generate": generate_params(models[family])}))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"storage": section("storage"), "generate": generate_params(models[family])}))
     args = ["--captions", str(plan), "--images", "images", "--manifest", "manifest.tsv", "--metrics", "generate.json"]
     run_stage("stages/generate.py", tmp_path, *args, monkeypatch=monkeypatch)
     metrics = json.loads((tmp_path / "generate.json").read_text())
@@ -170,7 +170,7 @@ def test_adapt_lora_trains_every_family_and_generate_loads_it(models, tmp_path, 
              "lora": {**section("adapt.lora", base_model=str(models[family]), rank=4, alpha=4.0, steps=3, batch=2,
                                 lr=0.05, resolution=32, gradient_checkpointing=False, mixed_precision="no",
                                 captions="template"), "warmup_steps": 1, "num_workers": 0, "device": "cpu"}}
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"adapt": adapt, "generate": generate_params(
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"storage": section("storage"), "adapt": adapt, "generate": generate_params(
         models[family], lora="models/diffusion/lora")}))
     run_stage("stages/adapt.py", tmp_path, "--out", "models/diffusion", "--metrics", "adapt.json",
               "--plot", "adapt.png", monkeypatch=monkeypatch)
@@ -233,7 +233,7 @@ def _generate_report(root: Path) -> dict:
 def test_hosted_backend_caches_resumes_and_budgets(images_server, tmp_path, monkeypatch):
     monkeypatch.setenv("OPENAI_API_KEY", "test-key")
     write_plan(tmp_path / "captions.tsv", 5)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"generate": hosted_params(images_server, tmp_path, max_calls=3)}))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"storage": section("storage"), "generate": hosted_params(images_server, tmp_path, max_calls=3)}))
     run_stage("stages/generate.py", tmp_path, *stage_args(), monkeypatch=monkeypatch)
     m = _generate_report(tmp_path)
     # Budget: 3 paid calls, the other 2 planned images are missing (counted, not faked).
@@ -247,7 +247,7 @@ def test_hosted_backend_caches_resumes_and_budgets(images_server, tmp_path, monk
         assert im.size == (48, 32)
 
     # Resume with a larger budget: only the 2 missing images are requested.
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"generate": hosted_params(images_server, tmp_path)}))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"storage": section("storage"), "generate": hosted_params(images_server, tmp_path)}))
     run_stage("stages/generate.py", tmp_path, *stage_args(), monkeypatch=monkeypatch)
     m = _generate_report(tmp_path)
     assert images_server.count() == 5 and m["skipped"] == 3 and m["rendered"] == 2 and m["missing"] == 0
@@ -293,7 +293,7 @@ def test_hosted_kill_mid_run_repeats_no_answered_call(images_server, tmp_path):
     import time
 
     write_plan(tmp_path / "captions.tsv", 6)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"generate": hosted_params(images_server, tmp_path, concurrency=1)}))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"storage": section("storage"), "generate": hosted_params(images_server, tmp_path, concurrency=1)}))
     env = {**os.environ, "PYTHONPATH": str(REPO), "OPENAI_API_KEY": "test-key", "HF_HUB_OFFLINE": "1"}
     cmd = [sys.executable, str(REPO / "stages/generate.py"), *stage_args()]
     # The 4th request is held by the server: the stage has 3 answers cached and one call in flight.
@@ -351,7 +351,7 @@ def test_memory_options(models):
 def test_generate_sharded_over_two_processes_matches_one(models, tmp_path, monkeypatch):
     """torchrun (Gloo on CPU) with 2 processes renders a FLUX plan: same images as one process."""
     plan = write_plan(tmp_path / "captions.tsv", 4)
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"generate": generate_params(models["flux"], batch_size=1)}))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"storage": section("storage"), "generate": generate_params(models["flux"], batch_size=1)}))
     env = {**os.environ, "PYTHONPATH": str(REPO), "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
            str(REPO / "stages/generate.py"), "--captions", str(plan), "--images", "sharded", "--manifest",

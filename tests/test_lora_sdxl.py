@@ -142,7 +142,7 @@ def test_adapt_lora_sdxl_through_the_stages_changes_generated_images(sdxl_model,
     write_train_manifest(tmp_path)  # 4 images of 48×40 px
     adapt = {"mode": "lora", "train_manifest": "train.tsv", "balance": "disaster_types", "seed": 0, "threads": 1,
              "lora": lora_section(sdxl_model)}
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"adapt": adapt, "generate": generate_params(
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"storage": section("storage"), "adapt": adapt, "generate": generate_params(
         sdxl_model, lora="models/diffusion/lora")}))
     run_stage("stages/adapt.py", tmp_path, "--out", "models/diffusion", "--metrics", "adapt.json",
               "--plot", "adapt.png", monkeypatch=monkeypatch)
@@ -162,7 +162,7 @@ def test_adapt_lora_sdxl_through_the_stages_changes_generated_images(sdxl_model,
     assert gmetrics["family"] == "sdxl" and gmetrics["lora"] == "models/diffusion/lora"
     assert (gmetrics["options"]["steps"], gmetrics["options"]["guidance"], gmetrics["options"]["scheduler"]) == (2, 5.0, "dpmsolver++")
     with_lora = read_manifest(tmp_path / "manifest.tsv")
-    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"adapt": adapt, "generate": generate_params(sdxl_model)}))
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump({"storage": section("storage"), "adapt": adapt, "generate": generate_params(sdxl_model)}))
     run_stage("stages/generate.py", tmp_path, "--images", "base", *args, monkeypatch=monkeypatch)
     base = read_manifest(tmp_path / "manifest.tsv")
     assert len(with_lora) == len(base) == 3

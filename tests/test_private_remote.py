@@ -822,3 +822,58 @@ def test_select_targets_expands_matrix_groups_and_stage_files():
     assert private_remote.select_targets(root, [], outs) == [o.path for o in outs]
     with pytest.raises(private_remote.PrivateRemoteError, match="'generate' is not an output routed"):
         private_remote.select_targets(root, ["generate"], outs)  # lives in gen/dvc.yaml, not ./dvc.yaml
+
+
+SHARD_PIPELINE = """\
+stages:
+  render:
+    cmd: python make_shards.py
+    deps:
+      - make_shards.py
+    outs:
+      - images:
+          remote: private
+      - manifest.tsv:
+          remote: private
+"""
+
+# Writes shards the way generate does (medicsynth.shards.ShardWriter), and a manifest of references.
+MAKE_SHARDS = """\
+from pathlib import Path
+from medicsynth.manifest import member_ref
+from medicsynth.shards import shard_keys, write_shards
+
+paths = write_shards([(f"img_{i:03d}", {"jpg": bytes([i]) * (100 + i)}) for i in range(7)], "images",
+                     "synthetic", per_shard=3)
+Path("manifest.tsv").write_text("file\\n" + "".join(member_ref(p, f"{k}.jpg") + "\\n"
+                                                    for p in paths for k in shard_keys(p)))
+"""
+
+
+@pytest.mark.e2e
+def test_private_push_and_pull_of_a_shard_output(remotes, s3):
+    """A stage output of tar shards is an ordinary DVC directory: one object per shard goes to
+    the private bucket, and after a wipe the private pull restores shards every reference reads."""
+    from medicsynth.shards import read_image_bytes
+
+    repo, public, private = remotes
+    repo.write("dvc.yaml", SHARD_PIPELINE)
+    repo.write("make_shards.py", MAKE_SHARDS)
+    repo.dvc("repro", "-q")
+    shards_before = sorted(p.name for p in (repo.root / "images").iterdir())
+    assert shards_before == ["synthetic-000000.tar", "synthetic-000001.tar", "synthetic-000002.tar"]
+    before = _digests(repo.root, ["images", "manifest.tsv"])
+    _local_credentials(repo, "private")
+    _accept(repo.root)
+
+    pushed = repo.cli("push")
+    assert pushed.returncode == 0, pushed.stderr
+    shard_md5s = {hashlib.md5((repo.root / "images" / n).read_bytes()).hexdigest() for n in shards_before}
+    assert shard_md5s <= s3.md5s(private) and s3.md5s(public) == set()
+
+    repo.wipe("images", "manifest.tsv")
+    pulled = repo.cli("pull", "render")
+    assert pulled.returncode == 0, pulled.stderr
+    assert _digests(repo.root, ["images", "manifest.tsv"]) == before
+    refs = (repo.root / "manifest.tsv").read_text().split("\n")[1:-1]
+    assert [read_image_bytes(repo.root / r) for r in refs] == [bytes([i]) * (100 + i) for i in range(7)]

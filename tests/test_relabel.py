@@ -319,7 +319,8 @@ def prepared(tmp_path_factory) -> Path:
     """A working directory after stages/prepare.py on a tiny demo (copied by each stage test)."""
     root = tmp_path_factory.mktemp("prepared")
     shutil.copytree(REPO / "prompts", root / "prompts")  # the classification prompts are read from cwd
-    (root / "params.yaml").write_text(yaml.safe_dump({"data": {"source": "demo", "demo": DEMO}}))
+    (root / "params.yaml").write_text(yaml.safe_dump({"data": {"source": "demo", "demo": DEMO},
+                                                     "storage": {"layout": "auto", "per_shard": 1000}}))
     run_stage("prepare", root)
     return root
 

@@ -206,13 +206,17 @@ def test_a_function_level_import_counts(tmp_path):
 
 
 def test_a_directory_dep_covers_a_subpackage_but_not_what_it_imports(tmp_path):
-    # medicsynth.llm imports medicsynth.images and medicsynth.labels, outside the llm directory.
+    # medicsynth.llm imports medicsynth.images, labels and shards (image bytes of a file or a
+    # shard member), and shards imports manifest and params, all outside the llm directory.
     root = _toy_project(tmp_path, "import medicsynth.llm\n", ["medicsynth/llm"])
-    assert undeclared_deps(root) == ["toy: medicsynth/images.py", "toy: medicsynth/labels.py"]
+    assert undeclared_deps(root) == ["toy: medicsynth/images.py", "toy: medicsynth/labels.py",
+                                     "toy: medicsynth/manifest.py", "toy: medicsynth/params.py",
+                                     "toy: medicsynth/shards.py"]
 
 
 def test_a_complete_deps_list_passes(tmp_path):
-    deps = ["medicsynth/llm", "medicsynth/images.py", "medicsynth/labels.py"]
+    deps = ["medicsynth/llm", "medicsynth/images.py", "medicsynth/labels.py", "medicsynth/manifest.py",
+            "medicsynth/params.py", "medicsynth/shards.py"]
     root = _toy_project(tmp_path, "import medicsynth.llm\n", deps)
     assert undeclared_deps(root) == []
 

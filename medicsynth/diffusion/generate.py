@@ -18,6 +18,18 @@ a ``seed``, four intended labels and a caption. :func:`generate_plan` renders th
 - **Blank detection.** The per-image standard deviation of the uint8 output is computed on the
   device; images below ``blank_std`` (black safety-checker replacements, NaN decodes, flat
   colour collapses) are kept on disk but flagged ``blank_flag=1`` in the manifest and counted.
+- **Shards.** With ``per_shard`` set (``storage.layout: shards``) the images end up in WebDataset
+  tar shards ``{images_dir}/synthetic-NNNNNN.tar`` (members ``{id}.jpg``, the same JPEG bytes
+  as the files layout, and ``{id}.json``, the stamp) in plan order, and the manifest's ``file``
+  is ``<shard>#{id}.jpg``. Rendering is unchanged: each image first lands, stamped, in
+  ``{images_dir}/.render/{id}.jpg`` (one file per image, so a kill loses at most the batch in
+  flight and processes never share a file); the main process then appends them to the shards
+  with :class:`medicsynth.shards.ShardWriter` (:func:`pack_shards`) and removes the rendered
+  files only once the shards hold them. An image is skipped when its stamp (in the shard's
+  ``.json`` member, or the rendered file) matches. Shard membership depends only on the plan
+  order, so a run killed anywhere and resumed gives byte-identical shards; a plan change that
+  is not an append (ids removed or reordered, a stale image) rebuilds the set from the images
+  still valid.
 - **Scale-out.** Under ``accelerate launch`` every process computes the same to-do list, takes
   its share with ``PartialState().split_between_processes`` and writes its own images; the main
   process writes the manifest after ``wait_for_everyone`` from the files themselves, so a
@@ -45,6 +57,7 @@ import hashlib
 import io
 import json
 import re
+import shutil
 import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -64,7 +77,9 @@ from medicsynth.diffusion.families import Family, detect_family, native_size
 from medicsynth.diffusion.tiny import label_prompt, read_meta
 from medicsynth.io import atomic_path
 from medicsynth.labels import TASKS, LabelError, validate_label
+from medicsynth.manifest import member_ref
 from medicsynth.params import build_config
+from medicsynth.shards import ShardWriter, iter_shard, open_image, read_image_bytes, shard_keys, shard_paths
 
 DEMO_MODEL_DIR = "models/diffusion/demo"
 PLAN_COLUMNS: tuple[str, ...] = ("id", "seed", *TASKS, "caption", "negative_prompt")
@@ -650,10 +665,13 @@ def provenance_key(record: dict) -> str:
     return hashlib.sha256(json.dumps(record, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def read_stamp(path: Path) -> dict | None:
-    """The provenance stamp in a JPEG's comment, or ``None`` if absent/unreadable/corrupt."""
+def read_stamp(path: Path | str) -> dict | None:
+    """The provenance stamp in a JPEG's comment, or ``None`` if absent/unreadable/corrupt.
+
+    ``path`` is a file or a shard reference (:func:`medicsynth.shards.open_image`).
+    """
     try:
-        with Image.open(path) as im:
+        with open_image(path) as im:
             comment = im.info.get("comment")
         if not comment:
             return None
@@ -695,8 +713,12 @@ class PlanStatus:
 
 def plan_jobs(plan: pd.DataFrame, images_dir: Path, opts: GenerateOptions, ref: ModelRef, lora_fp: str,
               source: str, width: int, height: int, plan_path: str = "<plan>",
-              family: Family | None = None) -> PlanStatus:
+              family: Family | None = None, shards: bool = False) -> PlanStatus:
     """Decide for each planned image its prompt, provenance key and whether it must be rendered.
+
+    ``shards``: the images live in shards in ``images_dir`` (see the module doc): a job renders
+    to ``images_dir/.render/{id}.jpg`` and is done when that file's stamp, or the stamp of its
+    sample in the shards, matches.
 
     Rows with nothing to render (an empty caption when prompting by caption) are quarantined and
     reported instead of producing an unconditioned image. For a ``family`` without negative
@@ -705,6 +727,8 @@ def plan_jobs(plan: pd.DataFrame, images_dir: Path, opts: GenerateOptions, ref: 
     takes_negative = family is None or family.negative_prompt
     jobs, todo, quarantined = [], [], []
     skipped = stale = 0
+    in_shards = shard_stamps(images_dir) if shards else {}
+    out_dir = images_dir / RENDER_DIR if shards else images_dir
     for i, row in enumerate(plan.to_dict("records")):
         if source == "labels":
             prompt, negative = label_prompt(row), ""  # the demo text encoder knows only label words
@@ -715,9 +739,14 @@ def plan_jobs(plan: pd.DataFrame, images_dir: Path, opts: GenerateOptions, ref: 
                 quarantined.append({"id": row["id"], "line": i + 2, "file": plan_path, "reason": "empty caption"})
                 continue
         record = provenance_record(row, prompt, negative, opts, ref, lora_fp, width, height, family)
-        job = Job(row["id"], int(row["seed"]), prompt, negative, provenance_key(record), images_dir / f"{row['id']}.jpg", row)
+        job = Job(row["id"], int(row["seed"]), prompt, negative, provenance_key(record), out_dir / f"{row['id']}.jpg", row)
         jobs.append(job)
-        if job.path.exists():
+        if shards and job.id in in_shards and not job.path.exists():
+            if (in_shards[job.id] or {}).get("key") == job.key:
+                skipped += 1
+                continue
+            stale += 1
+        elif job.path.exists():
             stamp = read_stamp(job.path)
             if stamp is not None and stamp.get("key") == job.key:
                 skipped += 1
@@ -788,19 +817,99 @@ def render_jobs(renderer: Renderer, jobs: Sequence[Job], model_name: str, opts: 
     return stats
 
 
-def build_manifest(status: PlanStatus, images_dir: Path, opts: GenerateOptions, width: int, height: int) -> pd.DataFrame:
+RENDER_DIR = ".render"  # where shard-layout images wait, one stamped file each, until packed
+SHARD_PREFIX = "synthetic"
+
+
+def shard_stamps(images_dir: Path) -> dict[str, dict | None]:
+    """``{id: stamp}`` of every sample in the synthetic shards of ``images_dir`` (``None``: no
+    readable stamp). Reads the small ``.json`` members only."""
+    out: dict[str, dict | None] = {}
+    for path in shard_paths(images_dir, SHARD_PREFIX):
+        for key in shard_keys(path):
+            try:
+                stamp = json.loads(read_image_bytes(member_ref(path, f"{key}.json")))
+            except (OSError, ValueError):
+                stamp = None
+            out[key] = stamp if isinstance(stamp, dict) and "key" in stamp else None
+    return out
+
+
+def pack_shards(jobs: Sequence[Job], images_dir: Path, per_shard: int) -> dict[str, str]:
+    """Put the images of ``jobs`` (rendered, in plan order) into the shards of ``images_dir``.
+
+    Appends when the shards already hold a valid prefix of ``jobs`` (the usual resume, or a plan
+    that grew); otherwise rebuilds the set: the samples still valid are first copied back to
+    ``.render/`` (atomically), then the shards are removed last to first (never leaving a gap),
+    then the set is written afresh. Rendered files are removed only after the writer closed,
+    so a kill at any point loses no image. Returns ``{id: file reference of its JPEG}``.
+    Raises :class:`GenerateError` naming the id when an image is in neither place.
+    """
+    render = images_dir / RENDER_DIR
+    staging = images_dir / f".staging-{SHARD_PREFIX}"
+    if staging.is_dir():
+        # The writer's staged samples of a killed pack are all still in .render/ (removed only
+        # after close), so dropping them loses nothing and keeps the add order = plan order.
+        shutil.rmtree(staging)
+    by_id = {j.id: j for j in jobs}
+    finished = shard_paths(images_dir, SHARD_PREFIX)
+    stamps = shard_stamps(images_dir)
+    held = [k for p in finished for k in shard_keys(p)]
+
+    def valid(key: str) -> bool:
+        job = by_id.get(key)
+        if job is None or (stamps.get(key) or {}).get("key") != job.key:
+            return False
+        fresh = read_stamp(job.path) if job.path.exists() else None
+        return fresh is None or fresh.get("key") == job.key
+
+    if held != [j.id for j in jobs[: len(held)]] or not all(valid(k) for k in held):
+        render.mkdir(parents=True, exist_ok=True)
+        for path in finished:
+            for key, fields in iter_shard(path):
+                if valid(key) and not by_id[key].path.exists():
+                    with atomic_path(by_id[key].path) as tmp:
+                        tmp.write_bytes(fields["jpg"])
+        for path in reversed(finished):
+            path.unlink()
+    with ShardWriter(images_dir, SHARD_PREFIX, per_shard) as writer:
+        for job in jobs:
+            if job.id in writer:
+                continue
+            stamp = read_stamp(job.path) if job.path.exists() else None
+            if stamp is None or stamp.get("key") != job.key:
+                raise GenerateError(f"{job.path}: planned image {job.id} is neither in the shards of {images_dir} "
+                                    "nor rendered with its provenance; rerun generate")
+            writer.add(job.id, {"jpg": job.path.read_bytes(), "json": json.dumps(stamp, sort_keys=True).encode()})
+    refs = {k: member_ref(p, f"{k}.jpg") for p in shard_paths(images_dir, SHARD_PREFIX) for k in shard_keys(p)}
+    for job in jobs:
+        if job.id in refs:
+            job.path.unlink(missing_ok=True)
+    if render.is_dir() and not any(render.iterdir()):
+        render.rmdir()
+    return refs
+
+
+def build_manifest(status: PlanStatus, images_dir: Path, opts: GenerateOptions, width: int, height: int,
+                   refs: dict[str, str] | None = None) -> pd.DataFrame:
     """Manifest rows for every planned image, read back from the files' stamps.
+
+    ``refs`` (shard layout, from :func:`pack_shards`): ``{id: shard reference}``; the rows' ``file``
+    and ``image_path`` are those references and the stamps are read from the shards.
 
     Raises :class:`GenerateError` listing ids whose image is missing or carries another
     provenance — after a complete run that cannot happen, so it means lost work, not a skip.
     """
     rows, problems = [], []
     for job in status.jobs:
-        stamp = read_stamp(job.path) if job.path.exists() else None
+        if refs is not None:
+            stamp = read_stamp(refs[job.id]) if job.id in refs else None
+        else:
+            stamp = read_stamp(job.path) if job.path.exists() else None
         if stamp is None or stamp.get("key") != job.key:
             problems.append(job.id)
             continue
-        path = job.path.as_posix()
+        path = refs[job.id] if refs is not None else job.path.as_posix()
         rows.append({
             "image_id": "synthetic", "event_name": "synthetic", "image_path": path,
             **{t: job.row[t] for t in TASKS},
@@ -843,8 +952,12 @@ def generate_plan(
     progress: bool = True,
     renderer_hook: Callable[[Renderer], Renderer] | None = None,
     prices: dict | None = None,
+    per_shard: int | None = None,
 ) -> dict:
     """Render ``plan_path`` into ``images_dir`` and write the manifest; return the metrics dict.
+
+    ``per_shard``: ``None`` writes one JPEG per image (``storage.layout: files``); an integer
+    writes shards of that many images (``shards``, see the module doc).
 
     ``prices`` (``llm.prices``) is used by the hosted backend only: its cost estimate and
     ``generate.hosted.budget_usd``.
@@ -856,7 +969,8 @@ def generate_plan(
     if opts.backend == "openai":
         from medicsynth.diffusion.hosted import generate_hosted
 
-        return generate_hosted(plan_path, images_dir, manifest_path, opts, progress=progress, prices=prices)
+        return generate_hosted(plan_path, images_dir, manifest_path, opts, progress=progress, prices=prices,
+                               per_shard=per_shard)
     if opts.backend != "diffusers":
         raise GenerateError(f"generate.backend must be diffusers or openai, got {opts.backend!r}")
     from accelerate import PartialState
@@ -879,7 +993,8 @@ def generate_plan(
 
     # Model size must be known before deciding what is stale, so read it from the configs.
     width, height = _native_size(ref.path, opts, family)
-    status = plan_jobs(plan, images_dir, opts, ref, lora_fp, source, width, height, str(plan_path), family)
+    status = plan_jobs(plan, images_dir, opts, ref, lora_fp, source, width, height, str(plan_path), family,
+                       shards=per_shard is not None)
     # Every process has read the same files; none may write before all have decided.
     state.wait_for_everyone()
 
@@ -909,13 +1024,15 @@ def generate_plan(
         "options": {**{k: v for k, v in asdict(opts).items()}, "resolved": res.describe(), "width": width, "height": height},
     }
     if state.is_main_process:
-        manifest = build_manifest(status, images_dir, opts, width, height)
+        refs = pack_shards(status.jobs, images_dir, per_shard) if per_shard is not None else None
+        manifest = build_manifest(status, images_dir, opts, width, height, refs)
         from medicsynth.manifest import write_manifest
 
         write_manifest(manifest, manifest_path)
         planned_names = {j.path.name for j in status.jobs}
         metrics["blank_flagged"] = int(manifest["blank_flag"].sum())
         metrics["nsfw_flagged"] = int(manifest["nsfw_flag"].sum())
+        # Shards hold exactly the plan (pack_shards drops the rest); files may outlive a plan change.
         metrics["stale_files_not_in_plan"] = sum(1 for p in images_dir.glob("*.jpg") if p.name not in planned_names)
         render_seconds = max((s["seconds"] for s in all_stats), default=0.0)
         metrics["seconds_render"] = round(render_seconds, 2)

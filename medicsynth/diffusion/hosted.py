@@ -313,7 +313,8 @@ def check_hosted_budget(estimate: dict, cfg: HostedConfig) -> None:
 
 
 def generate_hosted(plan_path: str | Path, images_dir: str | Path, manifest_path: str | Path, opts,
-                    *, client=None, progress: bool = True, prices: dict | None = None) -> dict:
+                    *, client=None, progress: bool = True, prices: dict | None = None,
+                    per_shard: int | None = None) -> dict:
     """The generate stage with ``backend: openai``: render the plan, write manifest, return metrics.
 
     ``opts`` is the stage's :class:`~medicsynth.diffusion.generate.GenerateOptions` (``hosted``
@@ -322,8 +323,10 @@ def generate_hosted(plan_path: str | Path, images_dir: str | Path, manifest_path
     recorded as such). ``client`` replaces the SDK client (tests). The manifest lists the images
     present with a matching stamp; the metrics count what is missing and why. ``prices`` is
     ``llm.prices`` (its ``images`` table prices the estimate; ``budget_usd`` caps it).
+    ``per_shard``: as in :func:`~medicsynth.diffusion.generate.generate_plan` (``None`` = files).
     """
-    from medicsynth.diffusion.generate import GenerateError, ModelRef, PlanStatus, build_manifest, plan_jobs, read_plan
+    from medicsynth.diffusion.generate import (GenerateError, ModelRef, PlanStatus, build_manifest, pack_shards,
+                                               plan_jobs, read_plan, shard_stamps)
     from medicsynth.manifest import write_manifest
 
     t0 = time.perf_counter()
@@ -338,7 +341,8 @@ def generate_hosted(plan_path: str | Path, images_dir: str | Path, manifest_path
     from medicsynth.diffusion.families import FAMILIES, Family
 
     no_negative = Family(**{**FAMILIES["generic"].__dict__, "name": "hosted", "negative_prompt": False})
-    status = plan_jobs(plan, images_dir, opts, ref, "", source, width, height, str(plan_path), no_negative)
+    status = plan_jobs(plan, images_dir, opts, ref, "", source, width, height, str(plan_path), no_negative,
+                       shards=per_shard is not None)
     images_dir.mkdir(parents=True, exist_ok=True)
     stats = HostedStats()
     cost = None
@@ -354,10 +358,12 @@ def generate_hosted(plan_path: str | Path, images_dir: str | Path, manifest_path
             cost["paid_calls"] = stats.calls
             cost["usd"] = None if per is None else round(stats.calls * per, 6)
     failed = set(stats.failed_ids)
-    present = [j for j in status.jobs if j.path.exists()]
+    in_shards = shard_stamps(images_dir) if per_shard is not None else {}
+    present = [j for j in status.jobs if j.path.exists() or (in_shards.get(j.id) or {}).get("key") == j.key]
     kept = PlanStatus(jobs=[j for j in present if j.id not in failed], todo=[], skipped=status.skipped, stale=status.stale)
     try:
-        manifest = build_manifest(kept, images_dir, opts, width, height)
+        refs = pack_shards(kept.jobs, images_dir, per_shard) if per_shard is not None else None
+        manifest = build_manifest(kept, images_dir, opts, width, height, refs)
     except GenerateError as exc:  # a stale file left by an earlier run whose call failed now
         raise GenerateError(f"{exc} (hosted backend: rerun to fetch them, or raise generate.hosted.max_calls)") from None
     manifest["model"], manifest["provenance"] = cfg.fingerprint(), f"generate:{cfg.fingerprint()}"

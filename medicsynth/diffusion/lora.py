@@ -42,7 +42,6 @@ from typing import Callable, Sequence
 import pandas as pd
 import torch
 import torch.nn.functional as F
-from PIL import Image
 
 from medicsynth.devices import choose_device
 from medicsynth.diffusion.families import Family, detect_family
@@ -58,7 +57,9 @@ from medicsynth.diffusion.train import (
     prepare_lora,
     train_lora,
 )
+from medicsynth.manifest import resolve_file
 from medicsynth.params import build_config, require
+from medicsynth.shards import open_image
 
 #: adapt.lora keys used only by the flow families (the rest are LoraTrainConfig fields).
 FLOW_KEYS = ("guidance", "weighting_scheme", "max_sequence_length")
@@ -287,8 +288,7 @@ class _SizedImageFiles(_ImageFiles):
     def __getitem__(self, i: int):
         pixels, prompt = super().__getitem__(i)  # a broken file fails here, its path named
         f = self.files[i]
-        path = Path(f) if Path(f).is_absolute() else self.root / f
-        with Image.open(path) as im:  # the header only: the size before any resize
+        with open_image(resolve_file(f, self.root)) as im:  # the header only: the size before any resize
             width, height = im.size
         top, left = crop_geometry(width, height, self.resolution)
         time_ids = torch.tensor([height, width, top, left, self.resolution, self.resolution], dtype=torch.int64)

@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import shutil
 import tempfile
 import time
@@ -46,7 +45,9 @@ from PIL import Image
 from tqdm import tqdm
 
 from medicsynth.diffusion.tiny import TinyConfig, build_pipeline, count_parameters, save_pipeline
+from medicsynth.manifest import resolve_file
 from medicsynth.params import build_config
+from medicsynth.shards import open_image
 
 
 @dataclass
@@ -288,9 +289,9 @@ def load_images(files: Sequence[str], size: int, root: str | Path = ".") -> torc
     """
     out = torch.empty((len(files), 3, size, size), dtype=torch.uint8)
     for i, f in enumerate(tqdm(files, desc="adapt load images", leave=False, disable=len(files) < 500)):
-        path = Path(f) if os.path.isabs(f) else Path(root) / f
+        path = resolve_file(f, root)
         try:
-            with Image.open(path) as im:
+            with open_image(path) as im:  # a file or a shard member
                 im = im.convert("RGB")
                 if im.size != (size, size):
                     im = im.resize((size, size), Image.Resampling.BICUBIC)
@@ -523,9 +524,9 @@ class _ImageFiles(torch.utils.data.Dataset):
 
     def __getitem__(self, i: int):
         f = self.files[i]
-        path = Path(f) if os.path.isabs(f) else self.root / f
+        path = resolve_file(f, self.root)
         try:
-            with Image.open(path) as im:
+            with open_image(path) as im:  # a file or a shard member
                 im = im.convert("RGB")
                 scale = self.resolution / min(im.size)
                 im = im.resize((max(self.resolution, round(im.width * scale)), max(self.resolution, round(im.height * scale))),

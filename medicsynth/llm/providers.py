@@ -57,6 +57,7 @@ from PIL import Image, ImageOps, UnidentifiedImageError
 from medicsynth.images import to_rgb
 from medicsynth.llm.cache import RawResponse
 from medicsynth.llm.transport import DeadlineTransport, attempt_deadline, proxy_configured
+from medicsynth.shards import read_image_bytes
 
 PROVIDERS: tuple[str, ...] = ("openai", "anthropic")
 API_KEY_ENV: dict[str, str] = {"openai": "OPENAI_API_KEY", "anthropic": "ANTHROPIC_API_KEY"}
@@ -136,7 +137,7 @@ def encode_image(path: str | Path, max_side: int = 768, jpeg_quality: int = 90) 
         raise ValueError(f"image_max_side must be >= 16, got {max_side}")
     path = Path(path)
     try:
-        raw = path.read_bytes()
+        raw = read_image_bytes(path)  # a file, or a shard member (<shard>.tar#<member>)
     except OSError as exc:
         raise ImageError(f"{path}: cannot read: {exc.strerror or exc}") from None
     try:
