@@ -13,6 +13,15 @@ would choose AVX-512).
 so every such machine runs the same code path. It only sets variables the user has not set, and
 it must run before the libraries initialise (they read the variables on first use), which is why
 ``medicsynth/__init__.py`` calls it on import. GPU kernels are unaffected.
+
+What the cap does not give: identical bits across processor *vendors*. The same code, data and
+params on a 2-core Intel Xeon (AVX-512) gave a different demo model than on the 2-core AMD
+EPYC (both capped at AVX2; measured 2026-12-02): MKL's AVX2 branch and oneDNN's kernel blocking
+are chosen per vendor and cache size. ``MKL_CBWR=COMPATIBLE`` (MKL's vendor-neutral SSE2 branch)
+with oneDNN switched off (``torch.backends.mkldnn.enabled = False``) takes both choices away, at
++47% time per demo training on the Intel machine; it was not checked on a second vendor, so it
+is not the default. A ``dvc.lock`` therefore reproduces on machines of the vendor and CPU family
+that wrote it (README, "Reproducible results").
 """
 
 from __future__ import annotations

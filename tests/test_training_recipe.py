@@ -47,8 +47,24 @@ TINY = {"epochs": 3, "batch_size": 16, "resize": 16, "crop": 12, "loader": "torc
 #: hard-wired) and its params.yaml, whose class_weighting was none (since then sqrt_inverse: the
 #: test pins none, so it checks the code path, not today's params). Another deliberate change of
 #: params.yaml's train defaults changes them: re-record them then, and say why in the commit.
-RECORDED_DEFAULT_SHA = "eaabf7b3c57acbc81071609a737aead7aefa499415f8ea270ec77e2b50945139"
-RECORDED_HISTORY_SHA = "088de09a192923692efa91a1c94d5a6e331fd2a1e0cdafefa285df025d23598f"
+#: Per CPU vendor: the bits differ between an AMD EPYC and an Intel Xeon even with the AVX2 cap
+#: (medicsynth/numerics.py), so each vendor has its own record (AMD: recorded as described; Intel:
+#: recorded 2026-12-02 from the same code, whose equality with the old loop was shown on AMD).
+RECORDED = {
+    "AuthenticAMD": ("eaabf7b3c57acbc81071609a737aead7aefa499415f8ea270ec77e2b50945139",
+                     "088de09a192923692efa91a1c94d5a6e331fd2a1e0cdafefa285df025d23598f"),
+    "GenuineIntel": ("119359bcb040ee1954fc12023a200d4c418258e226f8af4522087c7889d00617",
+                     "2f2b769797ec829f3e8a3e8a4756fb5eb3d666bdb9e9459c4cb02d1a77080af3"),
+}
+
+
+def cpu_vendor() -> str:
+    """``vendor_id`` of /proc/cpuinfo (``""`` where there is none)."""
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return ""
+    return next((line.split(":", 1)[1].strip() for line in text.splitlines() if line.startswith("vendor_id")), "")
 
 
 def tiny_set(root: Path, n_train: int = 48, n_dev: int = 24, seed: int = 0):
@@ -313,10 +329,14 @@ def test_default_recipe_reproduces_the_recorded_weights_and_is_deterministic(dat
     second = run(data, config(class_weighting="none"))
     assert state_sha(first.model) == state_sha(second.model)
     assert first.history == second.history
-    assert state_sha(first.model) == RECORDED_DEFAULT_SHA, (
+    vendor = cpu_vendor()
+    if vendor not in RECORDED:
+        pytest.skip(f"no weights recorded for CPU vendor {vendor!r} (the bits are per vendor; record them here)")
+    model_sha, history_sha = RECORDED[vendor]
+    assert state_sha(first.model) == model_sha, (
         "the default recipe no longer reproduces the weights recorded before the recipe became params")
-    history_sha = hashlib.sha256(json.dumps(first.history, sort_keys=True).encode()).hexdigest()
-    assert history_sha == RECORDED_HISTORY_SHA  # every epoch's loss, learning rate and dev scores
+    # every epoch's loss, learning rate and dev scores
+    assert hashlib.sha256(json.dumps(first.history, sort_keys=True).encode()).hexdigest() == history_sha
 
 
 def test_replace_keeps_validation():
