@@ -77,7 +77,7 @@ def fingerprint(steps: int, threads: int, portable: bool) -> dict:
     for key, value in model.state_dict().items():
         digest.update(key.encode())
         digest.update(value.detach().contiguous().numpy().tobytes())
-    return {"sha256": digest.hexdigest(), "loss": float(loss)}
+    return {"sha256": digest.hexdigest(), "loss": float(loss.detach())}
 
 
 def main() -> None:
