@@ -400,15 +400,24 @@ def read_image_bytes(file: str | Path, where: str = "") -> bytes:
     return data
 
 
-def image_ref_exists(file: str | Path) -> bool:
-    """True when :func:`read_image_bytes` would find ``file`` (the file, or the shard and member)."""
+def missing_image(file: str | Path) -> str | None:
+    """Why :func:`read_image_bytes` would not find ``file``, or ``None`` when it would.
+
+    The reason names the missing file, the missing shard, or the shard and the missing member.
+    """
     shard, member = split_ref(os.fspath(file))
     if member is None:
-        return os.path.isfile(shard)
+        return None if os.path.isfile(shard) else f"image file {shard} does not exist"
     try:
-        return member in shard_index(shard)
+        index = shard_index(shard)
     except ImageRefError:
-        return False
+        return f"shard {shard} does not exist"
+    return None if member in index else f"shard {shard} has no member {member!r}"
+
+
+def image_ref_exists(file: str | Path) -> bool:
+    """True when :func:`read_image_bytes` would find ``file`` (the file, or the shard and member)."""
+    return missing_image(file) is None
 
 
 def check_images(files: Sequence[str], manifest: str | Path, root: str | Path = ".") -> None:
@@ -416,15 +425,10 @@ def check_images(files: Sequence[str], manifest: str | Path, root: str | Path = 
     row order) that cannot be read: the message names ``manifest``, the row (header = line 1),
     the reference, and the missing file, shard or member. Reads tar headers, not images."""
     for i, file in enumerate(files):
-        path = resolve_file(file, root)
-        if image_ref_exists(path):
-            continue
-        shard, member = split_ref(path)
-        what = (f"image file {shard} does not exist" if member is None else
-                f"shard {shard} does not exist" if not os.path.isfile(shard) else
-                f"shard {shard} has no member {member!r}")
-        raise ImageRefError(f"{manifest}: row {i + 2}: file {file!r}: {what}; rerun the stage that wrote it "
-                            "(dvc repro) or pull it (make pull-private)")
+        what = missing_image(resolve_file(file, root))
+        if what is not None:
+            raise ImageRefError(f"{manifest}: row {i + 2}: file {file!r}: {what}; rerun the stage that wrote it "
+                                "(dvc repro) or pull it (make pull-private)")
 
 
 def open_image(file: str | Path, where: str = ""):
@@ -489,6 +493,11 @@ def pack_files(items: Sequence[tuple[str, str | Path]], out_dir: str | Path, pre
         for key, path in items:
             if key not in writer:
                 writer.add(key, {field: Path(path).read_bytes()})
+    return shard_refs(out_dir, prefix, field)
+
+
+def shard_refs(out_dir: str | Path, prefix: str, field: str = "jpg") -> dict[str, str]:
+    """``{key: file reference of its field member}`` for every sample of shard set ``prefix``."""
     return {k: member_ref(p, f"{k}.{field}") for p in shard_paths(out_dir, prefix) for k in shard_keys(p)}
 
 

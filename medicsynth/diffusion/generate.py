@@ -79,7 +79,7 @@ from medicsynth.io import atomic_path
 from medicsynth.labels import TASKS, LabelError, validate_label
 from medicsynth.manifest import member_ref
 from medicsynth.params import build_config
-from medicsynth.shards import ShardWriter, iter_shard, open_image, read_image_bytes, shard_keys, shard_paths
+from medicsynth.shards import ShardWriter, iter_shard, open_image, read_image_bytes, shard_keys, shard_paths, shard_refs
 
 DEMO_MODEL_DIR = "models/diffusion/demo"
 PLAN_COLUMNS: tuple[str, ...] = ("id", "seed", *TASKS, "caption", "negative_prompt")
@@ -709,6 +709,9 @@ class PlanStatus:
     skipped: int
     stale: int
     quarantined: list[dict] = field(default_factory=list)
+    # Shard layout: {id: stamp} of the samples already in the shards (:func:`shard_stamps`), read
+    # once by plan_jobs; rendering only writes .render/, so it still holds when the shards are packed.
+    in_shards: dict[str, dict | None] = field(default_factory=dict)
 
 
 def plan_jobs(plan: pd.DataFrame, images_dir: Path, opts: GenerateOptions, ref: ModelRef, lora_fp: str,
@@ -753,7 +756,7 @@ def plan_jobs(plan: pd.DataFrame, images_dir: Path, opts: GenerateOptions, ref: 
                 continue
             stale += 1
         todo.append(job)
-    return PlanStatus(jobs, todo, skipped, stale, quarantined)
+    return PlanStatus(jobs, todo, skipped, stale, quarantined, in_shards)
 
 
 @dataclass
@@ -835,8 +838,12 @@ def shard_stamps(images_dir: Path) -> dict[str, dict | None]:
     return out
 
 
-def pack_shards(jobs: Sequence[Job], images_dir: Path, per_shard: int) -> dict[str, str]:
+def pack_shards(jobs: Sequence[Job], images_dir: Path, per_shard: int,
+                stamps: dict[str, dict | None]) -> dict[str, str]:
     """Put the images of ``jobs`` (rendered, in plan order) into the shards of ``images_dir``.
+
+    ``stamps``: :func:`shard_stamps` of ``images_dir`` as the shards are now
+    (:attr:`PlanStatus.in_shards`).
 
     Appends when the shards already hold a valid prefix of ``jobs`` (the usual resume, or a plan
     that grew); otherwise rebuilds the set: the samples still valid are first copied back to
@@ -853,7 +860,6 @@ def pack_shards(jobs: Sequence[Job], images_dir: Path, per_shard: int) -> dict[s
         shutil.rmtree(staging)
     by_id = {j.id: j for j in jobs}
     finished = shard_paths(images_dir, SHARD_PREFIX)
-    stamps = shard_stamps(images_dir)
     held = [k for p in finished for k in shard_keys(p)]
 
     def valid(key: str) -> bool:
@@ -881,7 +887,7 @@ def pack_shards(jobs: Sequence[Job], images_dir: Path, per_shard: int) -> dict[s
                 raise GenerateError(f"{job.path}: planned image {job.id} is neither in the shards of {images_dir} "
                                     "nor rendered with its provenance; rerun generate")
             writer.add(job.id, {"jpg": job.path.read_bytes(), "json": json.dumps(stamp, sort_keys=True).encode()})
-    refs = {k: member_ref(p, f"{k}.jpg") for p in shard_paths(images_dir, SHARD_PREFIX) for k in shard_keys(p)}
+    refs = shard_refs(images_dir, SHARD_PREFIX)
     for job in jobs:
         if job.id in refs:
             job.path.unlink(missing_ok=True)
@@ -1024,7 +1030,7 @@ def generate_plan(
         "options": {**{k: v for k, v in asdict(opts).items()}, "resolved": res.describe(), "width": width, "height": height},
     }
     if state.is_main_process:
-        refs = pack_shards(status.jobs, images_dir, per_shard) if per_shard is not None else None
+        refs = pack_shards(status.jobs, images_dir, per_shard, status.in_shards) if per_shard is not None else None
         manifest = build_manifest(status, images_dir, opts, width, height, refs)
         from medicsynth.manifest import write_manifest
 

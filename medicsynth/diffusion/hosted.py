@@ -326,7 +326,7 @@ def generate_hosted(plan_path: str | Path, images_dir: str | Path, manifest_path
     ``per_shard``: as in :func:`~medicsynth.diffusion.generate.generate_plan` (``None`` = files).
     """
     from medicsynth.diffusion.generate import (GenerateError, ModelRef, PlanStatus, build_manifest, pack_shards,
-                                               plan_jobs, read_plan, shard_stamps)
+                                               plan_jobs, read_plan)
     from medicsynth.manifest import write_manifest
 
     t0 = time.perf_counter()
@@ -358,11 +358,11 @@ def generate_hosted(plan_path: str | Path, images_dir: str | Path, manifest_path
             cost["paid_calls"] = stats.calls
             cost["usd"] = None if per is None else round(stats.calls * per, 6)
     failed = set(stats.failed_ids)
-    in_shards = shard_stamps(images_dir) if per_shard is not None else {}
+    in_shards = status.in_shards  # empty in the files layout
     present = [j for j in status.jobs if j.path.exists() or (in_shards.get(j.id) or {}).get("key") == j.key]
     kept = PlanStatus(jobs=[j for j in present if j.id not in failed], todo=[], skipped=status.skipped, stale=status.stale)
     try:
-        refs = pack_shards(kept.jobs, images_dir, per_shard) if per_shard is not None else None
+        refs = pack_shards(kept.jobs, images_dir, per_shard, in_shards) if per_shard is not None else None
         manifest = build_manifest(kept, images_dir, opts, width, height, refs)
     except GenerateError as exc:  # a stale file left by an earlier run whose call failed now
         raise GenerateError(f"{exc} (hosted backend: rerun to fetch them, or raise generate.hosted.max_calls)") from None
