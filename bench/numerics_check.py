@@ -1,22 +1,20 @@
 """Check: do two machines compute the same bits? (CPU numerics across processors and vendors)
 
-The demo pipeline's outputs reproduce byte for byte on one machine whatever its load, but an
-AMD EPYC and an Intel Xeon gave different classifiers for the same commit, although
-``medicsynth/numerics.py`` caps MKL, oneDNN and ATen at AVX2 on both. This script gives a
-fingerprint to compare between machines: it trains the demo classifier (``small_cnn`` + 4 heads:
-oneDNN convolutions, MKL matrix products, ATen reductions) for a few steps on seeded random data
-and prints the sha256 of the weights, once per numerics mode, each in a fresh process (the
-libraries read their variables once):
+Importing ``medicsynth`` pins PyTorch's and NumPy's CPU code paths (``medicsynth/numerics.py``:
+ATen and oneDNN at AVX2, MKL's vendor-neutral ``COMPATIBLE`` branch, OpenBLAS's Haswell kernels,
+oneDNN and NNPACK convolutions off) so that a stage computes the same bytes on an Intel and an AMD
+processor. This script gives a fingerprint to compare between machines: it trains the demo
+classifier (``small_cnn`` + 4 heads: convolutions, matrix products, reductions, AdamW) for a few
+steps on seeded random data and prints the sha256 of the weights, once per numerics mode, each in
+a fresh process (the libraries read their variables once):
 
-- ``default``: what the pipeline runs (medicsynth's AVX2 caps, oneDNN on);
-- ``portable``: ``MKL_CBWR=COMPATIBLE`` (MKL's vendor-neutral branch) and
-  ``torch.backends.mkldnn.enabled = False`` (convolutions through ATen + MKL instead of oneDNN's
-  JIT kernels, whose blocking depends on cache sizes).
+- ``pipeline``: what every stage runs (the settings above);
+- ``fast``: PyTorch's own choices (MKL's ``AUTO`` branch, oneDNN and NNPACK on, ATen still at
+  AVX2), the faster path whose bits depend on the processor's vendor and cache sizes.
 
-Run it on two machines and compare the lines: equal ``default`` hashes mean the committed
-``dvc.lock`` reproduces there; equal ``portable`` hashes where ``default`` differs would make
-``portable`` the way to vendor-neutral results (at +47% per training on the Intel machine,
-docs/PERFORMANCE.md). Recorded results are in docs/PERFORMANCE.md ("Numerics across machines").
+Run it on two machines and compare the lines: equal ``pipeline`` hashes mean a ``dvc.lock``
+written on one reproduces on the other. Recorded results are in docs/PERFORMANCE.md ("Numerics
+across machines").
 
     .venv/bin/python bench/numerics_check.py [--steps 20] [--threads 2]
 """
@@ -30,10 +28,12 @@ import os
 import platform
 import subprocess
 import sys
+import time
 
+#: Extra environment per mode (a variable the user sets wins over medicsynth's pin).
 MODES = {
-    "default": {},
-    "portable": {"MKL_CBWR": "COMPATIBLE"},
+    "pipeline": {},
+    "fast": {"MKL_CBWR": "AUTO"},
 }
 
 
@@ -50,21 +50,23 @@ def cpu_name() -> str:
     return f"{fields.get('vendor_id', '?')} / {fields.get('model name', '?')}"
 
 
-def fingerprint(steps: int, threads: int, portable: bool) -> dict:
+def fingerprint(steps: int, threads: int, fast: bool) -> dict:
     """Train small_cnn for ``steps`` seeded steps; sha256 of its weights (in this process)."""
-    import medicsynth  # noqa: F401 - applies the AVX2 caps before torch initialises
+    import medicsynth  # noqa: F401 - pins the code paths before torch initialises
     import torch
 
     from medicsynth.labels import NUM_CLASSES, TASKS
     from medicsynth.models import build_classifier
 
-    if portable:
-        torch.backends.mkldnn.enabled = False
+    if fast:
+        torch.backends.mkldnn.enabled = True
+        torch.backends.nnpack.set_flags(True)
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = build_classifier("small_cnn", pretrained=False, dropout=0.0)
     opt = torch.optim.AdamW(model.parameters(), lr=1e-3)
     gen = torch.Generator().manual_seed(0)
+    start = time.perf_counter()
     for _ in range(steps):
         x = torch.rand(16, 3, 40, 40, generator=gen)
         ys = {t: torch.randint(0, NUM_CLASSES[t], (16,), generator=gen) for t in TASKS}
@@ -77,7 +79,7 @@ def fingerprint(steps: int, threads: int, portable: bool) -> dict:
     for key, value in model.state_dict().items():
         digest.update(key.encode())
         digest.update(value.detach().contiguous().numpy().tobytes())
-    return {"sha256": digest.hexdigest(), "loss": float(loss.detach())}
+    return {"sha256": digest.hexdigest(), "loss": float(loss.detach()), "seconds": time.perf_counter() - start}
 
 
 def main() -> None:
@@ -87,7 +89,7 @@ def main() -> None:
     ap.add_argument("--mode", choices=sorted(MODES), help=argparse.SUPPRESS)  # one child run
     args = ap.parse_args()
     if args.mode:
-        print(json.dumps(fingerprint(args.steps, args.threads, args.mode == "portable")))
+        print(json.dumps(fingerprint(args.steps, args.threads, args.mode == "fast")))
         return
     print(f"cpu: {cpu_name()}; torch threads: {args.threads}; steps: {args.steps}")
     for mode, extra in MODES.items():
@@ -95,7 +97,7 @@ def main() -> None:
         out = subprocess.run([sys.executable, __file__, "--mode", mode, "--steps", str(args.steps),
                               "--threads", str(args.threads)], env=env, capture_output=True, text=True, check=True)
         result = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"{mode:9s} {result['sha256']}  (final loss {result['loss']:.6f})")
+        print(f"{mode:9s} {result['sha256']}  (final loss {result['loss']:.6f}; {result['seconds']:.2f} s)")
 
 
 if __name__ == "__main__":

@@ -2,13 +2,14 @@
 
 The package holds the domain logic; the DVC stages in ``stages/`` are thin scripts around it.
 
-Importing the package pins the CPU instruction set that PyTorch's CPU libraries may use (see
+Importing the package pins the CPU code paths of PyTorch's and NumPy's CPU libraries (see
 :mod:`medicsynth.numerics`), so that a stage computes the same bytes on any x86-64 machine.
 """
 
-from medicsynth.numerics import bound_openmp_spin, pin_cpu_isa
+from medicsynth.numerics import bound_openmp_spin, install_torch_hook, pin_cpu_isa
 
 pin_cpu_isa()
+install_torch_hook()  # oneDNN and NNPACK off once torch is imported, by whichever module
 bound_openmp_spin()  # speed only: 2 torch threads on a shared 2-core machine (numerics.OPENMP_SPIN)
 
 __version__ = "0.1.0"

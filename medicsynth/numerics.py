@@ -1,44 +1,64 @@
-"""Machine-independent CPU numerics.
+"""Machine- and vendor-independent CPU numerics.
 
-oneDNN (PyTorch's CPU convolutions), MKL (its CPU matrix products) and ATen's own vectorised
-kernels pick their code path from the processor they run on: AVX-512 on one machine, AVX2 on
-another. The paths sum in different orders, so the same training on the same data gives models
-that differ in the last bits, and after a few epochs in early stopping and labels. Measured on
-this project's 2-core AMD EPYC (AVX-512) machine: a 2-epoch demo training gave a different
-``model.pt`` with ``ONEDNN_MAX_CPU_ISA=AVX2`` than without it, while ``MKL_CBWR`` and
-``ATEN_CPU_CAPABILITY`` did not change it there (they do on Intel processors, where MKL and ATen
-would choose AVX-512).
+oneDNN (PyTorch's CPU convolutions), NNPACK (its other convolution backend), MKL (its CPU matrix
+products) and ATen's own vectorised kernels pick their code path from the processor they run on:
+its instruction set, its vendor and its cache sizes. The paths sum in different orders, so the
+same training on the same data gives models that differ in the last bits, and after a few epochs
+in early stopping and labels. Measured on this project's 2-core machines:
 
-:func:`pin_cpu_isa` caps all three at AVX2, which every x86-64 processor of the last decade has,
-so every such machine runs the same code path. It only sets variables the user has not set, and
-it must run before the libraries initialise (they read the variables on first use), which is why
-``medicsynth/__init__.py`` calls it on import. GPU kernels are unaffected.
+- AMD EPYC (AVX-512): a 2-epoch demo training gave a different ``model.pt`` with
+  ``ONEDNN_MAX_CPU_ISA=AVX2`` than without it.
+- AMD EPYC vs Intel Xeon, both capped at AVX2 (2026-12-02): the same commit gave different relabel
+  fold models and classifiers. Two causes, both measured on the AMD machine on 2026-12-03:
+  ``MKL_CBWR=AVX2`` is an Intel-only branch, and on the AMD processor MKL reports that it fell
+  back to ``AUTO`` (``mkl_serv_cbwr_get`` returns 2, not 10: MKL's documented behaviour on
+  non-Intel processors), so MKL ran a vendor-specific path; and oneDNN's convolution kernels
+  choose their blocking from the cache sizes. An earlier "portable" candidate that only switched
+  oneDNN off was no better: PyTorch then convolves with NNPACK, which tiles by cache size and
+  thread count (its fingerprint differed between 1 and 2 threads and between the vendors).
 
-What the cap does not give: identical bits across processor *vendors*. The same code, data and
-params on a 2-core Intel Xeon (AVX-512) gave a different demo model than on the 2-core AMD
-EPYC (both capped at AVX2; measured 2026-12-02): MKL's AVX2 branch and oneDNN's kernel blocking
-are chosen per vendor and cache size. ``MKL_CBWR=COMPATIBLE`` (MKL's vendor-neutral SSE2 branch)
-with oneDNN switched off (``torch.backends.mkldnn.enabled = False``) takes both choices away, at
-+47% time per demo training on the Intel machine; it was not checked on a second vendor, so it
-is not the default. A ``dvc.lock`` therefore reproduces on machines of the vendor and CPU family
-that wrote it (README, "Reproducible results").
+So importing ``medicsynth`` (``__init__.py``) applies, unless the user has set the variable:
+
+- ``ATEN_CPU_CAPABILITY=avx2`` and ``ONEDNN_MAX_CPU_ISA=AVX2``: one instruction set everywhere;
+- ``MKL_CBWR=COMPATIBLE``: MKL's conditional-numerical-reproducibility branch that Intel
+  documents as the one giving the same results on Intel and non-Intel processors (SSE2 without
+  the approximate ``rcpps``/``rsqrtps``; fixed cache sizes, deterministic reductions, static
+  scheduling), for a fixed thread count, which the pipeline's params fix;
+- ``OPENBLAS_CORETYPE=Haswell``: NumPy/SciPy's OpenBLAS picks its kernels per processor model
+  (SkylakeX, Zen...); this fixes one;
+- and, when ``torch`` is imported (:func:`install_torch_hook`), ``torch.backends.mkldnn`` and
+  ``torch.backends.nnpack`` off, so convolutions run ATen's ``slow_conv2d`` (im2col + MKL GEMM),
+  whose order depends only on the shapes and the thread count.
+
+The price is speed on the CPU: 1.8x per demo-classifier step (300 steps, 2 threads, AMD EPYC:
+5.5 s default vs 10.1 s neutral); the demo's epochs and steps are sized for it. GPU kernels are
+unaffected. What is not proven: bit equality on an Intel machine, which had no session with this
+code yet; ``bench/numerics_check.py`` prints the fingerprint to compare (docs/PERFORMANCE.md).
 """
 
 from __future__ import annotations
 
+import ctypes
+import importlib.abc
+import importlib.machinery
 import os
 import platform
+import sys
 
 #: The variables and the values that make the CPU code path the same on every x86-64 machine.
 PORTABLE_CPU_ISA = {
-    "ONEDNN_MAX_CPU_ISA": "AVX2",   # oneDNN convolutions: no AVX-512/AMX paths
-    "MKL_CBWR": "AVX2",             # MKL conditional numerical reproducibility: the AVX2 branch
-    "ATEN_CPU_CAPABILITY": "avx2",  # ATen's vectorised kernels (reductions, elementwise ops)
+    "ONEDNN_MAX_CPU_ISA": "AVX2",    # oneDNN (if a user turns it back on): no AVX-512/AMX paths
+    "MKL_CBWR": "COMPATIBLE",        # MKL: the one branch documented as equal on Intel and AMD
+    "ATEN_CPU_CAPABILITY": "avx2",   # ATen's vectorised kernels (reductions, elementwise ops)
+    "OPENBLAS_CORETYPE": "Haswell",  # NumPy/SciPy's OpenBLAS: one kernel set, not one per model
 }
+
+#: MKL's number for the COMPATIBLE branch (``MKL_CBWR_COMPATIBLE`` in mkl.h).
+MKL_CBWR_COMPATIBLE = 3
 
 
 def pin_cpu_isa(environ: dict[str, str] | None = None) -> dict[str, str]:
-    """Cap the CPU instruction set of PyTorch's CPU libraries at AVX2 (x86-64 only).
+    """Set :data:`PORTABLE_CPU_ISA` (x86-64 only) where the user has not set the variable.
 
     Parameters
     ----------
@@ -49,6 +69,7 @@ def pin_cpu_isa(environ: dict[str, str] | None = None) -> dict[str, str]:
     -------
     The variables this call set (those already set by the user are left as they are; on
     non-x86 processors nothing is set, since these libraries have no such choice there).
+    It must run before the libraries initialise: MKL reads ``MKL_CBWR`` at its first call.
     """
     env = os.environ if environ is None else environ
     if platform.machine().lower() not in {"x86_64", "amd64"}:
@@ -59,6 +80,75 @@ def pin_cpu_isa(environ: dict[str, str] | None = None) -> dict[str, str]:
             env[key] = value
             changed[key] = value
     return changed
+
+
+def neutral_torch_backends(torch_module) -> None:
+    """Switch off PyTorch's cache-size-dependent CPU convolution backends (oneDNN, NNPACK).
+
+    Convolutions then run ATen's ``slow_conv2d``/``slow_conv_transpose2d`` (im2col + MKL GEMM).
+    Idempotent; affects CPU tensors only.
+    """
+    torch_module.backends.mkldnn.enabled = False
+    torch_module.backends.nnpack.set_flags(False)
+
+
+class _ConfigureAfterExec(importlib.abc.Loader):
+    """Wraps torch's loader: runs :func:`neutral_torch_backends` once ``torch`` has initialised."""
+
+    def __init__(self, loader):
+        self._loader = loader
+
+    def create_module(self, spec):
+        return self._loader.create_module(spec)
+
+    def exec_module(self, module):
+        self._loader.exec_module(module)
+        neutral_torch_backends(module)
+
+    def __getattr__(self, name):  # get_resource_reader, is_package ... of the real loader
+        return getattr(self._loader, name)
+
+
+class _TorchImportHook(importlib.abc.MetaPathFinder):
+    """Finds ``torch`` like the rest of ``sys.meta_path`` would, with :class:`_ConfigureAfterExec`."""
+
+    def find_spec(self, name, path=None, target=None):
+        if name != "torch":
+            return None
+        sys.meta_path.remove(self)  # once, and so that the lookup below does not find us again
+        spec = importlib.machinery.PathFinder.find_spec(name, path)
+        if spec is not None and spec.loader is not None:
+            spec.loader = _ConfigureAfterExec(spec.loader)
+        return spec
+
+
+def install_torch_hook() -> None:
+    """Apply :func:`neutral_torch_backends` to ``torch`` now if imported, else when it is.
+
+    Importing torch costs seconds, so the package does not import it for stages that never use
+    it; the hook makes the setting hold whatever module imports torch first.
+    """
+    if "torch" in sys.modules:
+        neutral_torch_backends(sys.modules["torch"])
+    elif not any(isinstance(finder, _TorchImportHook) for finder in sys.meta_path):
+        sys.meta_path.insert(0, _TorchImportHook())
+
+
+def mkl_cbwr_branch() -> int | None:
+    """The CNR branch MKL runs (3 = COMPATIBLE, 2 = AUTO, 1 = off), or None without MKL.
+
+    Asks the MKL inside PyTorch (``mkl_serv_cbwr_get``), which is how a test checks that the
+    variable reached MKL in time: set after MKL's first call, it is ignored.
+    """
+    import torch
+
+    path = os.path.join(os.path.dirname(torch.__file__), "lib", "libtorch_cpu.so")
+    try:
+        get = ctypes.CDLL(path).mkl_serv_cbwr_get
+    except (OSError, AttributeError):
+        return None
+    get.restype, get.argtypes = ctypes.c_int, [ctypes.c_int]
+    return int(get(1))  # 1 = MKL_CBWR_BRANCH
 
 
 #: How long an idle OpenMP thread spins before it sleeps (GNU libgomp, which PyTorch's CPU
