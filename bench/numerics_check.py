@@ -1,20 +1,16 @@
 """Check: do two machines compute the same bits? (CPU numerics across processors and vendors)
 
-Importing ``medicsynth`` pins PyTorch's and NumPy's CPU code paths (``medicsynth/numerics.py``:
-ATen and oneDNN at AVX2, MKL's vendor-neutral ``COMPATIBLE`` branch, OpenBLAS's Haswell kernels,
-oneDNN and NNPACK convolutions off) so that a stage computes the same bytes on an Intel and an AMD
-processor. This script gives a fingerprint to compare between machines: it trains the demo
-classifier (``small_cnn`` + 4 heads: convolutions, matrix products, reductions, AdamW) for a few
-steps on seeded random data and prints the sha256 of the weights, once per numerics mode, each in
-a fresh process (the libraries read their variables once):
+``medicsynth/numerics.py`` has two modes (params.yaml ``numerics``): ``fast`` pins the CPU code
+paths per instruction set (the same bits on machines of one vendor), ``vendor_neutral`` also runs
+MKL's COMPATIBLE branch with oneDNN and NNPACK off (the same bits on Intel and AMD by design).
+This script gives a fingerprint to compare between machines: it trains the demo classifier
+(``small_cnn`` + 4 heads: convolutions, matrix products, reductions, AdamW) for a few steps on
+seeded random data and prints the sha256 of the weights, once per mode, each in a fresh process
+(the libraries read their variables once).
 
-- ``pipeline``: what every stage runs (the settings above);
-- ``fast``: PyTorch's own choices (MKL's ``AUTO`` branch, oneDNN and NNPACK on, ATen still at
-  AVX2), the faster path whose bits depend on the processor's vendor and cache sizes.
-
-Run it on two machines and compare the lines: equal ``pipeline`` hashes mean a ``dvc.lock``
-written on one reproduces on the other. Recorded results are in docs/PERFORMANCE.md ("Numerics
-across machines").
+Run it on two machines and compare the lines: equal ``vendor_neutral`` hashes on an Intel and an
+AMD machine are the measurement the mode still lacks. Recorded results are in
+docs/PERFORMANCE.md ("Numerics across machines").
 
     .venv/bin/python bench/numerics_check.py [--steps 20] [--threads 2]
 """
@@ -30,10 +26,10 @@ import subprocess
 import sys
 import time
 
-#: Extra environment per mode (a variable the user sets wins over medicsynth's pin).
+#: Extra environment per mode: the variable through which a stage hands its mode to workers.
 MODES = {
-    "pipeline": {},
-    "fast": {"MKL_CBWR": "AUTO"},
+    "fast": {"MEDICSYNTH_NUMERICS": "fast"},
+    "vendor_neutral": {"MEDICSYNTH_NUMERICS": "vendor_neutral"},
 }
 
 
@@ -50,17 +46,15 @@ def cpu_name() -> str:
     return f"{fields.get('vendor_id', '?')} / {fields.get('model name', '?')}"
 
 
-def fingerprint(steps: int, threads: int, fast: bool) -> dict:
+def fingerprint(steps: int, threads: int) -> dict:
     """Train small_cnn for ``steps`` seeded steps; sha256 of its weights (in this process)."""
-    import medicsynth  # noqa: F401 - pins the code paths before torch initialises
+    import medicsynth  # noqa: F401 - pins the code paths (and the mode's) before torch initialises
     import torch
 
     from medicsynth.labels import NUM_CLASSES, TASKS
     from medicsynth.models import build_classifier
+    from medicsynth.numerics import mkl_cbwr_branch
 
-    if fast:
-        torch.backends.mkldnn.enabled = True
-        torch.backends.nnpack.set_flags(True)
     torch.set_num_threads(threads)
     torch.manual_seed(0)
     model = build_classifier("small_cnn", pretrained=False, dropout=0.0)
@@ -79,7 +73,8 @@ def fingerprint(steps: int, threads: int, fast: bool) -> dict:
     for key, value in model.state_dict().items():
         digest.update(key.encode())
         digest.update(value.detach().contiguous().numpy().tobytes())
-    return {"sha256": digest.hexdigest(), "loss": float(loss.detach()), "seconds": time.perf_counter() - start}
+    return {"sha256": digest.hexdigest(), "loss": float(loss.detach()), "seconds": time.perf_counter() - start,
+            "mkl_branch": mkl_cbwr_branch(), "onednn": torch.backends.mkldnn.enabled}
 
 
 def main() -> None:
@@ -89,7 +84,7 @@ def main() -> None:
     ap.add_argument("--mode", choices=sorted(MODES), help=argparse.SUPPRESS)  # one child run
     args = ap.parse_args()
     if args.mode:
-        print(json.dumps(fingerprint(args.steps, args.threads, args.mode == "fast")))
+        print(json.dumps(fingerprint(args.steps, args.threads)))
         return
     print(f"cpu: {cpu_name()}; torch threads: {args.threads}; steps: {args.steps}")
     for mode, extra in MODES.items():
@@ -97,7 +92,8 @@ def main() -> None:
         out = subprocess.run([sys.executable, __file__, "--mode", mode, "--steps", str(args.steps),
                               "--threads", str(args.threads)], env=env, capture_output=True, text=True, check=True)
         result = json.loads(out.stdout.strip().splitlines()[-1])
-        print(f"{mode:9s} {result['sha256']}  (final loss {result['loss']:.6f}; {result['seconds']:.2f} s)")
+        print(f"{mode:14s} {result['sha256']}  (final loss {result['loss']:.6f}; {result['seconds']:.2f} s; "
+              f"MKL branch {result['mkl_branch']}, oneDNN {'on' if result['onednn'] else 'off'})")
 
 
 if __name__ == "__main__":

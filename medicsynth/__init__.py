@@ -6,10 +6,9 @@ Importing the package pins the CPU code paths of PyTorch's and NumPy's CPU libra
 :mod:`medicsynth.numerics`), so that a stage computes the same bytes on any x86-64 machine.
 """
 
-from medicsynth.numerics import bound_openmp_spin, install_torch_hook, pin_cpu_isa
+from medicsynth.numerics import bound_openmp_spin, configure_on_import
 
-pin_cpu_isa()
-install_torch_hook()  # oneDNN and NNPACK off once torch is imported, by whichever module
+configure_on_import()  # the CPU code-path pins, and the numerics mode a parent stage chose
 bound_openmp_spin()  # speed only: 2 torch threads on a shared 2-core machine (numerics.OPENMP_SPIN)
 
 __version__ = "0.1.0"

@@ -18,6 +18,8 @@ figures (seconds, steps/s) go to ``timing/adapt.json`` (not tracked: steps decid
 
 from __future__ import annotations
 
+import medicsynth  # noqa: F401 - first import: pins the CPU code paths before numpy/torch load (numerics.py)
+
 import argparse
 import os
 import time
@@ -39,6 +41,7 @@ from medicsynth.diffusion.train import (
 )
 from medicsynth.io import write_json
 from medicsynth.manifest import read_manifest
+from medicsynth.numerics import apply_params as apply_numerics
 from medicsynth.params import load_params, require, section
 from medicsynth.plots import plot_diffusion_losses, plot_placeholder
 from medicsynth.timing import write_timing
@@ -52,7 +55,9 @@ def main() -> None:
     parser.add_argument("--plot", default="plots/adapt_loss.png")
     args = parser.parse_args()
 
-    p = section(load_params(args.params), "adapt")
+    params = load_params(args.params)
+    apply_numerics(params)
+    p = section(params, "adapt")
     mode = require(p, "adapt", "mode")
     if mode is False:  # YAML 1.1 reads a bare `off` as false
         mode = "off"

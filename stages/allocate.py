@@ -12,6 +12,8 @@ mode, the ``original`` model's per-class F1 on the dev split (``dev_report``; wi
 
 from __future__ import annotations
 
+import medicsynth  # noqa: F401 - first import: pins the CPU code paths before numpy/torch load (numerics.py)
+
 import argparse
 from medicsynth.allocation import AllocateConfig, allocate, f1_source_paths, lowest_f1
 from medicsynth.io import write_json

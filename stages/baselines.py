@@ -13,6 +13,8 @@ Dev sets are the relabelled dev set for both, as for augmented.
 
 from __future__ import annotations
 
+import medicsynth  # noqa: F401 - first import: pins the CPU code paths before numpy/torch load (numerics.py)
+
 from pathlib import Path
 
 from medicsynth.io import write_json

@@ -12,6 +12,8 @@ client's on-disk cache (``caption.llm.cache_dir``, default ``.llm_cache/``).
 
 from __future__ import annotations
 
+import medicsynth  # noqa: F401 - first import: pins the CPU code paths before numpy/torch load (numerics.py)
+
 import argparse
 import sys
 from pathlib import Path

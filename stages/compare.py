@@ -16,6 +16,8 @@ A variant without the predictions of every seed is skipped with a note; original
 
 from __future__ import annotations
 
+import medicsynth  # noqa: F401 - first import: pins the CPU code paths before numpy/torch load (numerics.py)
+
 import argparse
 from pathlib import Path
 

@@ -13,6 +13,8 @@ gain <task>_true_relabelled columns (compare scores both).
 
 from __future__ import annotations
 
+import medicsynth  # noqa: F401 - first import: pins the CPU code paths before numpy/torch load (numerics.py)
+
 import argparse
 from pathlib import Path
 
@@ -21,6 +23,7 @@ from medicsynth.io import write_json
 from medicsynth.labels import CLASSES, TASKS
 from medicsynth.manifest import read_manifest, write_tsv
 from medicsynth.models import load_classifier
+from medicsynth.numerics import apply_params as apply_numerics
 from medicsynth.params import from_section, load_params
 from medicsynth.plots import plot_confusion, plot_per_class_f1
 from medicsynth.shards import check_images
@@ -34,7 +37,9 @@ def main() -> None:
     parser.add_argument("--arch", required=True)
     parser.add_argument("--seed", type=int, required=True, help="training seed of the model")
     args = parser.parse_args()
-    config = from_section(EvaluateConfig, load_params(), "evaluate")
+    params = load_params()
+    apply_numerics(params)
+    config = from_section(EvaluateConfig, params, "evaluate")
     name = f"{args.variant}-{args.arch}-s{args.seed}"
     model, meta = load_classifier(Path("models") / name / "model.pt")
 

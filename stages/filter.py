@@ -8,12 +8,15 @@ The rules are documented in :mod:`medicsynth.filtering`.
 
 from __future__ import annotations
 
+import medicsynth  # noqa: F401 - first import: pins the CPU code paths before numpy/torch load (numerics.py)
+
 import argparse
 import os
 import sys
 
 from medicsynth.filtering import FilterConfig, FilterPaths, run_filter, write_filter_outputs
 from medicsynth.llm.cost import LLMBudgetError
+from medicsynth.numerics import apply_params as apply_numerics
 from medicsynth.params import load_params, section
 
 
@@ -23,6 +26,7 @@ def main() -> None:
     args = ap.parse_args()
 
     params = load_params(args.params)
+    apply_numerics(params)
     config = FilterConfig.from_params(section(params, "filter"))
     try:
         result = run_filter(config, FilterPaths(), llm=params.get("llm"))

@@ -12,6 +12,8 @@ process renders its share and the main process writes the manifest and metrics.
 
 from __future__ import annotations
 
+import medicsynth  # noqa: F401 - first import: pins the CPU code paths before numpy/torch load (numerics.py)
+
 import argparse
 import os
 from pathlib import Path
@@ -27,6 +29,7 @@ from medicsynth.timing import write_metrics, write_timing
 # on what an earlier, possibly killed run left behind, not only on data, code and params: it goes
 # to timing/generate.json with the wall-clock figures, never into the cached metrics.
 RUN_KEYS = ("skipped", "stale_rerendered", "rendered", "processes", "per_process")
+from medicsynth.numerics import apply_params as apply_numerics
 from medicsynth.params import load_params, section
 from medicsynth.shards import per_shard_from_params
 
@@ -42,6 +45,7 @@ def main() -> None:
     args = parser.parse_args()
 
     params = load_params(args.params)
+    apply_numerics(params)
     opts = GenerateOptions.from_params(section(params, "generate"))
     prices = (params.get("llm") or {}).get("prices") if opts.backend == "openai" else None
     metrics = generate_plan(args.captions, args.images, args.manifest, opts, demo_dir=args.demo_dir, prices=prices,

@@ -7,6 +7,8 @@ share, per-class synthetic share, a pool_too_small flag).
 
 from __future__ import annotations
 
+import medicsynth  # noqa: F401 - first import: pins the CPU code paths before numpy/torch load (numerics.py)
+
 import warnings
 from pathlib import Path
 

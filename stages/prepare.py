@@ -6,6 +6,8 @@ quarantine.tsv), data/variants/original/{train,dev}.tsv, metrics/prepare.json.
 
 from __future__ import annotations
 
+import medicsynth  # noqa: F401 - first import: pins the CPU code paths before numpy/torch load (numerics.py)
+
 from pathlib import Path
 
 from medicsynth.io import write_json

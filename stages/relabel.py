@@ -17,6 +17,8 @@ train on (as in the study): opt in knowingly.
 
 from __future__ import annotations
 
+import medicsynth  # noqa: F401 - first import: pins the CPU code paths before numpy/torch load (numerics.py)
+
 import sys
 from pathlib import Path
 
@@ -25,6 +27,7 @@ import pandas as pd
 from medicsynth.llm.cost import LLMBudgetError
 from medicsynth.timing import write_metrics
 from medicsynth.manifest import read_manifest, write_manifest, write_tsv
+from medicsynth.numerics import apply_params as apply_numerics
 from medicsynth.params import load_params, require, section
 from medicsynth.plots import plot_relabel_changes
 from medicsynth.relabel import run_relabel
@@ -38,6 +41,7 @@ CLEAN_LABELS = Path("data/prepared/clean_labels.tsv")  # the demo's known clean 
 
 def main() -> None:
     params = load_params()
+    apply_numerics(params)
     p = section(params, "relabel")
     splits = list(require(p, "relabel", "splits"))
     pool = pd.concat([read_manifest(SPLIT_FILES[s]) for s in splits], ignore_index=True)

@@ -15,6 +15,8 @@ params.yaml as committed at that revision (what ``dvc exp run -S`` changed).
 
 from __future__ import annotations
 
+import medicsynth  # noqa: F401 - first import: pins the CPU code paths before numpy/torch load (numerics.py)
+
 import argparse
 import subprocess
 from pathlib import Path

@@ -12,6 +12,8 @@ train.augment[<variant>] (none when not listed).
 
 from __future__ import annotations
 
+import medicsynth  # noqa: F401 - first import: pins the CPU code paths before numpy/torch load (numerics.py)
+
 import argparse
 from contextlib import nullcontext
 from pathlib import Path
@@ -21,6 +23,7 @@ from dvclive import Live
 from medicsynth.timing import write_metrics
 from medicsynth.manifest import label_matrix, read_manifest
 from medicsynth.models import save_classifier
+from medicsynth.numerics import apply_params as apply_numerics
 from medicsynth.params import load_params, section
 from medicsynth.shards import check_images
 from medicsynth.training import TrainConfig, config_dict, dist_info, train_classifier
@@ -55,7 +58,9 @@ def main() -> None:
     parser.add_argument("--seed", type=int, required=True, help="training seed (one of train.seeds)")
     args = parser.parse_args()
 
-    config = train_config(section(load_params(), "train"), args.variant, args.arch, args.seed)
+    params = load_params()
+    apply_numerics(params)
+    config = train_config(section(params, "train"), args.variant, args.arch, args.seed)
     variant_dir = Path("data/variants") / args.variant
     train_df = read_manifest(variant_dir / "train.tsv")
     dev_df = read_manifest(variant_dir / "dev.tsv")

@@ -13,6 +13,8 @@ when more than ``zeroshot.max_failure_share`` of a cell's images fail.
 
 from __future__ import annotations
 
+import medicsynth  # noqa: F401 - first import: pins the CPU code paths before numpy/torch load (numerics.py)
+
 import argparse
 import os
 import sys
