@@ -8,6 +8,8 @@ import platform
 import subprocess
 import sys
 
+from pathlib import Path
+
 import pytest
 
 from medicsynth.numerics import MKL_CBWR_COMPATIBLE, MODE_ENV, PORTABLE_CPU_ISA, pin_cpu_isa
@@ -107,3 +109,29 @@ def test_every_stage_imports_the_package_first():
         first = imports[0]
         assert isinstance(first, ast.Import) and first.names[0].name == "medicsynth", (
             f"{path.name}: the first import must be `import medicsynth` (numerics pins), not line {first.lineno}")
+
+
+def test_resume_caches_key_on_the_mode(monkeypatch, tmp_path):
+    """relabel's fold cache and generate's provenance stamps must miss across modes, or a run would
+    silently keep results computed in the other one (both survive reruns on purpose)."""
+    import numpy as np
+    from PIL import Image
+
+    from medicsynth.diffusion.generate import GenerateOptions, ModelRef, provenance_record
+    from medicsynth.params import load_params
+    from medicsynth.relabel import _fold_key, fold_model_config
+
+    path = tmp_path / "a.jpg"
+    Image.new("RGB", (4, 4)).save(path)
+    files, labels, hold = np.array([str(path)]), np.zeros((1, 4), dtype=np.int64), np.array([0])
+    row = {"id": "s1", "seed": 3}
+    ref = ModelRef(name="demo", path=tmp_path, kind="demo", fingerprint="m")
+    opts = GenerateOptions.from_params(load_params(Path(__file__).resolve().parents[1] / "params.yaml")["generate"])
+    config = fold_model_config(load_params(Path(__file__).resolve().parents[1] / "params.yaml")["relabel"]["model"])
+    keys, records = [], []
+    for mode in ("fast", "vendor_neutral"):
+        monkeypatch.setenv(MODE_ENV, mode)
+        keys.append(_fold_key(files, labels, hold, config))
+        records.append(provenance_record(row, "p", "", opts, ref, "", 64, 64))
+    assert keys[0] != keys[1]
+    assert "numerics" not in records[0] and records[1]["numerics"] == "vendor_neutral"
