@@ -216,6 +216,11 @@ def test_provenance_change_rerenders_and_execution_change_does_not(tmp_path, mod
     write_plan(tmp_path / "captions.tsv", 6)
     m = _run(tmp_path, model_dir, opts(guidance=2.0))
     assert (m["rendered"], m["skipped"]) == (2, 4)
+    # a smaller plan keeps its images and removes the others: the output is exactly the plan
+    write_plan(tmp_path / "captions.tsv", 3)
+    m = _run(tmp_path, model_dir, opts(guidance=2.0))
+    assert (m["rendered"], m["skipped"], m["removed_files_not_in_plan"]) == (0, 3, 3)
+    assert sorted(p.name for p in (tmp_path / "images").glob("*.jpg")) == [f"p{i:04d}.jpg" for i in range(3)]
 
 
 @pytest.mark.slow

@@ -14,7 +14,8 @@ a ``seed``, four intended labels and a caption. :func:`generate_plan` renders th
   size, seed, prompt, negative prompt) plus the blank/NSFW flags. An image whose key matches is
   skipped; a missing, unreadable or stale one is (re-)rendered. Images are written to a temp
   file and renamed, so a kill loses at most the batch in flight, never leaves half a JPEG, and
-  image and provenance can never disagree. Raising the plan size renders only the new ids.
+  image and provenance can never disagree. Raising the plan size renders only the new ids; images
+  no longer in the plan are removed at the end, so the output holds exactly the plan's images.
 - **Blank detection.** The per-image standard deviation of the uint8 output is computed on the
   device; images below ``blank_std`` (black safety-checker replacements, NaN decodes, flat
   colour collapses) are kept on disk but flagged ``blank_flag=1`` in the manifest and counted.
@@ -1043,8 +1044,13 @@ def generate_plan(
         planned_names = {j.path.name for j in status.jobs}
         metrics["blank_flagged"] = int(manifest["blank_flag"].sum())
         metrics["nsfw_flagged"] = int(manifest["nsfw_flag"].sum())
-        # Shards hold exactly the plan (pack_shards drops the rest); files may outlive a plan change.
-        metrics["stale_files_not_in_plan"] = sum(1 for p in images_dir.glob("*.jpg") if p.name not in planned_names)
+        # The output is exactly the plan, as shards are (pack_shards drops the rest): images of an
+        # earlier plan (another allocation, a smaller plan) would otherwise stay in the DVC output
+        # and make its hash depend on the run's history, not on the data, code and params.
+        orphans = [p for p in images_dir.glob("*.jpg") if p.name not in planned_names]
+        for path in orphans:
+            path.unlink()
+        metrics["removed_files_not_in_plan"] = len(orphans)
         render_seconds = max((s["seconds"] for s in all_stats), default=0.0)
         metrics["seconds_render"] = round(render_seconds, 2)
         metrics["images_per_second"] = round(metrics["rendered"] / render_seconds, 4) if render_seconds else 0.0
