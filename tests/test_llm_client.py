@@ -559,7 +559,10 @@ def test_usage_accounting_and_order_under_concurrency(tmp_path):
     usage = client.usage.as_dict()
     assert usage["requests"] == 24 and usage["ok"] == 22
     assert usage["failures"] == {"invalid_json": 1, "refusal": 1}
-    assert usage["api_calls"] == 25 and usage["http_attempts"] == 25  # + the refusal's fallback
+    assert usage["api_calls"] == 25  # + the refusal's fallback
+    # every HTTP attempt is a call or a counted retry: on a loaded machine a 0.5 s timeout may fire
+    # (seen once in a full `make test` on 2 cores: 26 attempts), and the books must still balance
+    assert usage["http_attempts"] == 25 + sum(usage["retries"].values())
     assert usage["input_tokens"] == sum(r.input_tokens for r in results)
     assert usage["output_tokens"] == sum(r.output_tokens for r in results)
     assert usage["latency_s"]["count"] == 25 and usage["latency_s"]["p95"] >= 0.05
