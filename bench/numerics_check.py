@@ -26,11 +26,10 @@ import subprocess
 import sys
 import time
 
+from medicsynth.numerics import MODE_ENV, MODES as NUMERICS_MODES
+
 #: Extra environment per mode: the variable through which a stage hands its mode to workers.
-MODES = {
-    "fast": {"MEDICSYNTH_NUMERICS": "fast"},
-    "vendor_neutral": {"MEDICSYNTH_NUMERICS": "vendor_neutral"},
-}
+MODES = {mode: {MODE_ENV: mode} for mode in NUMERICS_MODES}
 
 
 def cpu_name() -> str:

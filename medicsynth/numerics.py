@@ -145,6 +145,18 @@ def _neutral_torch_now_or_on_import() -> None:
         sys.meta_path.insert(0, _TorchImportHook())
 
 
+def current_mode() -> str:
+    """The numerics mode of this process: the one a stage (or its parent) applied, else ``fast``."""
+    return os.environ.get(MODE_ENV, "fast")
+
+
+def _enter_vendor_neutral() -> None:
+    """MKL's COMPATIBLE branch (over any inherited ``MKL_CBWR``: the mode demands it) and
+    oneDNN/NNPACK off; shared by :func:`apply_mode` and worker processes' :func:`configure_on_import`."""
+    os.environ["MKL_CBWR"] = "COMPATIBLE"
+    _neutral_torch_now_or_on_import()
+
+
 def mkl_cbwr_branch() -> int | None:
     """The CNR branch MKL runs (3 = COMPATIBLE, 2 = AUTO, 1 = off), or None without MKL.
 
@@ -177,8 +189,7 @@ def apply_mode(mode: str) -> None:
     os.environ[MODE_ENV] = mode
     if mode != "vendor_neutral" or not _x86():
         return
-    os.environ["MKL_CBWR"] = "COMPATIBLE"
-    _neutral_torch_now_or_on_import()
+    _enter_vendor_neutral()
     if "torch" in sys.modules:
         branch = mkl_cbwr_branch()
         if branch not in (None, MKL_CBWR_COMPATIBLE):
@@ -195,10 +206,8 @@ def apply_params(params: Mapping[str, Any]) -> str:
 
 def configure_on_import() -> None:
     """What ``import medicsynth`` does: the pins, and the mode a parent process handed down."""
-    mode = os.environ.get(MODE_ENV, "fast")
-    if mode == "vendor_neutral" and _x86():
-        os.environ.setdefault("MKL_CBWR", "COMPATIBLE")
-        _neutral_torch_now_or_on_import()
+    if current_mode() == "vendor_neutral" and _x86():
+        _enter_vendor_neutral()
     pin_cpu_isa()
 
 

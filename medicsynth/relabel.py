@@ -30,7 +30,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Any, Sequence
@@ -43,7 +42,7 @@ from medicsynth.io import atomic_path
 from medicsynth.labels import CLASSES, TASKS
 from medicsynth.params import require
 from medicsynth.manifest import label_matrix
-from medicsynth.numerics import MODE_ENV as NUMERICS_MODE_ENV
+from medicsynth.numerics import current_mode as numerics_mode
 from medicsynth.shards import read_image_bytes
 from medicsynth.training import TrainConfig, predict_files, train_classifier
 
@@ -52,7 +51,7 @@ def _fold_key(files: np.ndarray, labels: np.ndarray, hold_idx: np.ndarray, confi
     digest = hashlib.sha256()
     digest.update(json.dumps(asdict(config), sort_keys=True).encode())
     # the numerics mode changes the fold models' bits: a cache from the other mode must miss
-    digest.update(os.environ.get(NUMERICS_MODE_ENV, "fast").encode())
+    digest.update(numerics_mode().encode())
     digest.update("\0".join(files.tolist()).encode())
     for f in files.tolist():  # the images' bytes too: a re-rendered image under the same path must miss
         digest.update(hashlib.sha256(read_image_bytes(f)).digest())

@@ -73,6 +73,9 @@ def test_worker_processes_inherit_the_mode():
     """A process started with the mode in its environment (a DataLoader or filter worker) follows it."""
     got = _probe("import medicsynth, torch\n" + PROBE, **{MODE_ENV: "vendor_neutral"})
     assert (got["mkldnn"], got["mkl_branch"]) == (False, MKL_CBWR_COMPATIBLE)
+    # even when it also inherits the fast pin's MKL_CBWR (a parent that imported medicsynth first)
+    got = _probe("import medicsynth, torch\n" + PROBE, **{MODE_ENV: "vendor_neutral", "MKL_CBWR": "AVX2"})
+    assert (got["mkldnn"], got["mkl_branch"]) == (False, MKL_CBWR_COMPATIBLE)
 
 
 @x86_only

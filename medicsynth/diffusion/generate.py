@@ -57,7 +57,6 @@ import contextlib
 import hashlib
 import io
 import json
-import os
 import re
 import shutil
 import time
@@ -74,7 +73,7 @@ from tqdm import tqdm
 
 from diffusers.pipelines.stable_diffusion.pipeline_stable_diffusion import rescale_noise_cfg
 
-from medicsynth.numerics import MODE_ENV as NUMERICS_MODE_ENV
+from medicsynth.numerics import current_mode as numerics_mode
 from medicsynth.devices import choose_device
 from medicsynth.diffusion.families import Family, detect_family, native_size
 from medicsynth.diffusion.tiny import label_prompt, read_meta
@@ -661,7 +660,7 @@ def provenance_record(row: dict, prompt: str, negative: str, opts: GenerateOptio
     }
     if family is not None and family.name != "sd":
         record.update(family=family.name, max_sequence_length=int(opts.max_sequence_length))
-    mode = os.environ.get(NUMERICS_MODE_ENV, "fast")
+    mode = numerics_mode()
     if mode != "fast":  # CPU kernels of another numerics mode give other pixels (fast keeps the old keys)
         record["numerics"] = mode
     return record
