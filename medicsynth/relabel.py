@@ -262,14 +262,23 @@ def score_corrections(old: pd.DataFrame, new: pd.DataFrame, clean: pd.DataFrame)
 
     Per task: precision = share of changed labels that now equal the clean label; recall = share
     of noisy labels (old ≠ clean) that were changed to the clean label. Rows match on image_path.
+    ``recall_per_class[task][class]``: the same recall over the noisy labels whose clean label is
+    ``class`` (``noisy``, ``fixed``, ``recall``; recall ``None`` when none is noisy), so a
+    correction that never reaches a minority class (e.g. nothing changed *into* mild) shows.
     """
     clean = clean.set_index("image_path").loc[old["image_path"]]
     out: dict = {}
+    per_class: dict = {}
     for task in TASKS:
         o, n_, c = old[task].to_numpy(), new[task].to_numpy(), clean[task].to_numpy()
         changed = o != n_
         noisy = o != c
         fixed = changed & (n_ == c)
+        per_class[task] = {}
+        for cls in CLASSES[task]:
+            noisy_c, fixed_c = int((noisy & (c == cls)).sum()), int((fixed & (c == cls)).sum())
+            per_class[task][cls] = {"noisy": noisy_c, "fixed": fixed_c,
+                                    "recall": fixed_c / noisy_c if noisy_c else None}
         out[task] = {
             "changed": int(changed.sum()),
             "noisy": int(noisy.sum()),
@@ -281,6 +290,7 @@ def score_corrections(old: pd.DataFrame, new: pd.DataFrame, clean: pd.DataFrame)
     recalls = [v["recall"] for v in out.values() if v["recall"] is not None]
     out["mean_precision"] = float(np.mean(precisions)) if precisions else None
     out["mean_recall"] = float(np.mean(recalls)) if recalls else None
+    out["recall_per_class"] = per_class
     return out
 
 

@@ -112,6 +112,30 @@ def test_tokenizer_keeps_every_label_word_whole():
     assert tok.unk_token_id not in tok(label_prompt(_labels(3)), add_special_tokens=False).input_ids
 
 
+def test_label_words_start_with_distinct_embeddings():
+    # Every label word starts as a distinct unit-scale vector (TinyConfig.token_init_std), and
+    # swapping the humanitarian word moves the untrained encoder's output about as much as
+    # swapping the disaster word: with CLIP's 0.02 init the trained demo encoder had learnt the
+    # disaster words only.
+    cfg = TinyConfig()
+    pipe = build_pipeline(cfg, seed=0)
+    weights = pipe.text_encoder.get_input_embeddings().weight
+    assert float(weights.std()) == pytest.approx(cfg.token_init_std, rel=0.1)
+
+    def encode(labels):
+        ids = pipe.tokenizer([label_prompt(labels)], padding="max_length", max_length=cfg.max_length,
+                             return_tensors="pt").input_ids
+        with torch.no_grad():
+            return pipe.text_encoder(ids)[0]
+
+    base = {"disaster_types": "flood", "damage_severity": "severe", "humanitarian": "not_humanitarian",
+            "informative": "informative"}
+    e0 = encode(base)
+    moved = {task: float((encode({**base, task: value}) - e0).pow(2).mean())
+             for task, value in (("disaster_types", "fire"), ("humanitarian", "rescue_volunteering_or_donation_effort"))}
+    assert moved["humanitarian"] > 0.5 * moved["disaster_types"] > 0  # 0.27 with std 0.02
+
+
 def test_label_prompt_rejects_unknown_label():
     bad = {**_labels(0), "disaster_types": "tsunami"}
     with pytest.raises(ValueError, match="tsunami"):

@@ -234,6 +234,14 @@ def test_score_corrections_against_hand_computed_values():
         assert out[t] == {"changed": 0, "noisy": 0, "fixed": 0, "precision": None, "recall": None}
     assert out["mean_precision"] == pytest.approx((1 / 3 + 0.0) / 2)
     assert out["mean_recall"] == pytest.approx(1 / 3)
+    # Per clean class: little_or_none noisy in a (fixed) and d (left as mild); mild noisy in b
+    # (changed, but to little_or_none); severe never noisy.
+    assert out["recall_per_class"]["damage_severity"] == {
+        ds[0]: {"noisy": 2, "fixed": 1, "recall": 0.5},
+        ds[1]: {"noisy": 1, "fixed": 0, "recall": 0.0},
+        ds[2]: {"noisy": 0, "fixed": 0, "recall": None},
+    }
+    assert all(v["noisy"] == 0 for v in out["recall_per_class"]["disaster_types"].values())
 
 
 def test_score_corrections_perfect_fix():
