@@ -20,7 +20,7 @@ It is built to behave like MEDIC where that matters for this project:
     hurricane: grey-green sky with diagonal streaks; landslide: a brown diagonal slope;
     not_disaster: blue sky, green ground, sun; other_disaster: purple haze with smoke blobs);
   - damage_severity: a rubble mound on the ground that grows and darkens with severity (none:
-    at most a speck; mild: a brick-red mound 12–24 px wide; severe: a near-black one 22–48 px wide,
+    at most a speck; mild: a brick-red mound 16–26 px wide; severe: a near-black one 24–48 px wide,
     at 64 px; the widths overlap and brightness jitter narrows the colour gap, so some mild and
     severe images are ambiguous);
   - humanitarian: figures at scene scale (12–18 px) — 2–4 red figures lying on white sheets
