@@ -62,9 +62,13 @@ def test_damage_and_humanitarian_cues_are_drawn_at_scene_scale():
     # rubble area grows with severity (mild clearly above none, severe above mild), and the
     # affected/rescue figures cover a visible share of the image (not 2-8 px specks).
     base = {"informative": "informative", "disaster_types": "not_disaster", "humanitarian": "not_humanitarian"}
-    dull = lambda a: (a.max(axis=2) < 110)  # noqa: E731 - rubble on a blue/green calm scene
-    rubble = {d: _cue_share({**base, "damage_severity": d}, dull) for d in ("little_or_none", "mild", "severe")}
+    dull = lambda a: (a.max(axis=2) < 110)  # noqa: E731 - dark (severe) rubble on a blue/green calm scene
+    brick = lambda a: (a[..., 0] > 120) & (a[..., 1] < 115) & (a[..., 2] < 90) & (a[..., 0] - a[..., 1] > 40)  # noqa: E731 - mild
+    rubble = {d: _cue_share({**base, "damage_severity": d}, lambda a: dull(a) | brick(a))
+              for d in ("little_or_none", "mild", "severe")}
     assert rubble["little_or_none"] < 0.006 < 0.015 < rubble["mild"] < rubble["severe"] / 2.5
+    # mild and severe differ in colour too (brick red vs near-black), not only in size
+    assert _cue_share({**base, "damage_severity": "mild"}, brick) > 10 * _cue_share({**base, "damage_severity": "severe"}, brick)
     calm = {**base, "disaster_types": "flood", "damage_severity": "little_or_none"}  # no sun, no flames
     red = lambda a: (a[..., 0] > 150) & (a[..., 1] < 90) & (a[..., 2] < 90)  # noqa: E731
     yellow = lambda a: (a[..., 0] > 190) & (a[..., 1] > 160) & (a[..., 2] < 100)  # noqa: E731
