@@ -136,6 +136,28 @@ def test_label_words_start_with_distinct_embeddings():
     assert moved["humanitarian"] > 0.5 * moved["disaster_types"] > 0  # 0.27 with std 0.02
 
 
+def test_full_resolution_prompt_only_attention_reads_the_prompt_and_reloads(tmp_path):
+    """TinyConfig.unet_only_cross_attention: the full-resolution level attends to the prompt only.
+
+    Its first attention then takes its keys from the text (cross_attention_dim wide), and the
+    option survives save -> DiffusionPipeline reload (it is written to the UNet config).
+    """
+    from diffusers import DiffusionPipeline
+
+    cfg = replace(TEST_TINY, unet_attention=(True, True, True), unet_only_cross_attention=(True, False, False))
+    pipe = build_pipeline(cfg, seed=0)
+    first = pipe.unet.down_blocks[0].attentions[0].transformer_blocks[0]
+    assert first.only_cross_attention and first.attn1.to_k.in_features == cfg.text_hidden
+    second = pipe.unet.down_blocks[1].attentions[0].transformer_blocks[0]
+    assert not second.only_cross_attention and second.attn1.to_k.in_features == cfg.unet_channels[1]
+    save_pipeline(pipe, tmp_path / "demo", {"prompt_source": "labels"})
+    again = DiffusionPipeline.from_pretrained(tmp_path / "demo")
+    assert list(again.unet.config.only_cross_attention) == [True, False, False]
+    a = renderer_for(tmp_path / "demo")(["flood severe rescuevolunteeringordonationeffort informative"], [""], [3])
+    b = renderer_for(tmp_path / "demo")(["flood severe rescuevolunteeringordonationeffort informative"], [""], [3])
+    assert a.images.shape == (1, 64, 64, 3) and np.array_equal(a.images, b.images)
+
+
 def test_label_prompt_rejects_unknown_label():
     bad = {**_labels(0), "disaster_types": "tsunami"}
     with pytest.raises(ValueError, match="tsunami"):
