@@ -27,8 +27,9 @@ from medicsynth.timing import write_metrics, write_timing
 
 # What this run did (how many images it rendered or found already rendered, per process) depends
 # on what an earlier, possibly killed run left behind, not only on data, code and params: it goes
-# to timing/generate.json with the wall-clock figures, never into the cached metrics.
-RUN_KEYS = ("skipped", "stale_rerendered", "rendered", "processes", "per_process")
+# to timing/generate.json with the wall-clock figures, never into the cached metrics. So does the
+# count of leftover images of an earlier plan it deleted (a fresh clone deletes none).
+RUN_KEYS = ("skipped", "stale_rerendered", "rendered", "removed_files_not_in_plan", "processes", "per_process")
 from medicsynth.numerics import apply_params as apply_numerics
 from medicsynth.params import load_params, section
 from medicsynth.shards import per_shard_from_params

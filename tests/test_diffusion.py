@@ -345,7 +345,10 @@ def test_two_processes_render_every_id_exactly_once(tmp_path, model_dir):
     per = sorted(run["per_process"], key=lambda d: d["process"])
     assert run["processes"] == 2 and [p["rendered"] for p in per] == [5, 4]
     assert run["rendered"] == 9  # a duplicate would make the sum exceed the plan
-    assert "rendered" not in json.loads((tmp_path / "generate.json").read_text())
+    cached = json.loads((tmp_path / "generate.json").read_text())
+    # ...and so is the count of an earlier plan's images it deleted (a fresh clone deletes none)
+    assert "rendered" not in cached and "removed_files_not_in_plan" not in cached
+    assert run["removed_files_not_in_plan"] == 0
     manifest = read_manifest(tmp_path / "manifest.tsv")
     assert sorted(manifest["plan_id"]) == [f"p{i:04d}" for i in range(9)]
     assert sorted(p.name for p in (tmp_path / "images").glob("*.jpg")) == [f"p{i:04d}.jpg" for i in range(9)]
